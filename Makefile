@@ -1,0 +1,51 @@
+# Every target installs what it needs into .venv first, so each works on a bare machine.
+# Choose the torch build with TORCH_SPEC / TORCH_INDEX, e.g. for CUDA:
+#   make test TORCH_SPEC=torch==2.11.0 TORCH_INDEX="--index-url <your CUDA wheel index>"
+PYTHON      ?= python3
+VENV        ?= .venv
+TORCH_SPEC  ?= torch==2.13.0
+TORCH_INDEX ?=
+EXTRAS      ?= dev
+PY          := $(VENV)/bin/python
+PIP         := $(PY) -m pip
+STAMP       := $(VENV)/.installed-$(EXTRAS)
+
+# Ray's token auth writes ~/.ray/auth_token on first init; tests and demos run on loopback.
+export RAY_AUTH_MODE ?= disabled
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install demo test test-fast lint format bench mlflow-ui clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# torch first, from the chosen build; the project's `torch>=` range then keeps it.
+	$(PIP) install --quiet "$(TORCH_SPEC)" $(TORCH_INDEX)
+	$(PIP) install --quiet -e ".[$(EXTRAS)]"
+	touch $@
+
+demo: $(STAMP)  ## tokenizer + small model on a real local text sample, then sample from it
+	$(PY) jobs/demo.py
+
+test: $(STAMP)  ## the whole suite (CPU, about 10 minutes on 2 cores)
+	$(PY) -m pytest tests -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check platform jobs tests
+	$(VENV)/bin/ruff format --check platform jobs tests
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix platform jobs tests
+	$(VENV)/bin/ruff format platform jobs tests
+
+bench: $(STAMP)  ## training step vs Hugging Face, tokenizer throughput; figures go to docs/benchmarks.md
+	$(PY) -m llamaray.bench.train_step
+	$(PY) -m llamaray.bench.tokenizer_throughput
+
+mlflow-ui: $(STAMP)  ## the local tracking store written by demo runs
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache
