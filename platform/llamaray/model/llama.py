@@ -1,0 +1,234 @@
+"""The LLaMA network (Touvron et al. 2023), in plain torch.
+
+Pre-norm transformer: RMSNorm before attention and before the MLP, SwiGLU MLP of width
+2/3*4d, rotary position embeddings on queries and keys in every layer, no biases, an
+untied output projection. Parameter names are those of Meta's reference implementation,
+so its `consolidated.*.pth` files load without renaming.
+
+Nothing here knows about distribution: FSDP, tensor parallelism and activation
+checkpointing are applied from the outside (`llamaray.parallel`). Build big models on the
+meta device and call `init_weights()` after materializing:
+
+    >>> with torch.device("meta"):
+    ...     model = Llama(get_preset("7B").args)
+    >>> model.to_empty(device="cpu"); model.init_weights()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llamaray.model.args import ModelArgs
+from llamaray.model.attention import BACKENDS, causal_attention
+from llamaray.model.kv_cache import KVCache
+
+# ---------------------------------------------------------------------------- rotary
+
+
+def precompute_rope(head_dim: int, max_seq_len: int, theta: float) -> torch.Tensor:
+    """Unit complex numbers e^(i * position * theta^(-2j/d)), (max_seq_len, head_dim // 2)."""
+    # Always on CPU, even inside a `torch.device("meta")` build: the table is real data.
+    steps = torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu")
+    inv_freq = 1.0 / (theta ** (steps / head_dim))
+    positions = torch.arange(max_seq_len, dtype=torch.float32, device="cpu")
+    angles = torch.outer(positions, inv_freq)
+    return torch.polar(torch.ones_like(angles), angles)  # complex64
+
+
+def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """Rotate each adjacent pair (x[2j], x[2j+1]) of x (B, T, H, D) by its position's angle.
+
+    Pairs are adjacent and rotated as complex numbers, as in Meta's reference; Hugging Face
+    pairs the two halves instead and permutes wq/wk rows to compensate (`model.formats`).
+    One complex multiply is a single vectorized kernel: on CPU it is ~15x faster than the
+    same rotation spelled with strided real views. freqs_cis: (T, D/2) for x's positions.
+    """
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, H, D/2)
+    rotated = pairs * freqs_cis[None, :, None, :]  # (B, T, H, D/2)
+    return torch.view_as_real(rotated).flatten(-2).type_as(x)  # (B, T, H, D)
+
+
+# ---------------------------------------------------------------------------- layers
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in fp32 even under bf16 autocast: the mean of squares loses too much in bf16.
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return normed.type_as(x) * self.weight
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.backend = "auto"
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        freqs_cis: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        start_pos: int = 0,
+    ) -> torch.Tensor:
+        bsz, seq, _ = x.shape
+        q = self.wq(x).view(bsz, seq, self.n_heads, self.head_dim)  # (B, T, H, D)
+        k = self.wk(x).view(bsz, seq, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
+        v = self.wv(x).view(bsz, seq, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
+        q, k = apply_rope(q, freqs_cis), apply_rope(k, freqs_cis)
+        if cache is not None:
+            k, v = cache.update(layer, start_pos, k, v)  # (B, start_pos + T, Hkv, D)
+        out = causal_attention(q, k, v, self.backend)  # (B, T, H, D)
+        return self.wo(out.reshape(bsz, seq, -1))
+
+    def init_weights(self, out_std: float) -> None:
+        for linear in (self.wq, self.wk, self.wv):
+            _trunc_normal(linear.weight, 0.02)
+        _trunc_normal(self.wo.weight, out_std)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        hidden = args.ffn_hidden_dim
+        self.w1 = nn.Linear(args.dim, hidden, bias=False)  # gate
+        self.w2 = nn.Linear(hidden, args.dim, bias=False)  # down
+        self.w3 = nn.Linear(args.dim, hidden, bias=False)  # up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def init_weights(self, out_std: float) -> None:
+        _trunc_normal(self.w1.weight, 0.02)
+        _trunc_normal(self.w3.weight, 0.02)
+        _trunc_normal(self.w2.weight, out_std)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args)
+        # Depth-scaled init of the projections that write into the residual stream keeps the
+        # stream's variance from growing with depth (as torchtitan's reference init does).
+        self._out_std = 0.02 / math.sqrt(2 * (layer_id + 1))
+
+    def forward(self, x, freqs_cis, cache: KVCache | None = None, start_pos: int = 0):
+        attn_in = self.attention_norm(x)
+        h = x + self.attention(attn_in, freqs_cis, cache, self.layer_id, start_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def init_weights(self) -> None:
+        self.attention_norm.reset_parameters()
+        self.ffn_norm.reset_parameters()
+        self.attention.init_weights(self._out_std)
+        self.feed_forward.init_weights(self._out_std)
+
+
+def _trunc_normal(weight: torch.Tensor, std: float) -> None:
+    nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+
+
+# ---------------------------------------------------------------------------- model
+
+
+class Llama(nn.Module):
+    """LLaMA language model: `model(tokens)` maps (batch, seq) token ids to (batch, seq, vocab)
+    logits.
+
+    >>> model = Llama(get_preset("debug").args.with_(vocab_size=100))
+    >>> model(torch.zeros(2, 5, dtype=torch.long)).shape
+    torch.Size([2, 5, 100])
+    """
+
+    def __init__(self, args: ModelArgs, attention_backend: str = "auto"):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        # A ModuleDict keyed by layer index (not a list) so FSDP wraps each block by name and
+        # pipeline stages can drop blocks while keeping checkpoint keys stable.
+        self.layers = nn.ModuleDict(
+            {str(i): TransformerBlock(i, args) for i in range(args.n_layers)}
+        )
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        # A plain attribute, not a buffer: `model.to(torch.bfloat16)` would silently drop the
+        # imaginary part of a complex buffer, and a meta-device build would leave it empty.
+        # Derived from args, so checkpoints hold only Meta's names. Moved to the input's
+        # device on first use.
+        self.freqs_cis = precompute_rope(args.head_dim, args.max_seq_len, args.rope_theta)
+        self.set_attention_backend(attention_backend)
+        if not self.tok_embeddings.weight.is_meta:
+            self.init_weights()
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Switch every layer's attention kernel: auto, sdpa, xformers or reference."""
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+        for block in self.layers.values():
+            block.attention.backend = backend
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The reference initialization (call after `to_empty` on a meta-device build)."""
+        nn.init.normal_(self.tok_embeddings.weight, std=0.02)
+        for block in self.layers.values():
+            block.init_weights()
+        self.norm.reset_parameters()
+        # The output projection reads a unit-RMS vector: std dim^-0.5 gives unit-scale logits.
+        _trunc_normal(self.output.weight, self.args.dim**-0.5)
+
+    def forward(
+        self, tokens: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0
+    ) -> torch.Tensor:
+        seq = tokens.shape[1]
+        if start_pos + seq > self.args.max_seq_len:
+            raise ValueError(
+                f"positions {start_pos}..{start_pos + seq - 1} exceed max_seq_len="
+                f"{self.args.max_seq_len}"
+            )
+        if self.freqs_cis.device != tokens.device:
+            self.freqs_cis = self.freqs_cis.to(tokens.device)
+        freqs_cis = self.freqs_cis[start_pos : start_pos + seq]  # (T, D/2)
+        h = self.tok_embeddings(tokens)  # (B, T, dim)
+        for block in self.layers.values():
+            h = block(h, freqs_cis, cache, start_pos)
+        return self.output(self.norm(h))  # (B, T, vocab)
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.tok_embeddings.weight.numel() if exclude_embedding else n
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kwargs) -> Llama:
+        """Load a Meta checkpoint folder (`params.json` + `consolidated.NN.pth`) or a Hugging
+        Face Llama folder (`config.json` + safetensors).
+
+        >>> model = Llama.from_pretrained("checkpoints/llama-7b")  # doctest: +SKIP
+        """
+        from llamaray.model.formats import load_pretrained
+
+        return load_pretrained(path, **kwargs)
