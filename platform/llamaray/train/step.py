@@ -1,0 +1,93 @@
+"""One optimizer step: forward, backward over micro-batches, clip, update.
+
+Pure torch. The same function runs in a notebook, under `torchrun`, in a Ray Train worker
+and in the GPU benchmark; distribution is whatever the model was wrapped with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of (B, T, V) logits against (B, T) targets, computed in fp32."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
+
+
+def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on the device (weights stay fp32), or nothing for fp32."""
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
+
+
+@dataclass
+class StepStats:
+    loss: float
+    grad_norm: float
+    lr: float
+    tokens: int
+    finite: bool = True
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: Sequence[torch.Tensor],
+    lr: float,
+    grad_clip: float = 1.0,
+    dtype: str = "fp32",
+) -> StepStats:
+    """Accumulate gradients over `micro_batches` (each (B, seq_len + 1) token rows), clip the
+    global norm to `grad_clip` and step at learning rate `lr`.
+
+    A step whose loss or gradient norm is not finite is not applied (`finite=False`), so
+    the parameters never become NaN; the caller decides whether to go on.
+    """
+    device = next(model.parameters()).device
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    total_loss = torch.zeros((), device=device)
+    tokens = 0
+    for rows in micro_batches:
+        rows = rows.to(device, non_blocking=True)
+        inputs, targets = rows[:, :-1], rows[:, 1:]
+        with autocast(device, dtype):
+            logits = model(inputs)
+        loss = next_token_loss(logits, targets) / len(micro_batches)
+        loss.backward()
+        total_loss += loss.detach()
+        tokens += targets.numel()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    loss_value, norm_value = total_loss.item(), float(grad_norm)
+    finite = math.isfinite(loss_value) and math.isfinite(norm_value)
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepStats(loss_value, norm_value, lr, tokens, finite)
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: torch.nn.Module, batches: Sequence[torch.Tensor], dtype: str = "fp32"
+) -> float:
+    """Mean next-token loss over (B, seq_len + 1) row batches, in eval mode."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    losses = []
+    for rows in batches:
+        rows = rows.to(device)
+        with autocast(device, dtype):
+            logits = model(rows[:, :-1])
+        losses.append(next_token_loss(logits, rows[:, 1:]).item())
+    model.train(was_training)
+    return sum(losses) / max(1, len(losses))
