@@ -1,0 +1,241 @@
+"""Typed, validated run configuration: YAML files plus `key.path=value` overrides.
+
+Every problem is reported with its dotted field path and the reason, before any work
+starts:
+
+    >>> cfg = load_config("jobs/configs/demo.yaml", ["train.steps=50"])  # doctest: +SKIP
+    >>> load_config(None, ["model.n_heads=7"])  # doctest: +SKIP
+    ConfigError: invalid config:
+      model.n_heads: 7 must divide model.dim=256
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from llamaray.model.args import PRESETS, ModelArgs, get_preset
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message lists each bad field and why."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    preset: str = Field("tiny", description="Size preset: " + ", ".join(PRESETS))
+    dim: int | None = Field(None, gt=0, description="Override the preset's width.")
+    n_layers: int | None = Field(None, gt=0, description="Override the preset's depth.")
+    n_heads: int | None = Field(None, gt=0, description="Override the preset's query heads.")
+    n_kv_heads: int | None = Field(None, gt=0, description="Key/value heads (GQA); None = n_heads.")
+    vocab_size: int | None = Field(None, gt=0, description="None: the tokenizer's size.")
+    max_seq_len: int | None = Field(None, gt=0, description="Override the rotary table length.")
+    attention: Literal["auto", "sdpa", "xformers", "reference"] = Field(
+        "auto", description="auto = xformers on CUDA when installed, torch SDPA otherwise."
+    )
+    activation_checkpointing: Literal["none", "full", "selective"] = Field(
+        "none", description="selective keeps matmul/attention outputs (the paper's choice)."
+    )
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, name: str) -> str:
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return name
+
+    def args(self, vocab_size: int | None = None) -> ModelArgs:
+        """The preset's architecture with this section's overrides applied."""
+        base = get_preset(self.preset).args
+        changes = {
+            k: getattr(self, k)
+            for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len")
+            if getattr(self, k) is not None
+        }
+        vocab = self.vocab_size or vocab_size
+        if vocab:
+            changes["vocab_size"] = vocab
+        return base.with_(**changes)
+
+
+class TokenizerConfig(_Section):
+    path: str | None = Field(None, description="An existing tokenizer.model; None: train one.")
+    vocab_size: int = Field(32000, gt=259, description="Pieces when training (the paper: 32000).")
+
+
+class DataConfig(_Section):
+    paths: list[str] = Field(
+        default_factory=list, description="JSONL files of {'text': ...}; empty: the stdlib sample."
+    )
+    sample_mb: float = Field(8.0, gt=0, description="Size per source of the built-in sample.")
+    validation_fraction: float = Field(0.02, ge=0, lt=0.5, description="Rows held out.")
+
+
+class OptimizerConfig(_Section):
+    lr: float | None = Field(None, gt=0, description="Peak LR; None: the preset's.")
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float = Field(1.0, gt=0, description="Max global gradient norm.")
+    warmup_steps: int = Field(2000, ge=0)
+    final_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine floor as a share of peak.")
+
+
+class TrainConfig(_Section):
+    steps: int = Field(100_000, gt=0, description="Optimizer steps.")
+    seq_len: int = Field(2048, gt=0, description="Tokens per training row.")
+    batch_tokens: int | None = Field(None, gt=0, description="Tokens per step; None: preset's.")
+    micro_batch_size: int = Field(1, gt=0, description="Rows per worker per forward pass.")
+    num_workers: int = Field(1, gt=0, description="Data-parallel workers.")
+    dtype: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = autocast mixed precision.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+    log_every: int = Field(10, gt=0)
+
+
+class RunConfig(_Section):
+    """A whole run. Sections: model, tokenizer, data, optimizer, train."""
+
+    name: str = "llamaray"
+    output_dir: str = "runs"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> RunConfig:
+        problems: list[str] = []
+        m, t = self.model, self.train
+        if (
+            m.vocab_size
+            and self.tokenizer.path is None
+            and m.vocab_size != self.tokenizer.vocab_size
+        ):
+            problems.append(
+                f"model.vocab_size: {m.vocab_size} differs from tokenizer.vocab_size="
+                f"{self.tokenizer.vocab_size}; set one of them"
+            )
+        try:
+            args = m.args(self.tokenizer.vocab_size)
+        except ValueError as err:
+            # Map ModelArgs' messages (which name their own fields) onto config paths.
+            problems += [f"model.{p}" for p in str(err).splitlines()[1:]]
+            args = None
+        if args is not None and t.seq_len > args.max_seq_len:
+            problems.append(
+                f"train.seq_len: {t.seq_len} exceeds the model's max_seq_len={args.max_seq_len}"
+            )
+        row_tokens = t.seq_len * t.micro_batch_size * t.num_workers
+        if self.batch_tokens % row_tokens:
+            problems.append(
+                f"train.batch_tokens: {self.batch_tokens} is not divisible by seq_len x "
+                f"micro_batch_size x num_workers = {t.seq_len} x {t.micro_batch_size} x "
+                f"{t.num_workers} = {row_tokens}"
+            )
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    @property
+    def batch_tokens(self) -> int:
+        return self.train.batch_tokens or get_preset(self.model.preset).batch_tokens
+
+    @property
+    def grad_accum_steps(self) -> int:
+        """Micro-batches each worker accumulates so a step sees `batch_tokens` tokens."""
+        t = self.train
+        return self.batch_tokens // (t.seq_len * t.micro_batch_size * t.num_workers)
+
+    @property
+    def peak_lr(self) -> float:
+        return self.optimizer.lr or get_preset(self.model.preset).lr
+
+    def model_args(self, vocab_size: int | None = None) -> ModelArgs:
+        return self.model.args(vocab_size or self.tokenizer.vocab_size)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(), sort_keys=False)
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see the section's fields)"
+        # Cross-field problems come from the root validator and carry their own paths.
+        lines += [f"  {path}: {line}" if path else f"  {line}" for line in msg.split("\n")]
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """["train.steps=10", "model.preset=debug"] -> {"train": {"steps": 10}, ...}.
+
+    Values are parsed as YAML, so numbers, booleans, lists and null work as typed.
+    """
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
+        node = tree
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override")
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (or start from defaults) and apply overrides; raise ConfigError
+    listing every invalid field.
+
+    >>> load_config(None, ["model.preset=debug", "train.steps=10"]).train.steps
+    10
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(
+                f"config file {path} must hold a mapping of sections, not {type(loaded).__name__}"
+            )
+        data = loaded or {}
+    data = _merge(data, parse_overrides(overrides or []))
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
