@@ -1,0 +1,167 @@
+"""`llamaray <command>`: the platform's entry points.
+
+llamaray presets
+llamaray tokenizer train --input corpus/*.jsonl --output tok/ --vocab-size 32000
+llamaray train --config jobs/configs/demo.yaml train.steps=100
+llamaray convert ckpt/llama-7b out/llama-7b-hf --to hf
+llamaray generate --model runs/demo/model --prompt "def main("
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def cmd_presets(opts: argparse.Namespace) -> int:
+    """A table of the size presets: architecture, parameter count, the paper's LR and batch."""
+    import torch
+
+    from llamaray.model import PRESETS, Llama
+    from llamaray.model.flops import flops_per_token
+
+    header = (
+        f"{'preset':7} {'dim':>5} {'heads':>5} {'layers':>6} {'ffn':>6} {'params':>8} "
+        f"{'lr':>8} {'batch tok':>10} {'GFLOP/tok':>9}  notes"
+    )
+    print(header)
+    print("-" * len(header))
+    for p in PRESETS.values():
+        with torch.device("meta"):  # 65B costs no memory to count
+            n = Llama(p.args).num_params()
+        a = p.args
+        print(
+            f"{p.name:7} {a.dim:5} {a.n_heads:5} {a.n_layers:6} {a.ffn_hidden_dim:6} "
+            f"{_billions(n):>8} {p.lr:8.1e} {_tokens(p.batch_tokens):>10} "
+            f"{flops_per_token(a, a.max_seq_len) / 1e9:9.2f}  {p.description}"
+        )
+    print("\nparams counted on the meta device with the 32000-piece vocabulary; GFLOP/tok is")
+    print("training (forward + backward) at the preset's context length, PaLM's formula.")
+    return 0
+
+
+def _billions(n: int) -> str:
+    # The paper's table truncates (65.29B is listed as 65.2B); do the same.
+    return f"{int(n / 1e8) / 10:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def _tokens(n: int) -> str:
+    return f"{n // 2**20}M" if n >= 2**20 and n % 2**20 == 0 else f"{n // 1024}K"
+
+
+def cmd_tokenizer_train(opts: argparse.Namespace) -> int:
+    from llamaray.tokenizer import train_tokenizer
+
+    missing = [p for p in opts.input if not Path(p).is_file()]
+    if missing:
+        raise SystemExit(f"error: --input: no such file(s): {', '.join(missing)}")
+    tok = train_tokenizer(opts.input, opts.output, vocab_size=opts.vocab_size)
+    print(f"wrote {tok.path} ({tok.vocab_size} pieces)")
+    return 0
+
+
+def cmd_train(opts: argparse.Namespace) -> int:
+    from llamaray.config import load_config
+    from llamaray.train.local_run import run_local
+
+    cfg = load_config(opts.config, opts.overrides)
+    if opts.print_config:
+        print(cfg.to_yaml())
+        return 0
+    out = run_local(cfg)
+    print(f"run directory: {out.run_dir}")
+    return 0
+
+
+def cmd_convert(opts: argparse.Namespace) -> int:
+    from llamaray.model.formats import convert
+
+    dst = convert(opts.src, opts.dst, to=opts.to, num_shards=opts.shards, dtype=opts.dtype)
+    print(f"wrote {opts.to} checkpoint to {dst}")
+    return 0
+
+
+def cmd_generate(opts: argparse.Namespace) -> int:
+    import torch
+
+    from llamaray.model import Llama
+    from llamaray.model.generation import SamplingConfig, generate_text
+    from llamaray.tokenizer import Tokenizer
+
+    tokenizer_path = Path(opts.tokenizer or Path(opts.model) / "tokenizer.model")
+    if not tokenizer_path.is_file():
+        raise SystemExit(f"error: no tokenizer at {tokenizer_path}; pass --tokenizer")
+    device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = Llama.from_pretrained(opts.model, device=device)
+    tokenizer = Tokenizer(tokenizer_path)
+    config = SamplingConfig(
+        max_new_tokens=opts.max_new_tokens,
+        temperature=opts.temperature,
+        top_p=opts.top_p,
+        seed=opts.seed,
+    )
+    for prompt, text in zip(
+        opts.prompt, generate_text(model, tokenizer, opts.prompt, config), strict=True
+    ):
+        print(prompt + text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llamaray", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("presets", help="model size presets with parameter counts")
+    p.set_defaults(func=cmd_presets)
+
+    tok = sub.add_parser("tokenizer", help="SentencePiece tokenizer").add_subparsers(
+        dest="tokenizer_command", required=True
+    )
+    p = tok.add_parser("train", help="train a BPE tokenizer with LLaMA's settings")
+    p.add_argument("--input", nargs="+", required=True, help="text or JSONL files")
+    p.add_argument("--output", required=True, help="directory for tokenizer.model")
+    p.add_argument("--vocab-size", type=int, default=32000)
+    p.set_defaults(func=cmd_tokenizer_train)
+
+    p = sub.add_parser("train", help="train on this machine (config + key.path=value overrides)")
+    p.add_argument("--config", default=None, help="YAML file (defaults if omitted)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config, exit")
+    p.add_argument("overrides", nargs="*", help="key.path=value, e.g. train.steps=100")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("convert", help="convert between Meta and Hugging Face checkpoints")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--to", required=True, choices=["meta", "hf"])
+    p.add_argument("--shards", type=int, default=1, help="model-parallel shards (meta only)")
+    p.add_argument("--dtype", default=None, help="cast weights, e.g. bf16")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("generate", help="sample text from a checkpoint")
+    p.add_argument("--model", required=True, help="Meta or Hugging Face checkpoint folder")
+    p.add_argument("--tokenizer", default=None, help="default: <model>/tokenizer.model")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from llamaray.config import ConfigError
+
+    opts = build_parser().parse_args(argv)
+    try:
+        return opts.func(opts)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        # User errors get one clear line (the config error lists every field), no traceback.
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Pack tokenized documents into fixed rows of `seq_len + 1` tokens, with no padding.
+
+Documents are joined as `bos doc eos bos doc eos ...` and the stream is cut every
+`seq_len + 1` tokens: a row gives `seq_len` inputs and the same tokens shifted by one as
+targets. A document may span rows; the model learns document boundaries from bos/eos,
+as in the paper's setup. The packer is streaming: a partial row waits for the next batch
+of documents, so memory stays at one row whatever the corpus size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+
+
+class Packer:
+    """Stateful packer; feed documents with `add`, collect full rows as they complete.
+
+    >>> p = Packer(seq_len=3, bos_id=1, eos_id=2)
+    >>> p.add([[7, 8], [9]]).tolist()
+    [[1, 7, 8, 2]]
+    >>> p.pending
+    3
+    """
+
+    def __init__(self, seq_len: int, bos_id: int, eos_id: int, dtype=np.int32):
+        if seq_len <= 0:
+            raise ValueError(f"seq_len must be positive, got {seq_len}")
+        self.row_len = seq_len + 1
+        self.bos_id, self.eos_id, self.dtype = bos_id, eos_id, dtype
+        self._carry = np.empty(0, dtype=dtype)
+
+    @property
+    def pending(self) -> int:
+        """Tokens waiting for the next row."""
+        return len(self._carry)
+
+    def add(self, docs: Iterable[Iterable[int]]) -> np.ndarray:
+        """Append documents; return the completed rows as an (n, seq_len + 1) array."""
+        pieces = [self._carry]
+        for doc in docs:
+            pieces.append(np.fromiter((self.bos_id, *doc, self.eos_id), dtype=self.dtype))
+        stream = np.concatenate(pieces)
+        n_rows = len(stream) // self.row_len
+        cut = n_rows * self.row_len
+        self._carry = stream[cut:]
+        return stream[:cut].reshape(n_rows, self.row_len)
+
+
+def pack_documents(
+    docs: Iterable[Iterable[int]], seq_len: int, bos_id: int, eos_id: int, chunk: int = 1024
+) -> np.ndarray:
+    """Pack a whole collection at once; the final partial row is dropped."""
+    packer = Packer(seq_len, bos_id, eos_id)
+    rows = [packer.add(batch) for batch in _batched(docs, chunk)]
+    return np.concatenate(rows) if rows else np.empty((0, seq_len + 1), dtype=np.int32)
+
+
+def _batched(items: Iterable, n: int) -> Iterator[list]:
+    batch: list = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from llamaray.data.packing import Packer, pack_documents
+
+
+def test_rows_are_seq_len_plus_one_with_bos_eos_and_no_padding():
+    docs = [[10, 11, 12], [20], [30, 31, 32, 33, 34]]
+    rows = pack_documents(docs, seq_len=4, bos_id=1, eos_id=2)
+    stream = [1, 10, 11, 12, 2, 1, 20, 2, 1, 30, 31, 32, 33, 34, 2]
+    assert rows.shape == (3, 5)
+    assert rows.flatten().tolist() == stream[:15]
+
+
+def test_streaming_equals_all_at_once_and_keeps_the_remainder():
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(3, 100, rng.integers(1, 40)).tolist() for _ in range(200)]
+    whole = pack_documents(docs, seq_len=16, bos_id=1, eos_id=2)
+    packer = Packer(16, 1, 2)
+    parts = [packer.add(docs[i : i + 7]) for i in range(0, len(docs), 7)]
+    streamed = np.concatenate(parts)
+    np.testing.assert_array_equal(streamed, whole)
+    total = sum(len(d) + 2 for d in docs)
+    assert streamed.size + packer.pending == total
+    assert packer.pending < 17
+
+
+def test_bad_seq_len():
+    with pytest.raises(ValueError):
+        Packer(0, 1, 2)
