@@ -30,15 +30,19 @@ from llamaray.train.optim import build_optimizer
 from llamaray.train.step import train_step
 
 
-class _HFLogits(torch.nn.Module):
-    """LlamaForCausalLM behind our `model(tokens) -> logits` call, so both share one step."""
+class _HFLoss(torch.nn.Module):
+    """LlamaForCausalLM behind our `model(tokens, targets=...) -> loss` call, so both run the
+    same step; the loss is HF's own (`shift_labels` = our already-shifted targets)."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=tokens, use_cache=False).logits
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        # HF computes a loss only when `labels` is given; `shift_labels` then takes precedence.
+        return self.model(
+            input_ids=tokens, labels=targets, shift_labels=targets.contiguous(), use_cache=False
+        ).loss
 
 
 def build_reference(args: ModelArgs, device: torch.device) -> torch.nn.Module | None:
@@ -60,7 +64,7 @@ def build_reference(args: ModelArgs, device: torch.device) -> torch.nn.Module | 
         tie_word_embeddings=False,
         attn_implementation="sdpa",  # its fastest built-in kernel on every device
     )
-    return _HFLogits(LlamaForCausalLM(config)).to(device)
+    return _HFLoss(LlamaForCausalLM(config)).to(device)
 
 
 def time_steps(

@@ -26,6 +26,7 @@ from torch import nn
 from llamaray.model.args import ModelArgs
 from llamaray.model.attention import BACKENDS, causal_attention
 from llamaray.model.kv_cache import KVCache
+from llamaray.model.loss import linear_cross_entropy
 
 # ---------------------------------------------------------------------------- rotary
 
@@ -202,8 +203,16 @@ class Llama(nn.Module):
         _trunc_normal(self.output.weight, self.args.dim**-0.5)
 
     def forward(
-        self, tokens: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache | None = None,
+        start_pos: int = 0,
+        *,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """(B, T) tokens -> (B, T, vocab) logits; with (B, T) `targets`, the mean next-token
+        loss instead, fused with the output projection so the logits are never stored
+        (`model.loss`). Loss goes through `forward` so that wrappers' hooks (FSDP) run."""
         seq = tokens.shape[1]
         if start_pos + seq > self.args.max_seq_len:
             raise ValueError(
@@ -216,7 +225,10 @@ class Llama(nn.Module):
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for block in self.layers.values():
             h = block(h, freqs_cis, cache, start_pos)
-        return self.output(self.norm(h))  # (B, T, vocab)
+        h = self.norm(h)
+        if targets is None:
+            return self.output(h)  # (B, T, vocab)
+        return linear_cross_entropy(h.flatten(0, 1), self.output.weight, targets.flatten())
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -12,14 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of (B, T, V) logits against (B, T) targets, computed in fp32."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
 
 
 def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
@@ -49,6 +43,8 @@ def train_step(
     """Accumulate gradients over `micro_batches` (each (B, seq_len + 1) token rows), clip the
     global norm to `grad_clip` and step at learning rate `lr`.
 
+    `model(inputs, targets=targets)` must return the mean next-token loss (as `Llama` does).
+
     A step whose loss or gradient norm is not finite is not applied (`finite=False`), so
     the parameters never become NaN; the caller decides whether to go on.
     """
@@ -61,8 +57,7 @@ def train_step(
         rows = rows.to(device, non_blocking=True)
         inputs, targets = rows[:, :-1], rows[:, 1:]
         with autocast(device, dtype):
-            logits = model(inputs)
-        loss = next_token_loss(logits, targets) / len(micro_batches)
+            loss = model(inputs, targets=targets) / len(micro_batches)
         loss.backward()
         total_loss += loss.detach()
         tokens += targets.numel()
@@ -87,7 +82,6 @@ def evaluate_loss(
     for rows in batches:
         rows = rows.to(device)
         with autocast(device, dtype):
-            logits = model(rows[:, :-1])
-        losses.append(next_token_loss(logits, rows[:, 1:]).item())
+            losses.append(model(rows[:, :-1], targets=rows[:, 1:]).item())
     model.train(was_training)
     return sum(losses) / max(1, len(losses))
