@@ -67,3 +67,13 @@ def test_cli_config_error_exits_2_naming_field_before_work(tmp_path, capsys):
 def test_cli_print_config(capsys):
     assert main(["train", "--print-config", "model.preset=debug", "train.seq_len=64"]) == 0
     assert "preset: debug" in capsys.readouterr().out
+
+
+def test_cli_tokenizer_train(demo_run, tmp_path, capsys):
+    corpus = demo_run.run_dir / "corpus" / "prose.jsonl"
+    assert main(["tokenizer", "train", "--input", str(corpus), "--output", str(tmp_path),
+                 "--vocab-size", "600"]) == 0  # fmt: skip
+    assert "600 pieces" in capsys.readouterr().out
+    assert (tmp_path / "tokenizer.model").is_file()
+    with pytest.raises(SystemExit, match="no such file"):
+        main(["tokenizer", "train", "--input", str(tmp_path / "nope.txt"), "--output", "x"])
