@@ -308,3 +308,17 @@ def test_generate_text_stops_at_tokenizer_eos(model):
     k = next(i for i, t in enumerate(free) if i >= 1 and t not in free[:i])
     tok.eos_id = free[k]  # instance attribute: this tokenizer's eos is that token
     assert generate_text(model, tok, ["hello"], GREEDY) == [tok.decode(free[:k])]
+
+
+def test_generate_text_keeps_the_space_before_the_continuation(tmp_path):
+    from llamaray.data.sample_text import write_stdlib_sample
+    from llamaray.model.generation import _continuation
+    from llamaray.tokenizer import train_tokenizer
+
+    sample = write_stdlib_sample(tmp_path / "c", 200_000)
+    tok = train_tokenizer([sample["prose"]], tmp_path / "t", vocab_size=600)
+    whole = tok.encode("The following is", bos=True)
+    prompt = tok.encode("The following", bos=True)
+    assert whole[: len(prompt)] == prompt  # the continuation starts with a "▁is"-like piece
+    assert tok.decode(whole[len(prompt) :]) == "is"  # what decoding it alone loses
+    assert _continuation(tok, prompt, whole[len(prompt) :]) == " is"

@@ -245,4 +245,12 @@ def generate_text(
             config = dataclasses.replace(config, eos_id=eos_id)
     ids = [tokenizer.encode(text, bos=True, eos=False) for text in prompts]
     new = generate(model, ids, config, use_cache=use_cache)
-    return [tokenizer.decode(toks) for toks in new]
+    return [_continuation(tokenizer, prompt, toks) for prompt, toks in zip(ids, new, strict=True)]
+
+
+def _continuation(tokenizer: _Tokenizer, prompt: list[int], new: list[int]) -> str:
+    # Decoding the new tokens alone would drop the space SentencePiece stores at the start of
+    # a piece ("▁is" alone decodes to "is"); decode the whole and cut the prompt's text off.
+    head = tokenizer.decode(prompt)
+    whole = tokenizer.decode(prompt + new)
+    return whole[len(head) :] if whole.startswith(head) else tokenizer.decode(new)
