@@ -69,3 +69,10 @@ def test_model_loss_equals_cross_entropy_of_its_logits():
     logits = model(rows[:, :-1])
     expected = F.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten())
     torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_empty_batch_gives_zero_loss_and_zero_gradients():
+    h, w, t = inputs(n=0)
+    loss = linear_cross_entropy(h, w, t)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(w.grad) == 0

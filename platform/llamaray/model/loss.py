@@ -64,7 +64,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(compute_dtype)
             grad_hidden = torch.empty_like(hidden)
-            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            # Built from the first chunk's product rather than zeros: a fresh (vocab, dim)
+            # buffer costs a page-faulting pass over ~100 MB on CPU that we need not make.
+            grad_weight = None
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             for start in range(0, hidden.shape[0], chunk):
                 h = hidden[start : start + chunk].to(compute_dtype)  # (n, dim)
@@ -84,10 +86,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 probs[torch.arange(len(t), device=t.device), safe_t] -= valid.float()
                 g = probs.to(compute_dtype)
                 grad_hidden[start : start + chunk] = g @ w  # (n, dim)
-                if compute_dtype == torch.float32:  # accumulate in place, no temporary
-                    grad_weight.addmm_(g.T, h)  # (vocab, dim)
+                if grad_weight is None:
+                    grad_weight = (g.T @ h).float()  # (vocab, dim)
+                elif compute_dtype == torch.float32:  # accumulate in place, no temporary
+                    grad_weight.addmm_(g.T, h)
                 else:
                     grad_weight += (g.T @ h).float()
+            if grad_weight is None:  # no tokens at all
+                grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
             count = (targets != ignore_index).sum().clamp(min=1)
         ctx.save_for_backward(grad_hidden, grad_weight, count)
         ctx.weight_dtype = weight.dtype
