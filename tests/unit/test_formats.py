@@ -155,7 +155,8 @@ def test_transformers_model_loads_with_same_logits(tmp_path, name, backend):
 def test_tolerance_catches_a_missing_permutation(tmp_path, monkeypatch):
     """The logit comparisons above would fail if the q/k rotary permutation were skipped."""
     model = _our_model("gqa")
-    monkeypatch.setattr(formats, "hf_permute", lambda w, n_heads: w)
+    # meta_to_hf_state_dict looks hf_permute up in formats.hf, where it is defined.
+    monkeypatch.setattr(formats.hf, "hf_permute", lambda w, n_heads: w)
     save_hf(model, tmp_path)
     hf = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     tokens = _tokens(3, 33)
