@@ -212,7 +212,7 @@ class Llama(nn.Module):
     ) -> torch.Tensor:
         """(B, T) tokens -> (B, T, vocab) logits; with (B, T) `targets`, the mean next-token
         loss instead, fused with the output projection so the logits are never stored
-        (`model.loss`). Loss goes through `forward` so that wrappers' hooks (FSDP) run."""
+        (`llamaray.model.loss`). The loss goes through `forward` so wrappers' hooks (FSDP) run."""
         seq = tokens.shape[1]
         if start_pos + seq > self.args.max_seq_len:
             raise ValueError(

@@ -1,0 +1,214 @@
+from __future__ import annotations
+
+from itertools import islice
+
+import numpy as np
+import pytest
+
+from llamaray.data.mixture import (
+    MixturePlan,
+    mixed_order,
+    plan_mixture,
+    source_draws,
+    worker_rows,
+)
+from llamaray.data.sources import PAPER_MIXTURE
+
+SEQ_LEN = 8
+
+
+def disk_scaled_plan(seed: int = 0, budget_rows: int = 500_000) -> MixturePlan:
+    """Sources sized like the paper's disk sizes (100 rows a GB); at 500k rows the small
+    sources need more than one epoch and GitHub less than one."""
+    rows = {name: int(m.disk_gb * 100) for name, m in PAPER_MIXTURE.items()}
+    return plan_mixture(rows, token_budget=budget_rows * SEQ_LEN, seq_len=SEQ_LEN, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def plan() -> MixturePlan:
+    return disk_scaled_plan()
+
+
+@pytest.fixture(scope="module")
+def order(plan) -> np.ndarray:
+    return mixed_order(plan)
+
+
+def test_budget_rows_count_seq_len_tokens_and_total_is_exact():
+    rows = {"a": 10, "b": 10, "c": 10}
+    p = plan_mixture(
+        rows, token_budget=100 * 16 + 15, seq_len=16, proportions=dict.fromkeys(rows, 1)
+    )
+    assert p.total_rows == 100
+    assert p.training_tokens == 1600
+    # 100 / 3 each: largest remainder hands the one leftover row to the first source.
+    assert [s.rows_drawn for s in p.sources] == [34, 33, 33]
+
+
+def test_paper_mixture_proportions_and_epochs(plan):
+    assert plan.total_rows == 500_000
+    assert sum(s.rows_drawn for s in plan.sources) == plan.total_rows
+    assert plan.source_names == tuple(PAPER_MIXTURE)
+    for s in plan.sources:
+        target = PAPER_MIXTURE[s.name].proportion
+        assert s.target_proportion == pytest.approx(target, abs=1e-12)
+        assert abs(s.realized_proportion - target) <= 0.01 * target, s.name
+        assert s.epochs == pytest.approx(s.rows_drawn / s.rows_available)
+    assert plan.source("github").epochs < 1
+    for name in ("wikipedia", "books", "arxiv", "stackexchange"):
+        assert plan.source(name).epochs > 1, name
+
+
+def test_paper_epochs_are_reproduced_from_budget_share_over_size():
+    budget_rows = 1_000_000
+    rows = {name: round(m.proportion * budget_rows / m.epochs) for name, m in PAPER_MIXTURE.items()}
+    p = plan_mixture(rows, token_budget=budget_rows * SEQ_LEN, seq_len=SEQ_LEN)
+    for s in p.sources:
+        assert abs(s.epochs - PAPER_MIXTURE[s.name].epochs) < 0.01, s.name
+    assert abs(p.source("wikipedia").epochs - 2.45) < 0.01
+    assert abs(p.source("github").epochs - 0.64) < 0.01
+
+
+def test_order_matches_plan_and_row_indices_are_valid(plan, order):
+    assert order.shape == (plan.total_rows, 2)
+    assert order.dtype == np.int64
+    counts = np.bincount(order[:, 0], minlength=len(plan.sources))
+    assert counts.tolist() == [s.rows_drawn for s in plan.sources]
+    available = np.array([s.rows_available for s in plan.sources])
+    assert (order[:, 1] >= 0).all()
+    assert (order[:, 1] < available[order[:, 0]]).all()
+
+
+def test_epochs_are_permutations_and_the_partial_epoch_has_no_duplicates(plan, order):
+    for index, s in enumerate(plan.sources):
+        draws = order[order[:, 0] == index, 1]
+        # The stream keeps each source's draw order.
+        np.testing.assert_array_equal(draws, source_draws(plan, s.name))
+        full, part = divmod(s.rows_drawn, s.rows_available)
+        for epoch in range(full):
+            chunk = draws[epoch * s.rows_available : (epoch + 1) * s.rows_available]
+            np.testing.assert_array_equal(np.sort(chunk), np.arange(s.rows_available))
+        tail = draws[full * s.rows_available :]
+        assert len(tail) == part
+        assert len(np.unique(tail)) == part, s.name
+    # Each epoch is a fresh permutation, not the first one repeated.
+    wiki = plan.source("wikipedia")
+    draws = source_draws(plan, "wikipedia")
+    n = wiki.rows_available
+    assert not np.array_equal(draws[:n], draws[n : 2 * n])
+    assert not np.array_equal(draws[: len(draws) - 2 * n], draws[2 * n :])
+
+
+def test_deterministic_by_seed(plan, order):
+    np.testing.assert_array_equal(mixed_order(disk_scaled_plan(seed=0)), order)
+    other = mixed_order(disk_scaled_plan(seed=1))
+    assert other.shape == order.shape
+    assert not np.array_equal(other[:, 0], order[:, 0])
+    assert not np.array_equal(other[:, 1], order[:, 1])
+
+
+def test_every_window_of_1000_rows_is_close_to_the_mixture(plan, order):
+    window = 1000
+    for index, s in enumerate(plan.sources):
+        hits = np.concatenate([[0], np.cumsum(order[:, 0] == index)])
+        per_window = (hits[window:] - hits[:-window]) / window
+        worst = np.abs(per_window - s.target_proportion).max()
+        assert worst < 0.01, (s.name, worst)
+
+
+def test_a_plain_shuffle_would_fail_the_window_check(plan, order):
+    """The window bound above is tight enough to tell even spacing from a shuffle."""
+    shuffled = order[np.random.default_rng(0).permutation(len(order))]
+    cc = plan.source_names.index("commoncrawl")
+    hits = np.concatenate([[0], np.cumsum(shuffled[:, 0] == cc)])
+    per_window = (hits[1000:] - hits[:-1000]) / 1000
+    assert np.abs(per_window - plan.source("commoncrawl").target_proportion).max() >= 0.01
+
+
+@pytest.mark.parametrize("world_size", [1, 4])
+def test_resume_sees_exactly_the_uninterrupted_rows(order, world_size):
+    rows_per_step, k = 64, 37
+    n_steps = len(order) // rows_per_step
+    for rank in range(world_size):
+        full = list(worker_rows(order, rank, world_size, rows_per_step))
+        assert len(full) == n_steps
+        head = list(islice(worker_rows(order, rank, world_size, rows_per_step), k))
+        tail = list(worker_rows(order, rank, world_size, rows_per_step, start_step=k))
+        assert len(head) + len(tail) == n_steps
+        np.testing.assert_array_equal(np.concatenate(head + tail), np.concatenate(full))
+
+
+def test_ranks_cover_each_global_batch_exactly_once():
+    order = np.stack([np.zeros(1000, dtype=np.int64), np.arange(1000)], axis=1)
+    world_size, rows_per_step = 4, 32
+    per_rank = [list(worker_rows(order, r, world_size, rows_per_step)) for r in range(world_size)]
+    n_steps = 1000 // rows_per_step
+    assert all(len(steps) == n_steps for steps in per_rank)
+    for step in range(n_steps):
+        batch = np.empty((rows_per_step, 2), dtype=np.int64)
+        for rank in range(world_size):
+            part = per_rank[rank][step]
+            assert part.shape == (rows_per_step // world_size, 2)
+            batch[rank::world_size] = part
+        np.testing.assert_array_equal(
+            batch, order[step * rows_per_step : (step + 1) * rows_per_step]
+        )
+    # The final partial batch (1000 % 32 = 8 rows) is dropped.
+    seen = np.concatenate([np.concatenate(steps) for steps in per_rank])[:, 1]
+    assert sorted(seen.tolist()) == list(range(n_steps * rows_per_step))
+
+
+def test_default_proportions_renormalize_over_present_sources():
+    p = plan_mixture({"wikipedia": 100, "books": 100}, token_budget=1000 * SEQ_LEN, seq_len=SEQ_LEN)
+    assert [s.target_proportion for s in p.sources] == pytest.approx([0.5, 0.5])
+    assert [s.rows_drawn for s in p.sources] == [500, 500]
+    assert any("renormalized" in note and "commoncrawl" in note for note in p.notes)
+    d = p.to_dict()
+    assert d["total_rows"] == 1000 and d["seed"] == 0
+    assert d["sources"][0]["name"] == "wikipedia"
+    assert d["sources"][0]["epochs"] == pytest.approx(5.0)
+
+
+def test_sources_with_zero_proportion_are_not_drawn():
+    p = plan_mixture({"a": 10, "b": 10}, token_budget=50, seq_len=1, proportions={"a": 1.0}, seed=3)
+    assert [s.rows_drawn for s in p.sources] == [50, 0]
+    assert (mixed_order(p)[:, 0] == 0).all()
+
+
+@pytest.mark.parametrize(
+    ("rows", "proportions", "match"),
+    [
+        ({"c4": 10, "github": 0}, None, "'github'"),
+        ({"a": 10, "b": 10}, {"a": 1.0, "b": -0.5}, r"proportions\['b'\]"),
+        ({"a": 10, "b": 10}, {"a": float("nan")}, r"proportions\['a'\]"),
+        ({"a": 10, "b": 10}, {"a": 0.0, "b": 0.0}, "proportions must sum"),
+        ({"a": 10}, {"a": 1.0, "zzz": 1.0}, "zzz"),
+        ({"a": 10}, None, "proportions"),
+        ({"a": -1}, {"a": 1.0}, r"rows_per_source\['a'\]"),
+    ],
+)
+def test_plan_errors_name_the_source_or_field(rows, proportions, match):
+    with pytest.raises(ValueError, match=match):
+        plan_mixture(rows, token_budget=1000, seq_len=8, proportions=proportions)
+
+
+def test_plan_errors_on_budget_and_seq_len():
+    with pytest.raises(ValueError, match="token_budget"):
+        plan_mixture({"c4": 10}, token_budget=7, seq_len=8)
+    with pytest.raises(ValueError, match="seq_len"):
+        plan_mixture({"c4": 10}, token_budget=7, seq_len=0)
+    with pytest.raises(ValueError, match="seed"):
+        plan_mixture({"c4": 10}, token_budget=80, seq_len=8, seed=-1)
+
+
+def test_worker_rows_errors_name_the_argument():
+    order = np.zeros((100, 2), dtype=np.int64)
+    with pytest.raises(ValueError, match="rows_per_step"):
+        worker_rows(order, 0, 4, 10)
+    with pytest.raises(ValueError, match="rank"):
+        worker_rows(order, 4, 4, 8)
+    with pytest.raises(ValueError, match="world_size"):
+        worker_rows(order, 0, 0, 8)
+    with pytest.raises(ValueError, match="start_step"):
+        worker_rows(order, 0, 4, 8, start_step=13)
+    assert list(worker_rows(order, 0, 4, 8, start_step=12)) == []
