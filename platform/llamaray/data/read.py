@@ -1,0 +1,655 @@
+"""Read corpus files into `Document`s, turning every bad record into a `Rejected`.
+
+Formats, chosen by suffix (case-insensitive), after an optional compression suffix
+(`.gz` gzip, `.zst`/`.zstd` zstandard, both decompressed as a stream):
+
+- JSONL (`.jsonl`, `.json`, `.ndjson`) in RedPajama's shape, one `{"text": ..., "meta": {...}}`
+  object a line. Origin "path:line", 1-based. Blank lines hold no record and are skipped
+  (they still count for line numbers).
+- Parquet (`.parquet`, `.pq`): a `text` column and an optional `meta` column (a struct, or a
+  JSON string), read batch by batch. Origin "path:row", 1-based. Parquet compresses itself: a
+  compressed suffix on a Parquet file is "unsupported_format".
+- Plain text (`.txt`, `.text`): the whole file is ONE document (origin "path:1"); a blank line
+  does not separate documents. It is held in memory only while it stays within `max_chars`:
+  a longer file is "too_long" and the rest of it is not read.
+
+Files are streamed in 1 MiB chunks, never loaded whole, so a file bigger than memory goes
+through. JSONL holds one line at a time; a line over `12 * max_chars + 1 MiB` bytes is
+"too_long" without being parsed or held (no text within `max_chars` needs more bytes, even
+fully `\\uXXXX`-escaped, unless its meta is over 1 MiB); its excerpt is the line's first bytes.
+
+Paths are local or `s3://bucket/key` (pyarrow's S3 filesystem; `AWS_ENDPOINT_URL_S3` or
+`AWS_ENDPOINT_URL`, `AWS_REGION` or `AWS_DEFAULT_REGION`, credentials from the usual AWS chain).
+
+Bad input never raises (unless `strict=True`) and is never lost: each bad record becomes one
+`Rejected` with one of the reason keys of `REASONS`.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import fnmatch
+import functools
+import glob
+import json
+import os
+import zlib
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from llamaray.data.records import Document, Rejected
+
+REASONS: dict[str, str] = {
+    "missing_file": "the path does not exist (origin path:0)",
+    "unsupported_format": "the suffix is none of JSONL, Parquet or text (origin path:0)",
+    "unreadable_file": "any other read error (I/O, corrupt compression or Parquet); "
+    "the excerpt holds the error",
+    "truncated_compression": "a .gz/.zst stream ends early; the records before it are kept",
+    "invalid_utf8": "the line (or text file) is not valid UTF-8, or holds lone surrogates",
+    "malformed_json": "the line is not valid JSON",
+    "missing_text": 'no "text" string in the record (or no text column)',
+    "empty": "the text is empty or whitespace only",
+    "too_long": "the text is longer than max_chars characters",
+}
+
+MAX_CHARS = 50_000_000
+EXCERPT_CHARS = 200
+_CHUNK = 1 << 20
+_RAW_CHUNK = 1 << 18  # compressed bytes a read; kept small as output can be 10x
+_JSONL = (".jsonl", ".json", ".ndjson")
+_PARQUET = (".parquet", ".pq")
+_TEXT = (".txt", ".text")
+_COMPRESSION = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
+
+
+class CorpusError(ValueError):
+    """A bad record met in strict mode; the message starts with "path:line: reason"."""
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def iter_file(
+    path: str, source: str, *, strict: bool = False, max_chars: int = MAX_CHARS
+) -> Iterator[Document | Rejected]:
+    """Stream the documents of one file, and a `Rejected` for each bad record.
+
+    With `strict=True`, raise `CorpusError` at the first bad record instead.
+    """
+    for item in _iter_file(path, source, max_chars):
+        if strict and isinstance(item, Rejected):
+            detail = f": {item.excerpt[:120]!r}" if item.excerpt else ""
+            raise CorpusError(f"{item.origin}: {item.reason}{detail}")
+        yield item
+
+
+def _iter_file(path: str, source: str, max_chars: int) -> Iterator[Document | Rejected]:
+    fmt, compression = _format_of(path)
+    try:
+        if fmt is None or (fmt == "parquet" and compression):
+            if not _exists(path):
+                raise FileNotFoundError(path)
+            yield Rejected(f"{path}:0", "unsupported_format", source, os.path.basename(path))
+        elif fmt == "parquet":
+            yield from _iter_parquet(path, source, max_chars)
+        else:
+            with _open_stream(path, compression) as stream:
+                if fmt == "jsonl":
+                    yield from _iter_jsonl(stream, path, source, max_chars)
+                else:
+                    yield from _iter_text(stream, path, source, max_chars)
+    except _ReadError as e:  # raised mid-file, after the records before it
+        yield _rejection(e.origin, source, e.__cause__)
+    except Exception as e:  # opening the file
+        if not _is_read_error(e):
+            raise
+        yield _rejection(f"{path}:0", source, e)
+
+
+class _ReadError(Exception):
+    def __init__(self, origin: str):
+        self.origin = origin
+
+
+def _is_read_error(e: BaseException) -> bool:
+    import pyarrow as pa
+
+    return isinstance(e, OSError | EOFError | zlib.error | pa.ArrowException) or (
+        type(e).__name__ == "ZstdError"
+    )
+
+
+def _rejection(origin: str, source: str, e: BaseException | None) -> Rejected:
+    if isinstance(e, FileNotFoundError):
+        return Rejected(origin.rsplit(":", 1)[0] + ":0", "missing_file", source, str(e))
+    if isinstance(e, EOFError):
+        return Rejected(origin, "truncated_compression", source, str(e))
+    return Rejected(origin, "unreadable_file", source, f"{type(e).__name__}: {e}")
+
+
+def _format_of(path: str) -> tuple[str | None, str | None]:
+    name = path.lower()
+    compression = None
+    for suffix, kind in _COMPRESSION.items():
+        if name.endswith(suffix):
+            compression, name = kind, name[: -len(suffix)]
+            break
+    if name.endswith(_JSONL):
+        return "jsonl", compression
+    if name.endswith(_PARQUET):
+        return "parquet", compression
+    if name.endswith(_TEXT):
+        return "text", compression
+    return None, compression
+
+
+def _iter_jsonl(stream, path: str, source: str, max_chars: int) -> Iterator[Document | Rejected]:
+    max_line_bytes = 12 * max_chars + _CHUNK
+    lineno = 0
+    lines = _iter_lines(stream.read, max_line_bytes)
+    while True:
+        try:
+            line, overflow = next(lines)
+        except StopIteration:
+            return
+        except Exception as e:
+            if not _is_read_error(e):
+                raise
+            raise _ReadError(f"{path}:{lineno + 1}") from e
+        lineno += 1
+        origin = f"{path}:{lineno}"
+        if overflow:
+            head = line[: EXCERPT_CHARS * 4].decode("utf-8", "replace")[:EXCERPT_CHARS]
+            yield Rejected(origin, "too_long", source, head)
+            continue
+        if lineno == 1 and line.startswith(codecs.BOM_UTF8):
+            line = line[len(codecs.BOM_UTF8) :]
+        try:
+            s = line.decode("utf-8")
+        except UnicodeDecodeError:
+            yield Rejected(origin, "invalid_utf8", source, _excerpt_bytes(line))
+            continue
+        if not s.strip():
+            continue
+        try:
+            record = json.loads(s)
+        except (ValueError, RecursionError):
+            yield Rejected(origin, "malformed_json", source, s[:EXCERPT_CHARS])
+            continue
+        text = record.get("text") if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            yield Rejected(origin, "missing_text", source, s[:EXCERPT_CHARS])
+            continue
+        yield _document(text, record.get("meta"), source, origin, max_chars)
+
+
+def _iter_text(stream, path: str, source: str, max_chars: int) -> Iterator[Document | Rejected]:
+    origin = f"{path}:1"
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    parts: list[str] = []
+    n_chars = 0
+    raw_head = b""
+    try:
+        while True:
+            chunk = stream.read(_CHUNK)
+            if len(raw_head) < EXCERPT_CHARS * 4:
+                raw_head += chunk[: EXCERPT_CHARS * 4]
+            try:
+                part = decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError:
+                yield Rejected(origin, "invalid_utf8", source, _excerpt_bytes(raw_head))
+                return
+            parts.append(part)
+            n_chars += len(part)
+            if n_chars > max_chars:
+                head = "".join(parts)[: EXCERPT_CHARS + 1].removeprefix("\ufeff")
+                yield Rejected(origin, "too_long", source, head[:EXCERPT_CHARS])
+                return
+            if not chunk:
+                break
+    except Exception as e:
+        if not _is_read_error(e):
+            raise
+        raise _ReadError(origin) from e
+    text = "".join(parts).removeprefix("\ufeff")
+    yield _document(text, None, source, origin, max_chars)
+
+
+def _document(text: str, meta: Any, source: str, origin: str, max_chars: int):
+    if not text.strip():
+        return Rejected(origin, "empty", source, text[:EXCERPT_CHARS])
+    if len(text) > max_chars:
+        return Rejected(origin, "too_long", source, text[:EXCERPT_CHARS])
+    try:
+        text.encode("utf-8")  # JSON can escape lone surrogates, which no UTF-8 sink takes
+    except UnicodeEncodeError:
+        return Rejected(origin, "invalid_utf8", source, _excerpt_str(text))
+    return Document(text, source, origin, _as_meta(meta))
+
+
+def _iter_parquet(path: str, source: str, max_chars: int) -> Iterator[Document | Rejected]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with contextlib.ExitStack() as stack:
+        if _is_s3(path):
+            fs, key = _s3_path(path)
+            f = stack.enter_context(fs.open_input_file(key))
+        else:
+            f = path
+        pf = pq.ParquetFile(f)
+        names = pf.schema_arrow.names
+        n_rows = pf.metadata.num_rows
+        if "text" not in names:
+            for row in range(1, n_rows + 1):
+                yield Rejected(f"{path}:{row}", "missing_text", source, "no text column")
+            return
+        # Text is read as bytes and decoded here: pyarrow's own decoding raises on bad UTF-8.
+        as_bytes = _binary_type(pf.schema_arrow.field("text").type)
+        columns = ["text", "meta"] if "meta" in names else ["text"]
+        row = 0
+        batches = pf.iter_batches(batch_size=256, columns=columns)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except Exception as e:
+                if not _is_read_error(e):
+                    raise
+                raise _ReadError(f"{path}:{row + 1}") from e
+            texts = batch.column("text")
+            if pa.types.is_dictionary(texts.type):
+                texts = texts.dictionary_decode()
+            texts = texts.cast(as_bytes).to_pylist() if as_bytes else [None] * len(texts)
+            metas = _pylist(batch.column("meta")) if "meta" in columns else [None] * len(texts)
+            for text, meta in zip(texts, metas, strict=True):
+                row += 1
+                origin = f"{path}:{row}"
+                if text is None:
+                    yield Rejected(origin, "missing_text", source, "")
+                    continue
+                try:
+                    decoded = text.decode("utf-8")
+                except UnicodeDecodeError:
+                    yield Rejected(origin, "invalid_utf8", source, _excerpt_bytes(text))
+                    continue
+                yield _document(decoded, meta, source, origin, max_chars)
+
+
+def _binary_type(t):
+    """The binary type a text column of type `t` is read as; None if it holds no text."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    if pa.types.is_string(t) or pa.types.is_binary(t):
+        return pa.binary()
+    if pa.types.is_large_string(t) or pa.types.is_large_binary(t):
+        return pa.large_binary()
+    if pa.types.is_string_view(t) or pa.types.is_binary_view(t):
+        return pa.binary_view()
+    return None
+
+
+def _pylist(column) -> list:
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:  # a meta string that is not UTF-8: keep the others
+        out = []
+        for i in range(len(column)):
+            try:
+                out.append(column[i].as_py())
+            except UnicodeDecodeError:
+                out.append({"meta_error": "invalid_utf8"})
+        return out
+
+
+def _iter_lines(read, max_line_bytes: int) -> Iterator[tuple[bytes, bool]]:
+    """Yield (line without "\\n", too_long). Lines over `max_line_bytes` are cut short.
+
+    An error from `read` propagates after every complete line before it was yielded; the
+    partial line at that point is dropped.
+    """
+    pieces: list[bytes] = []
+    size = 0
+    while chunk := read(_CHUNK):
+        split = chunk.split(b"\n")
+        last = len(split) - 1
+        for i, piece in enumerate(split):
+            if size <= max_line_bytes:
+                pieces.append(piece)
+            size += len(piece)
+            if i < last:
+                yield _joined(pieces, size, max_line_bytes)
+                pieces, size = [], 0
+    if size:
+        yield _joined(pieces, size, max_line_bytes)
+
+
+def _joined(pieces: list[bytes], size: int, max_line_bytes: int) -> tuple[bytes, bool]:
+    line = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+    if size > max_line_bytes:
+        return line[: EXCERPT_CHARS * 4], True
+    return line, False
+
+
+def _excerpt_bytes(b: bytes) -> str:
+    return b[: EXCERPT_CHARS * 4].decode("utf-8", "replace")[:EXCERPT_CHARS]
+
+
+def _excerpt_str(s: str) -> str:
+    return s[:EXCERPT_CHARS].encode("utf-8", "replace").decode("utf-8")
+
+
+def _as_meta(meta: Any) -> dict:
+    if meta is None:
+        return {}
+    if isinstance(meta, dict):
+        return meta
+    if isinstance(meta, str):
+        try:
+            parsed = json.loads(meta)
+        except (ValueError, RecursionError):
+            parsed = None
+        if isinstance(parsed, dict):
+            return parsed
+    return {"meta": meta}
+
+
+# --------------------------------------------------------------------------- opening
+
+
+@contextlib.contextmanager
+def _open_stream(path: str, compression: str | None):
+    """A binary stream with `.read(n)`, decompressed; truncation raises EOFError."""
+    with contextlib.ExitStack() as stack:
+        if _is_s3(path):
+            from pyarrow import fs as pafs
+
+            s3, key = _s3_path(path)
+            if s3.get_file_info(key).type == pafs.FileType.NotFound:
+                raise FileNotFoundError(f"No such file: {path}")
+            raw = stack.enter_context(s3.open_input_stream(key, compression=None))
+        else:
+            raw = stack.enter_context(open(path, "rb"))
+        yield _Decompressed(raw, compression) if compression else raw
+
+
+class _Decompressed:
+    """Streaming gzip or zstandard reader that notices truncation (raises EOFError).
+
+    Concatenated gzip members and zstd frames are read in turn. (`gzip.GzipFile.read` drops
+    the data it decompressed when a truncation error ends a read, and zstandard's
+    `stream_reader` returns a clean EOF on a truncated frame: neither does here.)
+    """
+
+    def __init__(self, raw, kind: str):
+        self._raw = raw
+        self._kind = kind
+        self._obj = None
+        if kind == "zstd":
+            import zstandard
+
+            self._dctx = zstandard.ZstdDecompressor()
+
+    def _new(self):
+        if self._kind == "gzip":
+            return zlib.decompressobj(16 + zlib.MAX_WBITS)
+        return self._dctx.decompressobj()
+
+    def read(self, n: int = _CHUNK) -> bytes:
+        while data := self._raw.read(_RAW_CHUNK):
+            out = []
+            while data:
+                if self._obj is None:
+                    if self._kind == "gzip":  # gzip(1) tolerates zero padding after a member
+                        data = data.lstrip(b"\x00")
+                        if not data:
+                            break
+                    self._obj = self._new()
+                out.append(self._obj.decompress(data))
+                if self._obj.eof:
+                    data, self._obj = self._obj.unused_data, None
+                else:
+                    data = b""
+            if result := b"".join(out):
+                return result
+        if self._obj is not None:
+            raise EOFError(f"{self._kind} stream ended before the end of its last frame")
+        return b""
+
+
+def _is_s3(path: str) -> bool:
+    return path.startswith("s3://")
+
+
+def _s3_path(path: str):
+    """(pyarrow S3 filesystem, "bucket/key") for "s3://bucket/key"."""
+    env = os.environ
+    fs = _s3_filesystem(
+        env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
+        env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
+        env.get("AWS_ACCESS_KEY_ID"),
+        env.get("AWS_PROFILE"),
+    )
+    return fs, path[len("s3://") :]
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_filesystem(endpoint: str | None, region: str | None, key_id: str | None, profile):
+    # FileSystem.from_uri does not read AWS_ENDPOINT_URL, so pass it explicitly; the key id
+    # and profile are in the cache key only so a changed environment gets a new client.
+    from pyarrow import fs as pafs
+
+    kwargs: dict[str, Any] = {}
+    if endpoint:
+        kwargs["endpoint_override"] = endpoint
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs)
+
+
+def _exists(path: str) -> bool:
+    if _is_s3(path):
+        from pyarrow import fs as pafs
+
+        s3, key = _s3_path(path)
+        return s3.get_file_info(key).type != pafs.FileType.NotFound
+    return os.path.exists(path)
+
+
+# --------------------------------------------------------------------------- listing
+
+
+def expand_paths(patterns: list[str]) -> list[str]:
+    """Files named by local globs (`**` recursive), directories and `s3://` prefixes.
+
+    Directories and prefixes are listed recursively; each pattern's files are sorted, the
+    patterns keep their order, and a file named twice is listed once. A pattern that matches
+    nothing is returned as is, so `iter_file` reports it as "missing_file".
+    """
+    out: dict[str, None] = {}
+    for pattern in patterns:
+        found = _expand_s3(pattern) if _is_s3(pattern) else _expand_local(pattern)
+        for path in found or [pattern]:
+            out.setdefault(path, None)
+    return list(out)
+
+
+def _expand_local(pattern: str) -> list[str]:
+    matches = glob.glob(pattern, recursive=True) if glob.has_magic(pattern) else [pattern]
+    files: set[str] = set()
+    for m in matches:
+        if os.path.isdir(m):
+            for root, _dirs, names in os.walk(m):
+                files.update(os.path.join(root, n) for n in names)
+        elif os.path.exists(m):
+            files.add(m)
+    return sorted(files)
+
+
+def _expand_s3(pattern: str) -> list[str]:
+    from pyarrow import fs as pafs
+
+    s3, key = _s3_path(pattern)
+    magic = glob.has_magic(key)
+    try:
+        if magic:
+            first = min(key.index(c) for c in "*?[" if c in key)
+            base = key[:first].rsplit("/", 1)[0]
+        else:
+            base = key.rstrip("/")
+            if s3.get_file_info(base).type == pafs.FileType.File:
+                return [pattern]
+        selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
+        infos = s3.get_file_info(selector)
+    except OSError:
+        return []  # iter_file reports the pattern itself
+    paths = sorted(i.path for i in infos if i.type == pafs.FileType.File)
+    if magic:  # fnmatch's "*" also crosses "/"
+        paths = [p for p in paths if fnmatch.fnmatchcase(p, key)]
+    return ["s3://" + p for p in paths]
+
+
+# --------------------------------------------------------------------------- bookkeeping
+
+
+class QuarantineWriter:
+    """Append each `Rejected` as one JSON line {origin, reason, source, excerpt}."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self.count = 0
+        parent = os.path.dirname(self.path)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+
+    def write(self, rejected: Rejected) -> None:
+        record = {
+            "origin": rejected.origin,
+            "reason": rejected.reason,
+            "source": rejected.source,
+            "excerpt": rejected.excerpt,
+        }
+        # ASCII escapes: an excerpt may hold lone surrogates, which UTF-8 cannot encode.
+        self._f.write(json.dumps(record) + "\n")
+        self.count += 1
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> QuarantineWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass
+class ReadStats:
+    """Documents read per source and rejections per (source, reason); add with `+`."""
+
+    documents: Counter = field(default_factory=Counter)
+    rejected: Counter = field(default_factory=Counter)
+    """Keyed by (source, reason)."""
+
+    def add(self, item: Document | Rejected) -> None:
+        if isinstance(item, Document):
+            self.documents[item.source] += 1
+        else:
+            self.rejected[(item.source, item.reason)] += 1
+
+    def update(self, items: Iterable[Document | Rejected]) -> ReadStats:
+        for item in items:
+            self.add(item)
+        return self
+
+    def __add__(self, other: ReadStats) -> ReadStats:
+        return ReadStats(self.documents + other.documents, self.rejected + other.rejected)
+
+    @property
+    def total_documents(self) -> int:
+        return sum(self.documents.values())
+
+    @property
+    def total_rejected(self) -> int:
+        return sum(self.rejected.values())
+
+    def to_dict(self) -> dict:
+        rejected: dict[str, dict[str, int]] = {}
+        for (source, reason), n in sorted(self.rejected.items()):
+            rejected.setdefault(source, {})[reason] = n
+        return {"documents": dict(sorted(self.documents.items())), "rejected": rejected}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ReadStats:
+        rejected = Counter(
+            {(s, r): n for s, reasons in d.get("rejected", {}).items() for r, n in reasons.items()}
+        )
+        return cls(Counter(d.get("documents", {})), rejected)
+
+
+# --------------------------------------------------------------------------- Ray Data
+
+
+def to_row(item: Document | Rejected) -> dict[str, str]:
+    """The flat row `read_corpus` emits for a document or a rejection."""
+    if isinstance(item, Document):
+        meta_json = json.dumps(item.meta, default=str) if item.meta else ""
+        return {
+            "kind": "doc",
+            "source": item.source,
+            "origin": item.origin,
+            "text": item.text,
+            "meta_json": meta_json,
+            "reason": "",
+            "excerpt": "",
+        }
+    return {
+        "kind": "rejected",
+        "source": item.source,
+        "origin": item.origin,
+        "text": "",
+        "meta_json": "",
+        "reason": item.reason,
+        "excerpt": _excerpt_str(item.excerpt),
+    }
+
+
+def from_row(row: dict) -> Document | Rejected:
+    """Inverse of `to_row`."""
+    if row["kind"] == "doc":
+        meta = json.loads(row["meta_json"]) if row["meta_json"] else {}
+        return Document(row["text"], row["source"], row["origin"], meta)
+    return Rejected(row["origin"], row["reason"], row["source"], row["excerpt"])
+
+
+def read_corpus(sources: dict[str, list[str]], *, strict: bool = False, max_chars: int = MAX_CHARS):
+    """A Ray Dataset of `to_row` rows for every file of every source, one file per task.
+
+    `sources` maps a source name to its path patterns (see `expand_paths`, run here on the
+    driver). Each file is streamed by `iter_file` inside `flat_map`, so a large file is
+    emitted block by block rather than materialized. S3 settings come from the workers'
+    environment.
+    """
+    import ray
+
+    items = [
+        {"source": source, "path": path}
+        for source, patterns in sources.items()
+        for path in expand_paths(patterns)
+    ]
+    if not items:
+        raise ValueError("read_corpus: no sources or no path patterns given")
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    return ds.flat_map(_file_rows, fn_kwargs={"strict": strict, "max_chars": max_chars})
+
+
+def _file_rows(item: dict, *, strict: bool, max_chars: int) -> Iterator[dict[str, str]]:
+    for record in iter_file(item["path"], item["source"], strict=strict, max_chars=max_chars):
+        yield to_row(record)
