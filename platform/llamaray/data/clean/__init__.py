@@ -1,0 +1,88 @@
+"""Per-source cleaning of the LLaMA paper's corpus (Touvron et al. 2023, section 2.1).
+
+Pure Python (stdlib and numpy), so it runs the same in a test, a script or a Ray task.
+
+- `clean_document(doc)`: the common checks, then the source's per-document rules
+  (`CLEANERS[doc.source]`); a source without rules gets only the common checks.
+- `DEDUPLICATORS[source]()`: the stateful steps, each a class with `apply(doc)` and
+  `process(docs)`, run over a shard (or the whole source) in order:
+  CommonCrawl line dedup (before the per-document rules, as CCNet does), GitHub exact file
+  dedup and book near-duplicate removal (after them).
+
+Every rejection is a `Rejected` with a stable reason key; `REASONS` lists them all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from llamaray.data.clean import arxiv, books, c4, commoncrawl, github, stackexchange, wikipedia
+from llamaray.data.clean.books import BookDeduplicator
+from llamaray.data.clean.commoncrawl import LineDeduplicator
+from llamaray.data.clean.github import ExactFileDeduplicator
+from llamaray.data.records import Document, Rejected
+
+Cleaner = Callable[[Document], Document | Rejected]
+
+CLEANERS: dict[str, Cleaner] = {
+    "commoncrawl": commoncrawl.clean,
+    "c4": c4.clean,
+    "github": github.clean,
+    "wikipedia": wikipedia.clean,
+    "books": books.clean,
+    "arxiv": arxiv.clean,
+    "stackexchange": stackexchange.clean,
+}
+"""Per-document rules by source name."""
+
+DEDUPLICATORS: dict[str, type[LineDeduplicator | ExactFileDeduplicator | BookDeduplicator]] = {
+    "commoncrawl": LineDeduplicator,
+    "github": ExactFileDeduplicator,
+    "books": BookDeduplicator,
+}
+"""Stateful deduplication by source name: one instance per shard (CCNet) or per source."""
+
+COMMON_REASONS: tuple[str, ...] = ("empty", "empty_after_clean")
+
+REASONS: tuple[str, ...] = COMMON_REASONS + tuple(
+    reason
+    for module in (commoncrawl, c4, github, wikipedia, books, arxiv, stackexchange)
+    for reason in module.REASONS
+)
+"""Every rejection reason this package produces."""
+
+
+def _has_content(doc: Document) -> bool:
+    # A Stack Exchange record may carry its post in meta, with the text still to be built.
+    if doc.source == "stackexchange" and stackexchange.has_structured_post(doc):
+        return True
+    return bool(doc.text.strip())
+
+
+def clean_document(doc: Document) -> Document | Rejected:
+    """A document's cleaned form, or why it was rejected.
+
+    Empty or whitespace-only input is rejected "empty"; a document the rules emptied is
+    rejected "empty_after_clean" (with the original text as the excerpt).
+    """
+    if not _has_content(doc):
+        return Rejected.of(doc, "empty")
+    cleaner = CLEANERS.get(doc.source)
+    if cleaner is None:
+        return doc
+    out = cleaner(doc)
+    if isinstance(out, Document) and not out.text.strip():
+        return Rejected.of(doc, "empty_after_clean")
+    return out
+
+
+__all__ = [
+    "CLEANERS",
+    "DEDUPLICATORS",
+    "REASONS",
+    "BookDeduplicator",
+    "Cleaner",
+    "ExactFileDeduplicator",
+    "LineDeduplicator",
+    "clean_document",
+]

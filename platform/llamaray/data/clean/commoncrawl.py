@@ -1,0 +1,265 @@
+"""CommonCrawl: the CCNet pipeline's model-free steps, plus Gopher-style quality heuristics.
+
+LLaMA (Touvron et al. 2023, section 2.1): "We preprocess five CommonCrawl dumps ... with the
+CCNet pipeline (Wenzek et al., 2020). This process deduplicates the data at the line level,
+performs language identification with a fastText linear classifier to remove non-English
+pages and filters low quality content with an n-gram language model. In addition, we trained
+a linear model to classify pages used as references in Wikipedia v.s. randomly sampled pages".
+
+Here:
+- `LineDeduplicator`: CCNet's line-level dedup over a shard (stateful; run it first).
+- `language_filter`: fastText language id, only when a model file is configured.
+- `quality_filter`: the Gopher heuristics (Rae et al. 2021, appendix A.1.1), as computed by
+  RedPajama-V2's quality signals; they need no model and stand in for the KenLM perplexity and
+  the Wikipedia-reference classifier, which need trained models we do not ship.
+- `skipped_steps()`: the paper's steps that did not run, and why, for the manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import os
+import re
+import string
+import unicodedata
+from collections.abc import Iterable, Iterator
+
+from llamaray.data.records import Document, Rejected
+
+LID_MODEL_ENV = "LLAMARAY_FASTTEXT_LID_MODEL"
+"""Environment variable naming a fastText language-id model (e.g. CCNet's lid.176.bin)."""
+
+SKIPPED_STEPS: dict[str, str] = {
+    "cc_language_id": "no fastText lid model configured",
+    "cc_kenlm_perplexity": "no KenLM model configured",
+    "cc_wikipedia_reference_classifier": "no reference classifier configured",
+}
+"""The paper's CommonCrawl steps that need a model, and why each did not run by default."""
+
+REASONS: tuple[str, ...] = (
+    "cc_all_lines_duplicate",
+    "cc_wrong_language",
+    "cc_too_few_words",
+    "cc_too_many_words",
+    "cc_mean_word_length",
+    "cc_symbol_ratio",
+    "cc_bullet_lines",
+    "cc_ellipsis_lines",
+    "cc_non_alpha_words",
+)
+
+# --- line-level deduplication (CCNet) -------------------------------------------------------
+
+_DIGITS = re.compile(r"\d")
+_SPACES = re.compile(r"\s+")
+
+
+def _dropped_in_dedup(char: str) -> bool:
+    # NFD splits "é" into "e" + a combining accent (category Mn), dropped together with every
+    # punctuation (P*), control/format/unassigned (C*) and ASCII punctuation character (which
+    # includes symbols such as | + $ < = > ^ ` ~). Whitespace is collapsed later instead.
+    category = unicodedata.category(char)
+    dropped = category == "Mn" or category[0] in "PC" or char in string.punctuation
+    return dropped and not char.isspace()
+
+
+# The same for ASCII text, without a per-character Python loop (most web lines are ASCII).
+_ASCII_DROPPED = str.maketrans(
+    "", "", "".join(c for c in map(chr, range(128)) if _dropped_in_dedup(c))
+)
+
+
+def _strip_punct_and_accents(text: str) -> str:
+    if text.isascii():
+        return text.translate(_ASCII_DROPPED)
+    return "".join(c for c in unicodedata.normalize("NFD", text) if not _dropped_in_dedup(c))
+
+
+def normalize_line(line: str) -> str:
+    """The form under which two lines count as the same line.
+
+    CCNet's `text_normalizer.normalize_for_dedup` lowercases, maps every digit to 0 and removes
+    (unicode) punctuation and non-printing characters; `normalize` also strips accents. We do
+    all of these, remove ASCII punctuation too and collapse whitespace, so "Page 12 of 40." and
+    "page 31 of 99" are one line.
+    """
+    line = _DIGITS.sub("0", line.strip().lower())
+    return _SPACES.sub(" ", _strip_punct_and_accents(line)).strip()
+
+
+def line_hash(normalized: str) -> int:
+    """64-bit hash of a normalized line (CCNet keeps 64-bit line hashes too)."""
+    return int.from_bytes(hashlib.blake2b(normalized.encode(), digest_size=8).digest(), "little")
+
+
+class LineDeduplicator:
+    """Removes every line seen before in the shard: in an earlier document or earlier in this one.
+
+    CCNet computes the hashes of all paragraphs of a shard and removes the repeated ones
+    (navigation menus, cookie banners, footers). The first occurrence of a line is kept.
+    Lines that normalize to nothing (blank, or only punctuation) are neither hashed nor removed.
+    A document left with no content is rejected "cc_all_lines_duplicate".
+    """
+
+    def __init__(self) -> None:
+        self.seen: set[int] = set()
+
+    def apply(self, doc: Document) -> Document | Rejected:
+        kept: list[str] = []
+        removed = 0
+        content = False  # a kept line with something left after normalization
+        for line in doc.text.splitlines():
+            norm = normalize_line(line)
+            if not norm:
+                if line.strip():
+                    kept.append(line)
+                elif kept and kept[-1].strip():  # at most one blank line between kept lines
+                    kept.append("")
+                continue
+            h = line_hash(norm)
+            if h in self.seen:
+                removed += 1
+                continue
+            self.seen.add(h)
+            kept.append(line)
+            content = True
+        if not removed:
+            return doc
+        if not content:
+            return Rejected.of(doc, "cc_all_lines_duplicate")
+        return dataclasses.replace(doc, text="\n".join(kept).strip("\n"))
+
+    def process(self, docs: Iterable[Document | Rejected]) -> Iterator[Document | Rejected]:
+        """Dedups a shard's documents in order; already rejected records pass through."""
+        for doc in docs:
+            yield doc if isinstance(doc, Rejected) else self.apply(doc)
+
+
+# --- language identification (CCNet's fastText lid) ------------------------------------------
+
+
+def skipped_steps(lid_model_path: str | None = None) -> dict[str, str]:
+    """The model-based steps that did not run, keyed by step, with the reason (for the manifest)."""
+    skipped = dict(SKIPPED_STEPS)
+    if lid_model_path or os.environ.get(LID_MODEL_ENV):
+        del skipped["cc_language_id"]
+    return skipped
+
+
+@functools.lru_cache(maxsize=2)
+def _load_fasttext(path: str):
+    import fasttext  # lazy: an optional dependency, only needed when a model is configured
+
+    return fasttext.load_model(path)
+
+
+def language_filter(
+    doc: Document,
+    model_path: str | None = None,
+    *,
+    language: str = "en",
+    min_score: float = 0.5,
+) -> Document | Rejected:
+    """Keeps the document if fastText says `language` with at least `min_score` confidence.
+
+    CCNet's default language threshold is 0.5 (`--lang_threshold`). Without a model (argument,
+    or the LLAMARAY_FASTTEXT_LID_MODEL environment variable) the step is skipped: the document
+    is returned unchanged and `skipped_steps()` records why.
+    """
+    path = model_path or os.environ.get(LID_MODEL_ENV)
+    if not path:
+        return doc
+    model = _load_fasttext(path)
+    labels, scores = model.predict(doc.text.replace("\n", " "), k=1)
+    label = labels[0].removeprefix("__label__") if len(labels) else ""
+    if label != language or float(scores[0]) < min_score:
+        return Rejected.of(doc, "cc_wrong_language")
+    return doc
+
+
+# --- quality heuristics (Gopher, as in RedPajama-V2's quality signals) -----------------------
+
+MIN_WORDS, MAX_WORDS = 50, 100_000  # Gopher: "between 50 and 100,000 words"
+MIN_MEAN_WORD_LENGTH, MAX_MEAN_WORD_LENGTH = 3.0, 10.0  # Gopher: "mean word length ... 3 to 10"
+MAX_SYMBOL_RATIO = 0.1  # Gopher: "symbol-to-word ratio greater than 0.1" (# and ellipsis)
+MAX_BULLET_LINES = 0.9  # Gopher: "more than 90% of lines starting with a bullet point"
+MAX_ELLIPSIS_LINES = 0.3  # Gopher: "more than 30% ending with an ellipsis"
+MIN_ALPHA_WORDS = 0.8  # Gopher: "80% of words in a document contain at least one alphabetic"
+
+# RedPajama-V2's BULLET_POINT_SYMBOLS (•, ‣, ▶, ◀, ◦, ■, □, ▪, ▫, en dash) plus the ASCII list
+# markers "-" and "*" and the middle dot, which web text uses the same way.
+BULLETS = ("\u2022", "\u2023", "\u25b6", "\u25c0", "\u25e6", "\u25a0", "\u25a1", "\u25aa",
+           "\u25ab", "\u2013", "-", "*", "\u00b7")  # fmt: skip
+ELLIPSES = ("...", "\u2026")
+
+
+def _nonblank_lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def word_count_rule(words: list[str]) -> str | None:
+    """Gopher: keep documents of 50 to 100,000 (whitespace-separated) words."""
+    if len(words) < MIN_WORDS:
+        return "cc_too_few_words"
+    if len(words) > MAX_WORDS:
+        return "cc_too_many_words"
+    return None
+
+
+def mean_word_length_rule(words: list[str]) -> str | None:
+    """Gopher: mean word length between 3 and 10 characters."""
+    mean = sum(map(len, words)) / max(len(words), 1)
+    ok = MIN_MEAN_WORD_LENGTH <= mean <= MAX_MEAN_WORD_LENGTH
+    return None if ok else "cc_mean_word_length"
+
+
+def symbol_ratio_rule(text: str, words: list[str]) -> str | None:
+    """Gopher: (hash symbols + ellipses) per word below 0.1."""
+    symbols = text.count("#") + text.count("...") + text.count("\u2026")
+    return None if symbols / max(len(words), 1) < MAX_SYMBOL_RATIO else "cc_symbol_ratio"
+
+
+def bullet_lines_rule(lines: list[str]) -> str | None:
+    """Gopher: at most 90% of the (non-blank) lines start with a bullet point."""
+    bullets = sum(line.startswith(BULLETS) for line in lines)
+    return "cc_bullet_lines" if lines and bullets / len(lines) > MAX_BULLET_LINES else None
+
+
+def ellipsis_lines_rule(lines: list[str]) -> str | None:
+    """Gopher: at most 30% of the (non-blank) lines end with an ellipsis."""
+    ellipses = sum(line.endswith(ELLIPSES) for line in lines)
+    return "cc_ellipsis_lines" if lines and ellipses / len(lines) > MAX_ELLIPSIS_LINES else None
+
+
+def alpha_words_rule(words: list[str]) -> str | None:
+    """Gopher: at least 80% of the words contain an alphabetic character."""
+    alpha = sum(any(c.isalpha() for c in w) for w in words)
+    return None if alpha / max(len(words), 1) >= MIN_ALPHA_WORDS else "cc_non_alpha_words"
+
+
+def quality_filter(doc: Document) -> Document | Rejected:
+    """The Gopher heuristics; the first failing rule names the rejection."""
+    words = doc.text.split()
+    lines = _nonblank_lines(doc.text)
+    for reason in (
+        word_count_rule(words),
+        mean_word_length_rule(words),
+        symbol_ratio_rule(doc.text, words),
+        bullet_lines_rule(lines),
+        ellipsis_lines_rule(lines),
+        alpha_words_rule(words),
+    ):
+        if reason:
+            return Rejected.of(doc, reason)
+    return doc
+
+
+def clean(doc: Document) -> Document | Rejected:
+    """Per-document CommonCrawl steps, in CCNet's order: language id, then quality.
+
+    Line dedup is stateful over a shard and runs before this (`LineDeduplicator`).
+    """
+    out = language_filter(doc)
+    return quality_filter(out) if isinstance(out, Document) else out
