@@ -74,6 +74,22 @@ def cmd_train(opts: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(opts: argparse.Namespace) -> int:
+    from llamaray.config import CorpusConfig, load_config
+
+    cfg = load_config(opts.config, opts.overrides, schema=CorpusConfig)  # fail before Ray
+    if opts.print_config:
+        print(cfg.to_yaml())
+        return 0
+    import ray
+
+    from llamaray.data.prepare import prepare_corpus
+
+    ray.init(address=opts.address)
+    prepare_corpus(cfg)
+    return 0
+
+
 def cmd_convert(opts: argparse.Namespace) -> int:
     from llamaray.model.formats import convert
 
@@ -129,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-config", action="store_true", help="print the resolved config, exit")
     p.add_argument("overrides", nargs="*", help="key.path=value, e.g. train.steps=100")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("prepare", help="build a corpus on Ray: clean, dedup, tokenize, pack")
+    p.add_argument("--config", default=None, help="YAML file (defaults if omitted)")
+    p.add_argument("--address", default=None, help="Ray cluster (default: RAY_ADDRESS/local)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config, exit")
+    p.add_argument("overrides", nargs="*", help="key.path=value, e.g. seq_len=2048")
+    p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("convert", help="convert between Meta and Hugging Face checkpoints")
     p.add_argument("src")

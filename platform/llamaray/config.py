@@ -35,6 +35,9 @@ class _Section(BaseModel):
     # Unknown keys are errors: a typo must not silently fall back to a default.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(), sort_keys=False)
+
 
 class ModelConfig(_Section):
     preset: str = Field("tiny", description="Size preset: " + ", ".join(PRESETS))
@@ -170,8 +173,45 @@ class RunConfig(_Section):
     def model_args(self, vocab_size: int | None = None) -> ModelArgs:
         return self.model.args(vocab_size or self.tokenizer.vocab_size)
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(), sort_keys=False)
+
+class DedupConfig(_Section):
+    enabled: bool = Field(True, description="Exact (content hash) and near (MinHash LSH) dedup.")
+    near_threshold: float = Field(0.8, gt=0, le=1, description="Estimated Jaccard to drop at.")
+
+
+class CorpusConfig(_Section):
+    """`llamaray prepare`: raw sources -> cleaned, deduplicated, packed token shards."""
+
+    name: str = "corpus"
+    output_dir: str = "runs"
+    sources: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Source name -> files, globs, directories or s3:// prefixes. Paper names "
+        "(commoncrawl, c4, github, wikipedia, books, arxiv, stackexchange) get their cleaning "
+        "rules; other names only the common checks. Empty: the standard-library sample.",
+    )
+    sample_mb: float = Field(3.0, gt=0, description="Size per source of the built-in sample.")
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    seq_len: int = Field(2048, gt=0, description="Rows are seq_len + 1 tokens.")
+    validation_fraction: float = Field(
+        0.01, ge=0, lt=0.5, description="Documents held out per source (by hash of origin)."
+    )
+    strict: bool = Field(False, description="Fail at the first bad record, naming file:line.")
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    github_extra_licenses: list[str] = Field(
+        default_factory=list,
+        description="Licenses accepted besides the paper's MIT/BSD/Apache (e.g. PSF-2.0).",
+    )
+    tokenize_actors: int = Field(1, gt=0, description="Tokenizer actor pool size.")
+    seed: int = 0
+
+    @field_validator("sources")
+    @classmethod
+    def _sources_have_paths(cls, sources: dict[str, list[str]]) -> dict[str, list[str]]:
+        empty = [name for name, paths in sources.items() if not paths]
+        if empty:
+            raise ValueError(f"source(s) {', '.join(empty)} list no paths")
+        return sources
 
 
 def _format_error(err: ValidationError) -> str:
@@ -213,9 +253,13 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    schema: type[_Section] = RunConfig,
+):
     """Read a YAML config (or start from defaults) and apply overrides; raise ConfigError
-    listing every invalid field.
+    listing every invalid field. `schema` is RunConfig (training) or CorpusConfig.
 
     >>> load_config(None, ["model.preset=debug", "train.steps=10"]).train.steps
     10
@@ -236,6 +280,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = loaded or {}
     data = _merge(data, parse_overrides(overrides or []))
     try:
-        return RunConfig.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_error(err)) from None

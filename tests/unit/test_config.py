@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from llamaray.config import ConfigError, RunConfig, load_config, parse_overrides
+from llamaray.config import ConfigError, CorpusConfig, RunConfig, load_config, parse_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -73,7 +73,17 @@ def test_bad_files_and_bad_override_syntax(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((REPO / "jobs" / "configs").glob("*.yaml")), ids=str)
 def test_shipped_configs_are_valid(path):
-    assert isinstance(load_config(path), RunConfig)
+    schema = CorpusConfig if path.name.startswith("corpus") else RunConfig
+    assert isinstance(load_config(path, schema=schema), schema)
+
+
+def test_corpus_config_errors_name_the_field():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["sources.c4=[]", "seq_len=0", "dedup.near_threshold=2"], CorpusConfig)
+    msg = str(err.value)
+    assert "sources: source(s) c4 list no paths" in msg
+    assert "seq_len: Input should be greater than 0" in msg
+    assert "dedup.near_threshold" in msg
 
 
 def test_yaml_round_trip(tmp_path):

@@ -38,7 +38,10 @@ def test_records_have_redpajama_shape(sample: dict[str, Path]) -> None:
         assert len(recs) > 10
         for rec in recs:
             assert set(rec) == {"text", "meta"}
-            assert set(rec["meta"]) == {"source", "path"}
+            expected = {"source", "path"} | ({"license"} if source == "code" else set())
+            assert set(rec["meta"]) == expected
+            if source == "code":
+                assert rec["meta"]["license"] == "PSF-2.0"
             assert rec["meta"]["source"] == source
             assert isinstance(rec["text"], str) and rec["text"].strip()
 

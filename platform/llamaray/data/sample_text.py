@@ -149,7 +149,10 @@ def _write_source(
             # the shuffle does not leave the source nearly empty.
             if n_bytes + size > max_bytes:
                 continue
-            record = {"text": text, "meta": {"source": source, "path": rel}}
+            meta = {"source": source, "path": rel}
+            if source == "code":
+                meta["license"] = "PSF-2.0"  # the standard library's license, stated as is
+            record = {"text": text, "meta": meta}
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
             n_docs += 1
             n_bytes += size
