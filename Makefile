@@ -40,9 +40,10 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix platform jobs tests
 	$(VENV)/bin/ruff format platform jobs tests
 
-bench: $(STAMP)  ## training step vs Hugging Face, tokenizer throughput; figures go to docs/benchmarks.md
+bench: $(STAMP)  ## training step vs HF, tokenizer, tokenize+pack on Ray; figures in docs/benchmarks.md
 	$(PY) -m llamaray.bench.train_step
 	$(PY) -m llamaray.bench.tokenizer_throughput
+	$(PY) -m llamaray.bench.tokenize_pack
 
 mlflow-ui: $(STAMP)  ## the local tracking store written by demo runs
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

@@ -30,3 +30,14 @@ def test_streaming_equals_all_at_once_and_keeps_the_remainder():
 def test_bad_seq_len():
     with pytest.raises(ValueError):
         Packer(0, 1, 2)
+
+
+def test_add_flat_equals_add_including_empty_documents():
+    rng = np.random.default_rng(1)
+    docs = [rng.integers(3, 50, n).tolist() for n in (5, 0, 17, 1, 0, 30)]
+    a, b = Packer(7, 1, 2), Packer(7, 1, 2)
+    rows_a = a.add(docs)
+    lengths = np.array([len(d) for d in docs])
+    rows_b = b.add_flat(np.concatenate([np.array(d, dtype=np.int32) for d in docs]), lengths)
+    np.testing.assert_array_equal(rows_a, rows_b)
+    assert a.pending == b.pending and rows_a.size + a.pending == sum(lengths) + 2 * len(docs)

@@ -38,10 +38,23 @@ class Packer:
 
     def add(self, docs: Iterable[Iterable[int]]) -> np.ndarray:
         """Append documents; return the completed rows as an (n, seq_len + 1) array."""
-        pieces = [self._carry]
-        for doc in docs:
-            pieces.append(np.fromiter((self.bos_id, *doc, self.eos_id), dtype=self.dtype))
-        stream = np.concatenate(pieces)
+        arrays = [np.asarray(doc, dtype=self.dtype).reshape(-1) for doc in docs]
+        lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
+        values = np.concatenate(arrays) if arrays else np.empty(0, dtype=self.dtype)
+        return self.add_flat(values, lengths)
+
+    def add_flat(self, values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """`add` for documents given as one flat token array and their lengths (the layout
+        of an Arrow list column), with no per-token Python work."""
+        n_docs = len(lengths)
+        doc_starts = np.concatenate(([0], np.cumsum(lengths)))  # into values
+        shift = 2 * np.arange(n_docs)  # bos and eos of the documents before
+        new = np.empty(len(values) + 2 * n_docs, dtype=self.dtype)
+        new[doc_starts[:-1] + shift] = self.bos_id
+        new[doc_starts[1:] + shift + 1] = self.eos_id
+        owner = np.repeat(np.arange(n_docs), lengths)  # document of each token
+        new[np.arange(len(values)) + 2 * owner + 1] = values
+        stream = np.concatenate((self._carry, new))
         n_rows = len(stream) // self.row_len
         cut = n_rows * self.row_len
         self._carry = stream[cut:]

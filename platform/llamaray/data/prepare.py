@@ -16,6 +16,7 @@ packing (the unfinished row at the end of each block) are counted too.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import sys
 import time
@@ -104,7 +105,11 @@ class TokenizeDocs:
     def __call__(self, batch: dict) -> pa.Table:
         texts = [str(t) for t in batch["text"]]
         origins = [str(o) for o in batch["origin"]]
-        ids = self.tokenizer.encode_batch(texts)
+        # One thread per actor: the pool scales across cores, threads would oversubscribe them.
+        ids = self.tokenizer.encode_batch(texts, num_threads=1)
+        lengths = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
+        offsets = np.concatenate(([0], np.cumsum(lengths, dtype=np.int32)))
+        flat = np.fromiter(itertools.chain.from_iterable(ids), np.int32, count=int(offsets[-1]))
         return pa.table(
             {
                 "source": [str(s) for s in batch["source"]],
@@ -112,23 +117,33 @@ class TokenizeDocs:
                     "validation" if heldout(o, self.fraction, self.seed) else "train"
                     for o in origins
                 ],
-                "n_tokens": [len(x) for x in ids],
-                "ids": pa.array(ids, type=pa.list_(pa.int32())),
+                "n_tokens": lengths,
+                # Built from flat numpy arrays: pa.array(list of lists) costs a Python object
+                # per token, which was most of this stage's time.
+                "ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)),
             }
         )
 
 
 def pack_block(table: pa.Table, seq_len: int, bos_id: int, eos_id: int) -> pa.Table:
     """Pack one block's documents per (source, split) into rows of seq_len + 1 tokens."""
-    groups: dict[tuple[str, str], list] = defaultdict(list)
-    for source, split, ids in zip(
-        table["source"].to_pylist(), table["split"].to_pylist(), table["ids"].to_pylist(),
-        strict=True,
-    ):  # fmt: skip
-        groups[(source, split)].append(ids)
+    keys = list(zip(table["source"].to_pylist(), table["split"].to_pylist(), strict=True))
+    ids = table["ids"].combine_chunks()
+    lengths = ids.value_lengths().to_numpy(zero_copy_only=False)
+    values = ids.flatten().to_numpy(zero_copy_only=False)
+    starts = np.concatenate(([0], np.cumsum(lengths)))
+    groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for i, key in enumerate(keys):
+        groups[key].append(i)
     sources, splits, rows = [], [], []
-    for (source, split), docs in sorted(groups.items()):
-        packed = Packer(seq_len, bos_id, eos_id).add(docs)
+    for (source, split), members in sorted(groups.items()):
+        idx = np.asarray(members)
+        if len(idx) == len(keys):  # one group: the block as it is
+            group_values, group_lengths = values, lengths
+        else:
+            group_lengths = lengths[idx]
+            group_values = np.concatenate([values[starts[i] : starts[i + 1]] for i in idx])
+        packed = Packer(seq_len, bos_id, eos_id).add_flat(group_values, group_lengths)
         sources += [source] * len(packed)
         splits += [split] * len(packed)
         rows.append(packed)
