@@ -1,9 +1,9 @@
 """Tokenize + pack on Ray Data against plain single-process SentencePiece, per core.
 
 The same documents go through (a) a plain `SentencePieceProcessor.encode` loop in this
-process, one core, and (b) the pipeline's own stages, `TokenizeDocs` in an actor pool of
-1 and then 2 actors followed by `pack_block`, on a local Ray cluster. Ray's time includes
-scheduling, serialization and packing; the ratio per core is what Ray Data costs.
+process, one core, and (b) the pipeline's own stage, `TokenizePack` in an actor pool of 1
+and then 2 actors, on a local Ray cluster. Ray's time includes scheduling, serialization
+and packing; the ratio per core is what Ray Data costs.
 
     python -m llamaray.bench.tokenize_pack [--mb 8] [--vocab-size 8000]
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from llamaray.data.prepare import TokenizeDocs, pack_block
+from llamaray.data.prepare import TokenizePack
 from llamaray.data.sample_text import iter_texts, write_stdlib_sample
 from llamaray.tokenizer import Tokenizer, train_tokenizer
 
@@ -37,20 +37,19 @@ def ray_tokenize_pack(tokenizer: Tokenizer, texts: list[str], actors: int, seq_l
     items = [{"source": "s", "origin": f"doc:{i}", "text": t} for i, t in enumerate(texts)]
     ds = ray.data.from_items(items, override_num_blocks=8 * actors).materialize()
     start = time.perf_counter()
-    tokenized = ds.map_batches(
-        TokenizeDocs,
-        fn_constructor_kwargs={"tokenizer": tokenizer, "validation_fraction": 0.0, "seed": 0},
+    packed = ds.map_batches(
+        TokenizePack,
+        fn_constructor_kwargs={
+            "tokenizer": tokenizer,
+            "validation_fraction": 0.0,
+            "seed": 0,
+            "seq_len": seq_len,
+        },
         concurrency=actors,
         batch_format="numpy",
-    )
-    packed = tokenized.map_batches(
-        pack_block,
-        fn_kwargs={"seq_len": seq_len, "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id},
-        batch_size=None,
-        batch_format="pyarrow",
     ).materialize()
     elapsed = time.perf_counter() - start
-    return elapsed, packed.count() * (seq_len + 1)
+    return elapsed, packed.count()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,6 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mb", type=float, default=8.0, help="text per source of the sample")
     parser.add_argument("--vocab-size", type=int, default=8000)
     parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--repeat", type=int, default=3, help="pass the sample this many times")
     parser.add_argument("--max-actors", type=int, default=min(2, os.cpu_count() or 1))
     opts = parser.parse_args(argv)
 
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     with tempfile.TemporaryDirectory(prefix="llamaray-tpbench-") as tmp:
         paths = list(write_stdlib_sample(Path(tmp), int(opts.mb * 1e6)).values())
-        texts = list(iter_texts(paths))
+        texts = list(iter_texts(paths)) * opts.repeat  # more text amortizes actor start-up
         tokenizer = train_tokenizer(paths, Path(tmp) / "tok", vocab_size=opts.vocab_size)
         n_mb = sum(len(t.encode()) for t in texts) / 1e6
         seconds, tokens = plain_encode(str(tokenizer.path), texts)

@@ -96,67 +96,65 @@ def heldout(origin: str, fraction: float, seed: int) -> bool:
     return int.from_bytes(digest, "little") / 2**64 < fraction
 
 
-class TokenizeDocs:
-    """Actor-pool UDF: documents -> token ids, one row per document."""
+class TokenizePack:
+    """Actor-pool UDF: documents -> packed rows of seq_len + 1 tokens, in one pass.
 
-    def __init__(self, tokenizer: Tokenizer, validation_fraction: float, seed: int):
+    Each actor keeps one `Packer` per (source, split), so a document that does not fill a
+    row continues into the next batch's; only an actor's last unfinished row per (source,
+    split) is lost, and the manifest shows it. Besides the rows (kind "row") it emits one
+    row per (source, split) and batch with the documents and tokens seen (kind "stats").
+    """
+
+    def __init__(self, tokenizer: Tokenizer, validation_fraction: float, seed: int, seq_len: int):
         self.tokenizer, self.fraction, self.seed = tokenizer, validation_fraction, seed
+        self.seq_len = seq_len
+        self.packers: dict[tuple[str, str], Packer] = {}
 
     def __call__(self, batch: dict) -> pa.Table:
         texts = [str(t) for t in batch["text"]]
-        origins = [str(o) for o in batch["origin"]]
         # One thread per actor: the pool scales across cores, threads would oversubscribe them.
         ids = self.tokenizer.encode_batch(texts, num_threads=1)
-        lengths = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
-        offsets = np.concatenate(([0], np.cumsum(lengths, dtype=np.int32)))
-        flat = np.fromiter(itertools.chain.from_iterable(ids), np.int32, count=int(offsets[-1]))
+        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+        values = np.fromiter(itertools.chain.from_iterable(ids), np.int32, count=lengths.sum())
+        starts = np.concatenate(([0], np.cumsum(lengths)))
+        groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+        for i, (source, origin) in enumerate(zip(batch["source"], batch["origin"], strict=True)):
+            split = "validation" if heldout(str(origin), self.fraction, self.seed) else "train"
+            groups[(str(source), split)].append(i)
+        kinds, sources, splits, n_docs, n_tokens, rows = [], [], [], [], [], []
+        for key, members in sorted(groups.items()):
+            idx = np.asarray(members)
+            group_values = np.concatenate([values[starts[i] : starts[i + 1]] for i in idx])
+            packer = self.packers.setdefault(
+                key, Packer(self.seq_len, self.tokenizer.bos_id, self.tokenizer.eos_id)
+            )
+            packed = packer.add_flat(group_values, lengths[idx])
+            count = len(packed) + 1
+            kinds += ["row"] * len(packed) + ["stats"]
+            sources += [key[0]] * count
+            splits += [key[1]] * count
+            n_docs += [0] * len(packed) + [len(idx)]
+            n_tokens += [0] * len(packed) + [int(lengths[idx].sum())]
+            rows += [packed, np.zeros((1, self.seq_len + 1), dtype=np.int32)]
+        width = self.seq_len + 1
+        tokens = np.concatenate(rows) if rows else np.empty((0, width), dtype=np.int32)
         return pa.table(
             {
-                "source": [str(s) for s in batch["source"]],
-                "split": [
-                    "validation" if heldout(o, self.fraction, self.seed) else "train"
-                    for o in origins
-                ],
-                "n_tokens": lengths,
-                # Built from flat numpy arrays: pa.array(list of lists) costs a Python object
-                # per token, which was most of this stage's time.
-                "ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)),
+                "kind": pa.array(kinds, pa.string()),
+                "source": pa.array(sources, pa.string()),
+                "split": pa.array(splits, pa.string()),
+                "n_docs": pa.array(n_docs, pa.int64()),
+                "n_tokens": pa.array(n_tokens, pa.int64()),
+                "tokens": pa.FixedSizeListArray.from_arrays(pa.array(tokens.ravel()), width),
             }
         )
 
 
-def pack_block(table: pa.Table, seq_len: int, bos_id: int, eos_id: int) -> pa.Table:
-    """Pack one block's documents per (source, split) into rows of seq_len + 1 tokens."""
-    keys = list(zip(table["source"].to_pylist(), table["split"].to_pylist(), strict=True))
-    ids = table["ids"].combine_chunks()
-    lengths = ids.value_lengths().to_numpy(zero_copy_only=False)
-    values = ids.flatten().to_numpy(zero_copy_only=False)
-    starts = np.concatenate(([0], np.cumsum(lengths)))
-    groups: dict[tuple[str, str], list[int]] = defaultdict(list)
-    for i, key in enumerate(keys):
-        groups[key].append(i)
-    sources, splits, rows = [], [], []
-    for (source, split), members in sorted(groups.items()):
-        idx = np.asarray(members)
-        if len(idx) == len(keys):  # one group: the block as it is
-            group_values, group_lengths = values, lengths
-        else:
-            group_lengths = lengths[idx]
-            group_values = np.concatenate([values[starts[i] : starts[i + 1]] for i in idx])
-        packed = Packer(seq_len, bos_id, eos_id).add_flat(group_values, group_lengths)
-        sources += [source] * len(packed)
-        splits += [split] * len(packed)
-        rows.append(packed)
-    tokens = np.concatenate(rows) if rows else np.empty((0, seq_len + 1), dtype=np.int32)
-    return pa.table(
-        {
-            "source": pa.array(sources, pa.string()),
-            "split": pa.array(splits, pa.string()),
-            "tokens": pa.FixedSizeListArray.from_arrays(
-                pa.array(tokens.ravel(), pa.int32()), seq_len + 1
-            ),
-        }
-    )
+def of_kind(table: pa.Table, kind: str) -> pa.Table:
+    """Rows of one kind, filtered in Arrow (a Python filter would box every token)."""
+    import pyarrow.compute as pc
+
+    return table.filter(pc.equal(table["kind"], kind))
 
 
 # ---------------------------------------------------------------------------- pipeline
@@ -204,26 +202,23 @@ def _run(cfg: CorpusConfig) -> dict:
     docs = ds.filter(lambda r: r["kind"] == "doc").select_columns(["source", "origin", "text"])
 
     tokenizer = _tokenizer(cfg, docs, out)
-    tokenized = docs.map_batches(
-        TokenizeDocs,
+    packed = docs.map_batches(
+        TokenizePack,
         fn_constructor_kwargs={
             "tokenizer": tokenizer,
             "validation_fraction": cfg.validation_fraction,
             "seed": cfg.seed,
+            "seq_len": cfg.seq_len,
         },
         concurrency=cfg.tokenize_actors,
         batch_format="numpy",
     ).materialize()
-    token_counts = _sum_tokens(tokenized)
-
-    packed = tokenized.map_batches(
-        pack_block,
-        fn_kwargs={"seq_len": cfg.seq_len, "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id},
-        batch_size=None,
-        batch_format="pyarrow",
-    )
+    stats = packed.map_batches(of_kind, fn_args=("stats",), batch_format="pyarrow")
+    token_counts = _sum_tokens(stats)
     shards = out / SHARDS
-    packed.write_parquet(str(shards), partition_cols=["source", "split"])
+    packed.map_batches(of_kind, fn_args=("row",), batch_format="pyarrow").select_columns(
+        ["source", "split", "tokens"]
+    ).write_parquet(str(shards), partition_cols=["source", "split"])
     manifest = _manifest(cfg, sources, counts, token_counts, shards, tokenizer, out)
     manifest["elapsed_s"] = round(time.perf_counter() - start, 2)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -279,28 +274,14 @@ def _tokenizer(cfg: CorpusConfig, docs, out: Path) -> Tokenizer:
     return tokenizer
 
 
-def _sum_tokens(tokenized) -> dict[tuple[str, str], dict]:
-    rows = (
-        tokenized.groupby(["source", "split"])
-        .aggregate(ray_count(), ray_sum("n_tokens"))
-        .take_all()
-    )
-    return {
-        (r["source"], r["split"]): {"documents": r["count()"], "tokens": r["sum(n_tokens)"]}
-        for r in rows
-    }
-
-
-def ray_count():
-    from ray.data.aggregate import Count
-
-    return Count()
-
-
-def ray_sum(column: str):
+def _sum_tokens(stats) -> dict[tuple[str, str], dict]:
     from ray.data.aggregate import Sum
 
-    return Sum(column)
+    rows = stats.groupby(["source", "split"]).aggregate(Sum("n_docs"), Sum("n_tokens")).take_all()
+    return {
+        (r["source"], r["split"]): {"documents": r["sum(n_docs)"], "tokens": r["sum(n_tokens)"]}
+        for r in rows
+    }
 
 
 def _manifest(cfg, sources, counts, token_counts, shards: Path, tokenizer, out: Path) -> dict:
