@@ -176,3 +176,23 @@ def test_exact_file_dedup_ignores_the_license_header():
     assert out[3] is different
     assert reason(out[4]) == "github_exact_duplicate"
     assert len(dedup.seen) == 2
+
+
+def test_extra_licenses_are_accepted_as_spelled_and_meta_is_kept_true():
+    from llamaray.data.clean import clean_document
+    from llamaray.data.records import Document
+
+    text = (
+        "def greeting_for(person_name):\n"
+        '    """Return a friendly greeting that mentions the person by their name."""\n'
+        '    return "Hello there, " + person_name + ", welcome to the project"\n'
+    )
+    doc = Document(text, "github", "stdlib.jsonl:1", {"license": "PSF-2.0"})
+    assert clean_document(Document(text, "github", "x:1", {"license": "MIT"})).text == text
+    rejected = clean_document(doc)
+    assert getattr(rejected, "reason", None) == "github_license"  # the paper's rule by default
+    kept = clean_document(doc, {"github": {"extra_licenses": ["PSF-2.0"]}})
+    assert isinstance(kept, Document) and kept.meta == {"license": "PSF-2.0"}
+    # Only the exact spelling listed, and only for the source it is given to.
+    assert getattr(clean_document(doc, {"github": {"extra_licenses": ["psf"]}}), "reason", "")
+    assert getattr(clean_document(doc, {"c4": {}}), "reason", None) == "github_license"

@@ -21,7 +21,6 @@ import json
 import sys
 import time
 from collections import defaultdict
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -56,33 +55,22 @@ def _columns(rows: list[dict], keys: list[str]) -> dict[str, list]:
 # ------------------------------------------------------------------------------- clean
 
 
-def clean_block(batch: dict, extra_licenses: tuple[str, ...] = ()) -> dict:
+def clean_block(batch: dict, options: dict | None = None) -> dict:
     """Clean one block. CommonCrawl line dedup is stateful over the block, which plays the
-    role of CCNet's shard; whole-corpus duplicates are removed later, across blocks."""
+    role of CCNet's shard; whole-corpus duplicates are removed later, across blocks.
+    `options`: keyword arguments per source's cleaner (see `clean_document`)."""
     rows = _rows(batch)
     line_dedup = DEDUPLICATORS["commoncrawl"]()
     out = []
     for row in rows:
         item = from_row(row)
         if isinstance(item, Document):
-            if extra_licenses and item.source == "github":
-                item = _accept_extra_license(item, extra_licenses)
             if item.source == "commoncrawl":
                 item = line_dedup.apply(item)
             if isinstance(item, Document):
-                item = clean_document(item)
+                item = clean_document(item, options)
         out.append(to_row(item))
     return _columns(out, list(batch))
-
-
-def _accept_extra_license(doc: Document, extra: tuple[str, ...]) -> Document:
-    # The paper keeps MIT/BSD/Apache only; a user may accept more (the demo: the PSF license
-    # of Python's standard library). Recorded in meta so the manifest shows what was done.
-    license_name = str(doc.meta.get("license", ""))
-    if license_name in extra:
-        meta = dict(doc.meta, license="MIT", original_license=license_name)
-        return replace(doc, meta=meta)
-    return doc
 
 
 # ---------------------------------------------------------------------------- tokenize
@@ -187,7 +175,8 @@ def _run(cfg: CorpusConfig) -> dict:
     _say(f"reading {len(sources)} source(s): {', '.join(sources)}")
     ds = read_corpus(sources, strict=cfg.strict)
     ds = ds.map_batches(
-        clean_block, fn_kwargs={"extra_licenses": tuple(cfg.github_extra_licenses)},
+        clean_block,
+        fn_kwargs={"options": {"github": {"extra_licenses": tuple(cfg.github_extra_licenses)}}},
         batch_size=None,
     )  # fmt: skip
     if cfg.dedup.enabled:

@@ -14,7 +14,8 @@ Every rejection is a `Rejected` with a stable reason key; `REASONS` lists them a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from llamaray.data.clean import arxiv, books, c4, commoncrawl, github, stackexchange, wikipedia
 from llamaray.data.clean.books import BookDeduplicator
@@ -22,7 +23,7 @@ from llamaray.data.clean.commoncrawl import LineDeduplicator
 from llamaray.data.clean.github import ExactFileDeduplicator
 from llamaray.data.records import Document, Rejected
 
-Cleaner = Callable[[Document], Document | Rejected]
+Cleaner = Callable[..., Document | Rejected]  # (doc, **per-source options)
 
 CLEANERS: dict[str, Cleaner] = {
     "commoncrawl": commoncrawl.clean,
@@ -59,18 +60,21 @@ def _has_content(doc: Document) -> bool:
     return bool(doc.text.strip())
 
 
-def clean_document(doc: Document) -> Document | Rejected:
+def clean_document(
+    doc: Document, options: Mapping[str, Mapping[str, Any]] | None = None
+) -> Document | Rejected:
     """A document's cleaned form, or why it was rejected.
 
     Empty or whitespace-only input is rejected "empty"; a document the rules emptied is
-    rejected "empty_after_clean" (with the original text as the excerpt).
+    rejected "empty_after_clean" (with the original text as the excerpt). `options` gives
+    keyword arguments per source's cleaner, e.g. {"github": {"extra_licenses": ["PSF-2.0"]}}.
     """
     if not _has_content(doc):
         return Rejected.of(doc, "empty")
     cleaner = CLEANERS.get(doc.source)
     if cleaner is None:
         return doc
-    out = cleaner(doc)
+    out = cleaner(doc, **(options or {}).get(doc.source, {}))
     if isinstance(out, Document) and not out.text.strip():
         return Rejected.of(doc, "empty_after_clean")
     return out

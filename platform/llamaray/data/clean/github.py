@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 
 from llamaray.data.records import Document, Rejected
 
@@ -83,11 +83,16 @@ def spdx_permissive(name: str) -> str | None:
     return " OR ".join(dict.fromkeys(i for i in ids if i))
 
 
-def license_rule(meta: dict) -> str | None:
-    """LLaMA: keep only Apache, BSD and MIT projects; a missing license is not permissive."""
+def license_rule(meta: dict, extra_licenses: Collection[str] = ()) -> str | None:
+    """LLaMA: keep only Apache, BSD and MIT projects; a missing license is not permissive.
+
+    `extra_licenses` are accepted too, exactly as spelled (a user's choice, e.g. "PSF-2.0").
+    """
     value = meta.get("license")
     names = [value] if isinstance(value, str) else value if isinstance(value, list | tuple) else []
-    ok = names and all(isinstance(n, str) and spdx_permissive(n) for n in names)
+    ok = names and all(
+        isinstance(n, str) and (n in extra_licenses or spdx_permissive(n)) for n in names
+    )
     return None if ok else "github_license"
 
 
@@ -217,9 +222,9 @@ def quality_rule(text: str) -> str | None:
     )
 
 
-def clean(doc: Document) -> Document | Rejected:
+def clean(doc: Document, extra_licenses: Collection[str] = ()) -> Document | Rejected:
     """License, then header strip, then the quality heuristics on the stripped file."""
-    if reason := license_rule(doc.meta):
+    if reason := license_rule(doc.meta, extra_licenses):
         return Rejected.of(doc, reason)
     out = dataclasses.replace(doc, text=strip_license_header(doc.text))
     if reason := quality_rule(out.text):
