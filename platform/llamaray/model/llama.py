@@ -17,6 +17,8 @@ meta device and call `init_weights()` after materializing:
 from __future__ import annotations
 
 import math
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -68,9 +70,6 @@ class RMSNorm(nn.Module):
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return normed.type_as(x) * self.weight
 
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
-
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -100,11 +99,6 @@ class Attention(nn.Module):
         out = causal_attention(q, k, v, self.backend)  # (B, T, H, D)
         return self.wo(out.reshape(bsz, seq, -1))
 
-    def init_weights(self, out_std: float) -> None:
-        for linear in (self.wq, self.wk, self.wv):
-            _trunc_normal(linear.weight, 0.02)
-        _trunc_normal(self.wo.weight, out_std)
-
 
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
@@ -119,11 +113,6 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
-    def init_weights(self, out_std: float) -> None:
-        _trunc_normal(self.w1.weight, 0.02)
-        _trunc_normal(self.w3.weight, 0.02)
-        _trunc_normal(self.w2.weight, out_std)
-
 
 class TransformerBlock(nn.Module):
     def __init__(self, layer_id: int, args: ModelArgs):
@@ -133,24 +122,77 @@ class TransformerBlock(nn.Module):
         self.attention = Attention(args)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
-        # Depth-scaled init of the projections that write into the residual stream keeps the
-        # stream's variance from growing with depth (as torchtitan's reference init does).
-        self._out_std = 0.02 / math.sqrt(2 * (layer_id + 1))
 
     def forward(self, x, freqs_cis, cache: KVCache | None = None, start_pos: int = 0):
         attn_in = self.attention_norm(x)
         h = x + self.attention(attn_in, freqs_cis, cache, self.layer_id, start_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def init_weights(self) -> None:
-        self.attention_norm.reset_parameters()
-        self.ffn_norm.reset_parameters()
-        self.attention.init_weights(self._out_std)
-        self.feed_forward.init_weights(self._out_std)
+
+# ---------------------------------------------------------------------------- init
 
 
-def _trunc_normal(weight: torch.Tensor, std: float) -> None:
-    nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+@dataclass(frozen=True)
+class InitRule:
+    """How one parameter starts: "ones", "normal" or "trunc_normal" (cut at 3 std)."""
+
+    kind: str
+    std: float = 0.0
+
+
+def init_rule(args: ModelArgs, name: str) -> InitRule:
+    """The reference initialization of parameter `name` (Meta's names, e.g.
+    "layers.3.attention.wo.weight").
+
+    Projections that write into the residual stream (wo, w2) get a depth-scaled std so the
+    stream's variance does not grow with depth (torchtitan's reference init does the same);
+    the output projection reads a unit-RMS vector, so std dim^-0.5 gives unit-scale logits.
+    """
+    parts = name.split(".")
+    if parts[-2].endswith("norm"):
+        return InitRule("ones")
+    if name == "tok_embeddings.weight":
+        return InitRule("normal", 0.02)
+    if name == "output.weight":
+        return InitRule("trunc_normal", args.dim**-0.5)
+    if parts[0] == "layers" and parts[-2] in ("wq", "wk", "wv", "wo", "w1", "w2", "w3"):
+        layer = int(parts[1])
+        writes_residual = parts[-2] in ("wo", "w2")
+        std = 0.02 / math.sqrt(2 * (layer + 1)) if writes_residual else 0.02
+        return InitRule("trunc_normal", std)
+    raise KeyError(f"no init rule for parameter {name!r}")
+
+
+def init_tensor(tensor: torch.Tensor, rule: InitRule, generator: torch.Generator) -> None:
+    """Fill `tensor` in place by `rule`, drawing from `generator`."""
+    if rule.kind == "ones":
+        nn.init.ones_(tensor)
+    elif rule.kind == "normal":
+        nn.init.normal_(tensor, std=rule.std, generator=generator)
+    else:
+        std = rule.std
+        nn.init.trunc_normal_(tensor, std=std, a=-3 * std, b=3 * std, generator=generator)
+
+
+# Wrappers applied from outside (activation checkpointing, torch.compile) insert these into
+# parameter names; the init rules and seeds are keyed by the unwrapped names.
+_WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def canonical_name(name: str) -> str:
+    """A parameter name with wrapper modules' parts removed."""
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name
+
+
+def param_generator(seed: int, name: str, device: torch.device) -> torch.Generator:
+    """A generator for one parameter, keyed by (seed, name): each parameter's values depend
+    on nothing else, so a sharded build (each rank filling its slice of a full draw) and a
+    one-process build give identical weights."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    return generator
 
 
 # ---------------------------------------------------------------------------- model
@@ -193,14 +235,19 @@ class Llama(nn.Module):
             block.attention.backend = backend
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """The reference initialization (call after `to_empty` on a meta-device build)."""
-        nn.init.normal_(self.tok_embeddings.weight, std=0.02)
-        for block in self.layers.values():
-            block.init_weights()
-        self.norm.reset_parameters()
-        # The output projection reads a unit-RMS vector: std dim^-0.5 gives unit-scale logits.
-        _trunc_normal(self.output.weight, self.args.dim**-0.5)
+    def init_weights(self, seed: int | None = None) -> None:
+        """The reference initialization (call after `to_empty` on a meta-device build).
+
+        Each parameter draws from its own generator keyed by (`seed`, its name), so the
+        weights are the same however the model is later sharded. `seed=None` draws the seed
+        from torch's global RNG, so `torch.manual_seed` still decides it.
+        """
+        if seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        for name, param in self.named_parameters():
+            name = canonical_name(name)
+            generator = param_generator(seed, name, param.device)
+            init_tensor(param, init_rule(self.args, name), generator)
 
     def forward(
         self,
