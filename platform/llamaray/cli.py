@@ -63,14 +63,19 @@ def cmd_tokenizer_train(opts: argparse.Namespace) -> int:
 
 def cmd_train(opts: argparse.Namespace) -> int:
     from llamaray.config import load_config
-    from llamaray.train.local_run import run_local
 
-    cfg = load_config(opts.config, opts.overrides)
+    cfg = load_config(opts.config, opts.overrides)  # fails here, before any cluster work
     if opts.print_config:
         print(cfg.to_yaml())
         return 0
-    out = run_local(cfg)
-    print(f"run directory: {out.run_dir}")
+    from llamaray.orchestrate.pretrain import TrainingStopped, pretrain
+
+    try:
+        out = pretrain(cfg)
+    except TrainingStopped as err:
+        print(f"training stopped: {err}", file=sys.stderr)
+        return 1
+    print(f"step {out.step} of run {out.name}; outputs in {out.run_dir}")
     return 0
 
 
@@ -140,7 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=32000)
     p.set_defaults(func=cmd_tokenizer_train)
 
-    p = sub.add_parser("train", help="train on this machine (config + key.path=value overrides)")
+    p = sub.add_parser(
+        "train",
+        help="pretrain on Ray Train (config + key.path=value overrides); "
+        "relaunching a run name resumes it",
+    )
     p.add_argument("--config", default=None, help="YAML file (defaults if omitted)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config, exit")
     p.add_argument("overrides", nargs="*", help="key.path=value, e.g. train.steps=100")

@@ -80,100 +80,6 @@ class TokenizerConfig(_Section):
     vocab_size: int = Field(32000, gt=259, description="Pieces when training (the paper: 32000).")
 
 
-class DataConfig(_Section):
-    paths: list[str] = Field(
-        default_factory=list, description="JSONL files of {'text': ...}; empty: the stdlib sample."
-    )
-    sample_mb: float = Field(8.0, gt=0, description="Size per source of the built-in sample.")
-    validation_fraction: float = Field(0.02, ge=0, lt=0.5, description="Rows held out.")
-
-
-class OptimizerConfig(_Section):
-    lr: float | None = Field(None, gt=0, description="Peak LR; None: the preset's.")
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.95, ge=0, lt=1)
-    eps: float = Field(1e-8, gt=0)
-    weight_decay: float = Field(0.1, ge=0)
-    grad_clip: float = Field(1.0, gt=0, description="Max global gradient norm.")
-    warmup_steps: int = Field(2000, ge=0)
-    final_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine floor as a share of peak.")
-
-
-class TrainConfig(_Section):
-    steps: int = Field(100_000, gt=0, description="Optimizer steps.")
-    seq_len: int = Field(2048, gt=0, description="Tokens per training row.")
-    batch_tokens: int | None = Field(None, gt=0, description="Tokens per step; None: preset's.")
-    micro_batch_size: int = Field(1, gt=0, description="Rows per worker per forward pass.")
-    num_workers: int = Field(1, gt=0, description="Data-parallel workers.")
-    dtype: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = autocast mixed precision.")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = 0
-    log_every: int = Field(10, gt=0)
-
-
-class RunConfig(_Section):
-    """A whole run. Sections: model, tokenizer, data, optimizer, train."""
-
-    name: str = "llamaray"
-    output_dir: str = "runs"
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-
-    @model_validator(mode="after")
-    def _check_consistency(self) -> RunConfig:
-        problems: list[str] = []
-        m, t = self.model, self.train
-        if (
-            m.vocab_size
-            and self.tokenizer.path is None
-            and m.vocab_size != self.tokenizer.vocab_size
-        ):
-            problems.append(
-                f"model.vocab_size: {m.vocab_size} differs from tokenizer.vocab_size="
-                f"{self.tokenizer.vocab_size}; set one of them"
-            )
-        try:
-            args = m.args(self.tokenizer.vocab_size)
-        except ValueError as err:
-            # Map ModelArgs' messages (which name their own fields) onto config paths.
-            problems += [f"model.{p}" for p in str(err).splitlines()[1:]]
-            args = None
-        if args is not None and t.seq_len > args.max_seq_len:
-            problems.append(
-                f"train.seq_len: {t.seq_len} exceeds the model's max_seq_len={args.max_seq_len}"
-            )
-        row_tokens = t.seq_len * t.micro_batch_size * t.num_workers
-        if self.batch_tokens % row_tokens:
-            problems.append(
-                f"train.batch_tokens: {self.batch_tokens} is not divisible by seq_len x "
-                f"micro_batch_size x num_workers = {t.seq_len} x {t.micro_batch_size} x "
-                f"{t.num_workers} = {row_tokens}"
-            )
-        if problems:
-            raise ValueError("\n".join(problems))
-        return self
-
-    @property
-    def batch_tokens(self) -> int:
-        return self.train.batch_tokens or get_preset(self.model.preset).batch_tokens
-
-    @property
-    def grad_accum_steps(self) -> int:
-        """Micro-batches each worker accumulates so a step sees `batch_tokens` tokens."""
-        t = self.train
-        return self.batch_tokens // (t.seq_len * t.micro_batch_size * t.num_workers)
-
-    @property
-    def peak_lr(self) -> float:
-        return self.optimizer.lr or get_preset(self.model.preset).lr
-
-    def model_args(self, vocab_size: int | None = None) -> ModelArgs:
-        return self.model.args(vocab_size or self.tokenizer.vocab_size)
-
-
 class DedupConfig(_Section):
     enabled: bool = Field(True, description="Exact (content hash) and near (MinHash LSH) dedup.")
     near_threshold: float = Field(0.8, gt=0, le=1, description="Estimated Jaccard to drop at.")
@@ -212,6 +118,216 @@ class CorpusConfig(_Section):
         if empty:
             raise ValueError(f"source(s) {', '.join(empty)} list no paths")
         return sources
+
+
+class DataConfig(_Section):
+    corpus: str | None = Field(
+        None,
+        description="A corpus made by `llamaray prepare` (local path or s3://). None: prepare "
+        "`data.prepare` first (reused while its config is unchanged).",
+    )
+    prepare: CorpusConfig = Field(
+        default_factory=lambda: CorpusConfig(name="corpus-demo"),
+        description="The corpus to prepare when `data.corpus` is None; its seq_len is "
+        "train.seq_len. Default: the standard-library sample.",
+    )
+    proportions: dict[str, float] | None = Field(
+        None, description="Sampling weight per source; None: the paper's table 1."
+    )
+    eval_rows: int = Field(64, ge=0, description="Held-out rows per source for validation loss.")
+
+    @field_validator("proportions")
+    @classmethod
+    def _weights_valid(cls, weights: dict[str, float] | None) -> dict[str, float] | None:
+        if weights is not None:
+            bad = [f"{k}={v}" for k, v in weights.items() if not (v >= 0 and v < float("inf"))]
+            if bad:
+                raise ValueError(f"weights must be finite and >= 0: {', '.join(bad)}")
+            if sum(weights.values()) <= 0:
+                raise ValueError("weights must sum to more than 0")
+        return weights
+
+
+class OptimizerConfig(_Section):
+    lr: float | None = Field(None, gt=0, description="Peak LR; None: the preset's.")
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float = Field(1.0, gt=0, description="Max global gradient norm.")
+    warmup_steps: int = Field(2000, ge=0)
+    final_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine floor as a share of peak.")
+
+
+class TrainConfig(_Section):
+    steps: int = Field(100_000, gt=0, description="Optimizer steps.")
+    seq_len: int = Field(2048, gt=0, description="Tokens per training row.")
+    batch_tokens: int | None = Field(None, gt=0, description="Tokens per step; None: preset's.")
+    micro_batch_size: int = Field(1, gt=0, description="Rows per worker per forward pass.")
+    num_workers: int = Field(1, gt=0, description="Training processes (Ray Train workers).")
+    cpus_per_worker: float = Field(
+        1.0, gt=0, description="CPUs Ray reserves per worker; below 1 leaves room for Ray Data."
+    )
+    dtype: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: FSDP mixed precision on GPU, autocast on CPU."
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+    log_every: int = Field(10, gt=0, description="Steps between progress lines and metrics.")
+    eval_every: int = Field(0, ge=0, description="Steps between validation passes; 0: at end.")
+    checkpoint_every: int = Field(500, ge=0, description="Steps between checkpoints; 0: at end.")
+    keep_checkpoints: int = Field(3, gt=0, description="Newest complete checkpoints kept.")
+    max_failures: int = Field(0, ge=0, description="Worker failures survived by restarting.")
+    nan_policy: Literal["skip", "stop"] = Field(
+        "skip", description="Non-finite loss or gradients: skip the step, or stop the run."
+    )
+    max_skipped_steps: int = Field(
+        20, ge=0, description="With nan_policy=skip, stop once more steps than this are skipped."
+    )
+    stop_at_step: int | None = Field(
+        None,
+        gt=0,
+        description="End this launch after this step (checkpointed); relaunch "
+        "the same name to go on. The schedule still spans train.steps.",
+    )
+    peak_tflops: float | None = Field(
+        None, gt=0, description="Per-device peak for MFU; None: known GPUs only."
+    )
+
+
+class ParallelConfig(_Section):
+    tensor: int = Field(1, gt=0, description="Tensor+sequence parallel degree (within a node).")
+    reshard_after_forward: bool = Field(
+        True, description="Free gathered weights after forward (ZeRO-3); False: ZeRO-2."
+    )
+    prefetch: bool = Field(True, description="Gather the next block's weights during compute.")
+
+
+class TrackingConfig(_Section):
+    enabled: bool = True
+    uri: str | None = Field(
+        None,
+        description="MLflow tracking URI; None: $MLFLOW_TRACKING_URI, else "
+        "sqlite:///<output_dir>/mlflow.db.",
+    )
+    experiment: str = "llamaray"
+    system_metrics: bool = Field(True, description="CPU/GPU/memory sampled by MLflow.")
+    export_hf: bool = Field(True, description="Log the final model in Hugging Face format.")
+
+
+class FaultConfig(_Section):
+    """Fault injection, to test recovery; all off by default."""
+
+    nan_at_steps: list[int] = Field(default_factory=list, description="Steps whose loss is NaN.")
+    kill_rank: int | None = Field(None, ge=0, description="Worker to kill (once per run name).")
+    kill_at_step: int | None = Field(None, gt=0, description="Step at which kill_rank dies.")
+
+
+class RunConfig(_Section):
+    """A whole run. Sections: model, tokenizer, data, optimizer, train, parallel, tracking,
+    faults."""
+
+    name: str = Field("llamaray", description="Run name: relaunching a name resumes it.")
+    output_dir: str = Field("runs", description="Local outputs: corpus, exported model, MLflow.")
+    storage: str | None = Field(
+        None,
+        description="Checkpoints and Ray Train state (path or s3://); "
+        "None: <output_dir>/checkpoints.",
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    faults: FaultConfig = Field(default_factory=FaultConfig)
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> RunConfig:
+        problems: list[str] = []
+        m, t = self.model, self.train
+        if (
+            m.vocab_size
+            and self.tokenizer.path is None
+            and m.vocab_size != self.tokenizer.vocab_size
+        ):
+            problems.append(
+                f"model.vocab_size: {m.vocab_size} differs from tokenizer.vocab_size="
+                f"{self.tokenizer.vocab_size}; set one of them"
+            )
+        try:
+            args = m.args(self.tokenizer.vocab_size)
+        except ValueError as err:
+            # Map ModelArgs' messages (which name their own fields) onto config paths.
+            problems += [f"model.{p}" for p in str(err).splitlines()[1:]]
+            args = None
+        if args is not None and t.seq_len > args.max_seq_len:
+            problems.append(
+                f"train.seq_len: {t.seq_len} exceeds the model's max_seq_len={args.max_seq_len}"
+            )
+        tp = self.parallel.tensor
+        if t.num_workers % tp:
+            problems.append(f"parallel.tensor: {tp} must divide train.num_workers={t.num_workers}")
+            tp = 1
+        if args is not None and (args.n_heads % tp or args.kv_heads % tp):
+            problems.append(
+                f"parallel.tensor: {tp} must divide model.n_heads={args.n_heads} and "
+                f"n_kv_heads={args.kv_heads}"
+            )
+        dp = t.num_workers // tp
+        row_tokens = t.seq_len * t.micro_batch_size * dp
+        if self.batch_tokens % row_tokens:
+            problems.append(
+                f"train.batch_tokens: {self.batch_tokens} is not divisible by seq_len x "
+                f"micro_batch_size x data-parallel workers = {t.seq_len} x "
+                f"{t.micro_batch_size} x {dp} = {row_tokens}"
+            )
+        if t.stop_at_step is not None and t.stop_at_step > t.steps:
+            problems.append(f"train.stop_at_step: {t.stop_at_step} is past train.steps={t.steps}")
+        f = self.faults
+        if f.kill_rank is not None and f.kill_rank >= t.num_workers:
+            problems.append(
+                f"faults.kill_rank: {f.kill_rank} is not a rank of {t.num_workers} workers"
+            )
+        if (f.kill_rank is None) != (f.kill_at_step is None):
+            problems.append("faults.kill_at_step: set together with faults.kill_rank")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    @property
+    def batch_tokens(self) -> int:
+        return self.train.batch_tokens or get_preset(self.model.preset).batch_tokens
+
+    @property
+    def data_parallel(self) -> int:
+        """Data-parallel replicas: workers / tensor-parallel degree."""
+        return self.train.num_workers // self.parallel.tensor
+
+    @property
+    def rows_per_step(self) -> int:
+        """Packed rows in one global batch: batch_tokens / seq_len."""
+        return self.batch_tokens // self.train.seq_len
+
+    @property
+    def grad_accum_steps(self) -> int:
+        """Micro-batches each worker accumulates so a step sees `batch_tokens` tokens."""
+        t = self.train
+        return self.batch_tokens // (t.seq_len * t.micro_batch_size * self.data_parallel)
+
+    @property
+    def storage_path(self) -> str:
+        """Where Ray Train keeps runs' checkpoints (under `<storage_path>/<name>/`): `storage`,
+        or `<output_dir>/checkpoints` made absolute."""
+        return self.storage or str(Path(self.output_dir).resolve() / "checkpoints")
+
+    @property
+    def peak_lr(self) -> float:
+        return self.optimizer.lr or get_preset(self.model.preset).lr
+
+    def model_args(self, vocab_size: int | None = None) -> ModelArgs:
+        return self.model.args(vocab_size or self.tokenizer.vocab_size)
 
 
 def _format_error(err: ValidationError) -> str:

@@ -1,14 +1,8 @@
-"""Reading from S3 through a real (moto) S3 server on loopback: no in-process mocks."""
+"""Reading from S3 through a real (moto) S3 server on loopback (see conftest.py): no mocks."""
 
 import gzip
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -20,63 +14,14 @@ from llamaray.data.records import Document
 
 BUCKET = "corpus"
 BAD = "corpus-bad"  # each test lists its own bucket
-ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def moto_command(port: int) -> list[str]:
-    exe = Path(sys.executable).with_name("moto_server")
-    args = ["-H", "127.0.0.1", "-p", str(port)]
-    return [str(exe), *args] if exe.exists() else [sys.executable, "-m", "moto.server", *args]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint(tmp_path_factory):
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(moto_command(port), stdout=log, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(endpoint + "/moto-api/", timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto_server did not start (rc {proc.poll()})") from None
-                time.sleep(0.1)
-        yield endpoint
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
-        log.close()
 
 
 @pytest.fixture
-def s3(s3_endpoint, monkeypatch):
-    import boto3
-
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
-    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-    monkeypatch.delenv("AWS_REGION", raising=False)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    for key, value in ENV.items():
-        monkeypatch.setenv(key, value)
-    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
-    existing = {b["Name"] for b in client.list_buckets()["Buckets"]}
+def s3(s3_client):
+    existing = {b["Name"] for b in s3_client.list_buckets()["Buckets"]}
     for bucket in {BUCKET, BAD} - existing:
-        client.create_bucket(Bucket=bucket)
-    return client
+        s3_client.create_bucket(Bucket=bucket)
+    return s3_client
 
 
 def jsonl(texts: list[str]) -> bytes:

@@ -171,12 +171,17 @@ def _run(cfg: CorpusConfig) -> dict:
     out = Path(cfg.output_dir).resolve() / cfg.name
     out.mkdir(parents=True, exist_ok=True)
     sources = cfg.sources or _demo_sources(cfg, out)
+    licenses = list(cfg.github_extra_licenses)
+    if not cfg.sources and "PSF-2.0" not in licenses:
+        # The built-in sample is the standard library, PSF-licensed by construction; a
+        # config with real sources keeps the paper's MIT/BSD/Apache unless it asks.
+        licenses.append("PSF-2.0")
 
     _say(f"reading {len(sources)} source(s): {', '.join(sources)}")
     ds = read_corpus(sources, strict=cfg.strict)
     ds = ds.map_batches(
         clean_block,
-        fn_kwargs={"options": {"github": {"extra_licenses": tuple(cfg.github_extra_licenses)}}},
+        fn_kwargs={"options": {"github": {"extra_licenses": tuple(licenses)}}},
         batch_size=None,
     )  # fmt: skip
     if cfg.dedup.enabled:
@@ -221,8 +226,7 @@ def _demo_sources(cfg: CorpusConfig, out: Path) -> dict[str, list[str]]:
 
     _say("no sources configured: building the standard-library sample (code as github)")
     sample = write_stdlib_sample(out / "sample", int(cfg.sample_mb * 1e6), cfg.seed)
-    # Code gets the GitHub rules; it is PSF-licensed, which they reject unless the config
-    # accepts PSF-2.0 (jobs/configs/corpus-demo.yaml does).
+    # Code gets the GitHub rules; its PSF license is accepted for the sample (see _run).
     return {"github": [str(sample["code"])], "prose": [str(sample["prose"])]}
 
 

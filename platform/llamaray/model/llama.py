@@ -90,9 +90,10 @@ class Attention(nn.Module):
         start_pos: int = 0,
     ) -> torch.Tensor:
         bsz, seq, _ = x.shape
-        q = self.wq(x).view(bsz, seq, self.n_heads, self.head_dim)  # (B, T, H, D)
-        k = self.wk(x).view(bsz, seq, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
-        v = self.wv(x).view(bsz, seq, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
+        # Heads as -1: under tensor parallelism each rank holds only its share of them.
+        q = self.wq(x).view(bsz, seq, -1, self.head_dim)  # (B, T, H, D)
+        k = self.wk(x).view(bsz, seq, -1, self.head_dim)  # (B, T, Hkv, D)
+        v = self.wv(x).view(bsz, seq, -1, self.head_dim)  # (B, T, Hkv, D)
         q, k = apply_rope(q, freqs_cis), apply_rope(k, freqs_cis)
         if cache is not None:
             k, v = cache.update(layer, start_pos, k, v)  # (B, start_pos + T, Hkv, D)
@@ -275,7 +276,13 @@ class Llama(nn.Module):
         h = self.norm(h)
         if targets is None:
             return self.output(h)  # (B, T, vocab)
-        return linear_cross_entropy(h.flatten(0, 1), self.output.weight, targets.flatten())
+        # Under tensor parallelism h and the output weight are DTensors, sharded by sequence
+        # and by vocab; the fused loss takes plain tensors, so gather both whole. Every rank
+        # then computes the same loss, and the gathers' backward keeps each rank's shard of
+        # the gradients. Duck-typed: the model imports nothing from torch.distributed.
+        weight = self.output.weight
+        h, weight = (t.full_tensor() if hasattr(t, "full_tensor") else t for t in (h, weight))
+        return linear_cross_entropy(h.flatten(0, 1), weight, targets.flatten())
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

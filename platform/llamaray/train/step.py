@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +39,9 @@ def train_step(
     lr: float,
     grad_clip: float = 1.0,
     dtype: str = "fp32",
+    *,
+    average: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    inject_nan: bool = False,
 ) -> StepStats:
     """Accumulate gradients over `micro_batches` (each (B, seq_len + 1) token rows), clip the
     global norm to `grad_clip` and step at learning rate `lr`.
@@ -46,7 +49,10 @@ def train_step(
     `model(inputs, targets=targets)` must return the mean next-token loss (as `Llama` does).
 
     A step whose loss or gradient norm is not finite is not applied (`finite=False`), so
-    the parameters never become NaN; the caller decides whether to go on.
+    the parameters never become NaN; the caller decides whether to go on. Under data
+    parallelism `average` all-reduces the reported loss (the gradient norm is already
+    global), so every rank makes the same decision. `inject_nan` poisons the loss, to test
+    that handling.
     """
     device = next(model.parameters()).device
     for group in optimizer.param_groups:
@@ -58,10 +64,16 @@ def train_step(
         inputs, targets = rows[:, :-1], rows[:, 1:]
         with autocast(device, dtype):
             loss = model(inputs, targets=targets) / len(micro_batches)
+        if inject_nan:
+            loss = loss * float("nan")
         loss.backward()
         total_loss += loss.detach()
         tokens += targets.numel()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if hasattr(grad_norm, "full_tensor"):  # sharded parameters give a DTensor norm
+        grad_norm = grad_norm.full_tensor()
+    if average is not None:
+        total_loss = average(total_loss)
     loss_value, norm_value = total_loss.item(), float(grad_norm)
     finite = math.isfinite(loss_value) and math.isfinite(norm_value)
     if finite:

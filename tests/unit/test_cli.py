@@ -1,41 +1,50 @@
-"""The demo pipeline and the command line, end to end at toy scale."""
+"""The command line at toy scale: convert, generate, presets, config errors, tokenizer.
+
+Training itself (`llamaray train`) runs on Ray and is tested in tests/ray/test_pretrain.py.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 
 from llamaray.cli import main
-from llamaray.config import load_config
+from llamaray.data.sample_text import write_stdlib_sample
 from llamaray.model import Llama
-from llamaray.train.local_run import run_local
+from llamaray.model.args import get_preset
+from llamaray.model.formats import save_hf
+from llamaray.tokenizer import Tokenizer, train_tokenizer
+
+
+@dataclass
+class Exported:
+    model: Llama
+    model_dir: Path
+    tokenizer: Tokenizer
+    corpus: Path
 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
+    """A small model exported in Hugging Face format with its tokenizer beside it, as a
+    finished pretraining run leaves it."""
     out = tmp_path_factory.mktemp("runs")
-    cfg = load_config("jobs/configs/demo.yaml", [
-        f"output_dir={out}", "name=t", "data.sample_mb=0.3", "tokenizer.vocab_size=512",
-        "train.steps=4", "train.log_every=2",
-    ])  # fmt: skip
-    return run_local(cfg, prompts=("def ", "The "))
-
-
-def test_demo_pipeline_writes_everything(demo_run):
-    run_dir = demo_run.run_dir
-    assert (run_dir / "config.yaml").is_file()
-    assert (run_dir / "tokenizer" / "tokenizer.model").is_file()
-    assert {p.name for p in (run_dir / "corpus").glob("*.jsonl")} == {"code.jsonl", "prose.jsonl"}
-    assert len(demo_run.result.history) == 4 and demo_run.result.val_loss is not None
-    assert set(demo_run.samples) == {"def ", "The "}
-    assert all(isinstance(s, str) and s for s in demo_run.samples.values())
+    sample = write_stdlib_sample(out / "corpus", 300_000)
+    tokenizer = train_tokenizer([sample["prose"]], out / "tokenizer", vocab_size=512)
+    torch.manual_seed(0)
+    model = Llama(get_preset("debug").args.with_(vocab_size=tokenizer.vocab_size)).eval()
+    model_dir = save_hf(model, out / "hf")
+    (model_dir / "tokenizer.model").write_bytes(Path(tokenizer.path).read_bytes())
+    return Exported(model, model_dir, tokenizer, sample["prose"])
 
 
 def test_saved_model_reloads_with_identical_logits(demo_run):
     reloaded = Llama.from_pretrained(demo_run.model_dir)
     tokens = torch.randint(0, demo_run.tokenizer.vocab_size, (2, 17))
-    demo_run.result.model.eval()
-    torch.testing.assert_close(reloaded(tokens), demo_run.result.model(tokens), atol=0, rtol=0)
+    torch.testing.assert_close(reloaded(tokens), demo_run.model(tokens), atol=0, rtol=0)
 
 
 def test_cli_generate_and_convert(demo_run, tmp_path, capsys):
@@ -70,7 +79,7 @@ def test_cli_print_config(capsys):
 
 
 def test_cli_tokenizer_train(demo_run, tmp_path, capsys):
-    corpus = demo_run.run_dir / "corpus" / "prose.jsonl"
+    corpus = demo_run.corpus
     assert main(["tokenizer", "train", "--input", str(corpus), "--output", str(tmp_path),
                  "--vocab-size", "600"]) == 0  # fmt: skip
     assert "600 pieces" in capsys.readouterr().out

@@ -1,0 +1,593 @@
+"""The training workers' view of a prepared corpus: deterministic, resumable random access.
+
+`llamaray prepare` leaves a corpus directory (local or `s3://bucket/prefix`): `manifest.json`
+and, per source and split, Parquet shards whose `tokens` column holds one packed row of
+`seq_len + 1` tokens per Parquet row. This module turns that into what a training step needs.
+
+- `CorpusRows` answers "rows `i, j, k` of source `s`" without loading the source: the
+  Parquet footers (read once per file, on a split's first access) map a row index to
+  (file, row group, offset); only the row groups holding the asked-for rows are read, and a
+  small LRU cache, bounded in bytes, keeps recently decoded row groups.
+- `MixedStream` is the mixture (`mixture.plan_mixture` / `mixed_order`) over those rows: per
+  optimizer step, one rank's share of the global batch (`mixture.worker_rows`), fetched with
+  one `rows()` call per source.
+- `Prefetcher` runs such a stream in a background thread, so reading overlaps compute.
+- `validation_rows` gives the first rows of a source's held-out split, the same every time.
+
+Why index-based random access rather than streaming the shards (e.g. Ray Data's
+`streaming_split`): the row a rank trains on at step `t` is a pure function of (corpus,
+mixture, seed, rank, world size, `t`). Resuming from a checkpoint at step `t` therefore
+needs only `t` (`batches(start_step=t)`), not the state of a streaming pipeline, and it sees
+exactly the rows an uninterrupted run would; every rank reads its own deterministic slice,
+with no coordinator or shuffle service in the training loop.
+
+The price is read amplification: a row is read by decoding its whole row group, and the
+mixture visits each source in a random permutation, so the cache rarely holds a row group
+long enough to serve its other rows. Keep row groups small (tens of rows) or the cache big
+enough to hold the sources that are read many times; `cache_stats()` shows what it costs.
+
+S3 is reached through pyarrow's filesystem, configured as in `read.py` (`AWS_ENDPOINT_URL_S3`
+or `AWS_ENDPOINT_URL`, `AWS_REGION` or `AWS_DEFAULT_REGION`, the usual credential chain).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import posixpath
+import queue
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pyarrow import fs as pafs
+
+from llamaray.data.mixture import MixturePlan, mixed_order, plan_mixture, worker_rows
+from llamaray.data.read import _is_s3, _s3_path
+
+MANIFEST = "manifest.json"
+SPLITS = ("train", "validation")
+DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
+DEFAULT_OPEN_FILES = 16
+_FOOTER_THREADS = 16  # footers on S3 are one round trip each; fetch a split's in parallel
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """Counters of a `CorpusRows` since it was opened (see `CorpusRows.cache_stats`)."""
+
+    row_groups_read: int
+    """`read_row_group` calls: row groups decoded from storage."""
+    hits: int
+    """Row groups served from the cache."""
+    footers_read: int
+    """Parquet footers read (once per file of a split that was accessed)."""
+    cached_groups: int
+    cached_bytes: int
+    budget_bytes: int
+
+
+@dataclass
+class _SplitIndex:
+    """Where each row of one (source, split) lives, from the Parquet footers."""
+
+    paths: list[str]
+    """Filesystem paths of the split's files, in manifest order."""
+    metadata: list[pq.FileMetaData]
+    group_starts: np.ndarray
+    """First global row index of each non-empty row group, ascending (int64)."""
+    group_rows: np.ndarray
+    group_file: np.ndarray
+    """Index into `paths` of each row group."""
+    group_local: np.ndarray
+    """The row group's index within its file."""
+
+
+class CorpusRows:
+    """Random access to the packed rows of a prepared corpus, local or on S3.
+
+    Use `CorpusRows.open(corpus_dir)`. `rows()` is thread-safe (calls are serialized: a
+    prefetch thread and a validation pass may share one instance). Pickling keeps only the
+    directory, manifest and settings, so a copy sent to another process reopens its files
+    there. `close()` (or a `with` block) closes the open file handles; reading again reopens.
+    """
+
+    def __init__(
+        self,
+        corpus_dir: str | Path,
+        manifest: Mapping[str, Any],
+        *,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        max_open_files: int = DEFAULT_OPEN_FILES,
+    ):
+        if cache_bytes < 0:
+            raise ValueError(f"cache_bytes must be >= 0, got {cache_bytes}")
+        if max_open_files < 1:
+            raise ValueError(f"max_open_files must be >= 1, got {max_open_files}")
+        self.corpus_dir = str(corpus_dir)
+        self._manifest = dict(manifest)
+        _check_manifest(self._manifest, self.corpus_dir)
+        self.cache_bytes = cache_bytes
+        self.max_open_files = max_open_files
+        self._fs, self._root = _filesystem(self.corpus_dir)
+        self._lock = threading.RLock()
+        self._indexes: dict[tuple[str, str], _SplitIndex] = {}
+        self._cache: OrderedDict[tuple[str, str, int], np.ndarray] = OrderedDict()
+        self._cached_bytes = 0
+        self._handles: OrderedDict[str, tuple[Any, pq.ParquetFile]] = OrderedDict()
+        self._row_groups_read = self._hits = self._footers_read = 0
+
+    @classmethod
+    def open(
+        cls,
+        corpus_dir: str | Path,
+        *,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        max_open_files: int = DEFAULT_OPEN_FILES,
+    ) -> CorpusRows:
+        """Read `corpus_dir/manifest.json`; no shard is touched until rows are asked for.
+
+        `cache_bytes` bounds the decoded row groups kept in memory; `max_open_files` the
+        shard handles kept open (a big corpus has more shards than a process has fds).
+        """
+        fs, root = _filesystem(str(corpus_dir))
+        path = posixpath.join(root, MANIFEST)
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"no {MANIFEST} in {corpus_dir} (not a prepared corpus?)")
+        with fs.open_input_stream(path) as f:
+            manifest = json.loads(f.read())
+        return cls(corpus_dir, manifest, cache_bytes=cache_bytes, max_open_files=max_open_files)
+
+    # ----------------------------------------------------------------------- manifest
+
+    @property
+    def manifest(self) -> dict:
+        return self._manifest
+
+    @property
+    def seq_len(self) -> int:
+        return int(self._manifest["seq_len"])
+
+    @property
+    def row_tokens(self) -> int:
+        """Tokens per row: `seq_len + 1` (the extra one is the last target)."""
+        return int(self._manifest["row_tokens"])
+
+    @property
+    def source_names(self) -> tuple[str, ...]:
+        """The sources in manifest order (the order `MixedStream` indexes them by)."""
+        return tuple(self._manifest["sources"])
+
+    def rows_per_source(self, split: str = "train") -> dict[str, int]:
+        """Rows of each source in `split`, as the manifest records them."""
+        _check_split(split)
+        return {
+            name: int(entry["splits"][split]["rows"])
+            for name, entry in self._manifest["sources"].items()
+        }
+
+    # ---------------------------------------------------------------------------- rows
+
+    def rows(self, source: str, indices: Any, split: str = "train") -> np.ndarray:
+        """Rows `indices` of `source`'s `split`: an int64 array (len(indices), row_tokens).
+
+        In the order of `indices`; repeats are allowed. Reads only the row groups holding
+        them (each at most once per call). IndexError, naming source, split and the valid
+        range, for an index outside it (negative ones included: no wrap-around, which would
+        hide an off-by-one). ValueError if the split's files disagree with the manifest.
+        """
+        idx = self._check_indices(source, split, indices)
+        out = np.empty((len(idx), self.row_tokens), dtype=np.int64)
+        if not len(idx):
+            return out
+        with self._lock:
+            index = self._index(source, split)
+            group = np.searchsorted(index.group_starts, idx, side="right") - 1
+            offset = idx - index.group_starts[group]
+            # Visit each needed row group once, in storage order, copying all its rows out.
+            by_group = np.argsort(group, kind="stable")
+            cuts = np.flatnonzero(np.diff(group[by_group])) + 1
+            for positions in np.split(by_group, cuts):
+                g = int(group[positions[0]])
+                out[positions] = self._row_group(source, split, index, g)[offset[positions]]
+        return out
+
+    def cache_stats(self) -> CacheStats:
+        with self._lock:
+            return CacheStats(
+                row_groups_read=self._row_groups_read,
+                hits=self._hits,
+                footers_read=self._footers_read,
+                cached_groups=len(self._cache),
+                cached_bytes=self._cached_bytes,
+                budget_bytes=self.cache_bytes,
+            )
+
+    def close(self) -> None:
+        """Close the open shard handles (the cache and the footers are kept)."""
+        with self._lock:
+            while self._handles:
+                _path, (handle, _pf) = self._handles.popitem(last=False)
+                handle.close()
+
+    def __enter__(self) -> CorpusRows:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict:
+        return {
+            "corpus_dir": self.corpus_dir,
+            "manifest": self._manifest,
+            "cache_bytes": self.cache_bytes,
+            "max_open_files": self.max_open_files,
+        }
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(
+            state["corpus_dir"],
+            state["manifest"],
+            cache_bytes=state["cache_bytes"],
+            max_open_files=state["max_open_files"],
+        )
+
+    def __repr__(self) -> str:
+        return f"CorpusRows({self.corpus_dir!r}, sources={list(self.source_names)})"
+
+    # ------------------------------------------------------------------------ internals
+
+    def _split_entry(self, source: str, split: str) -> dict:
+        _check_split(split)
+        sources = self._manifest["sources"]
+        if source not in sources:
+            raise KeyError(
+                f"source {source!r} is not in corpus {self.corpus_dir}; "
+                f"it has: {', '.join(sources) or '(none)'}"
+            )
+        return sources[source]["splits"][split]
+
+    def _check_indices(self, source: str, split: str, indices: Any) -> np.ndarray:
+        n = int(self._split_entry(source, split)["rows"])
+        idx = np.asarray(indices)
+        if idx.ndim != 1:
+            raise ValueError(f"indices must be 1-D, got shape {idx.shape}")
+        if idx.size == 0:
+            return np.empty(0, dtype=np.int64)
+        if idx.dtype.kind not in "iu":
+            raise TypeError(f"indices must be integers, got dtype {idx.dtype}")
+        lo, hi = idx.min(), idx.max()
+        if lo < 0 or hi >= n:
+            bad = lo if lo < 0 else hi
+            raise IndexError(
+                f"row {int(bad)} out of range for source {source!r} split {split!r}: "
+                f"valid rows are [0, {n})"
+            )
+        return idx.astype(np.int64, copy=False)
+
+    def _index(self, source: str, split: str) -> _SplitIndex:
+        key = (source, split)
+        if key not in self._indexes:
+            self._indexes[key] = self._build_index(source, split)
+        return self._indexes[key]
+
+    def _build_index(self, source: str, split: str) -> _SplitIndex:
+        entry = self._split_entry(source, split)
+        files = list(entry["files"])
+        paths = [self._path(f) for f in files]
+        threads = max(1, min(_FOOTER_THREADS, len(paths)))
+        with ThreadPoolExecutor(threads) as pool:
+            metadata = list(pool.map(self._footer, paths))
+        self._footers_read += len(paths)
+        counts = [md.num_rows for md in metadata]
+        if sum(counts) != int(entry["rows"]):
+            listing = ", ".join(f"{f}: {c}" for f, c in zip(files, counts, strict=True))
+            raise ValueError(
+                f"source {source!r} split {split!r}: the manifest says {entry['rows']} rows "
+                f"but its files hold {sum(counts)} ({listing}); the corpus directory is "
+                "incomplete or was modified after prepare"
+            )
+        starts, rows, file_of, local = [], [], [], []
+        total = 0
+        for file_index, md in enumerate(metadata):
+            for g in range(md.num_row_groups):
+                n = md.row_group(g).num_rows
+                if n:  # an empty row group would share its start with the next one
+                    starts.append(total)
+                    rows.append(n)
+                    file_of.append(file_index)
+                    local.append(g)
+                total += n
+        return _SplitIndex(
+            paths=paths,
+            metadata=metadata,
+            group_starts=np.asarray(starts, dtype=np.int64),
+            group_rows=np.asarray(rows, dtype=np.int64),
+            group_file=np.asarray(file_of, dtype=np.int64),
+            group_local=np.asarray(local, dtype=np.int64),
+        )
+
+    def _path(self, relative: str) -> str:
+        return posixpath.join(self._root, relative.replace("\\", "/"))
+
+    def _footer(self, path: str) -> pq.FileMetaData:
+        md = pq.read_metadata(path, filesystem=self._fs)
+        schema = md.schema.to_arrow_schema()
+        index = schema.get_field_index("tokens")
+        if index < 0:
+            raise ValueError(f"{path}: no 'tokens' column (columns: {', '.join(schema.names)})")
+        t = schema.field(index).type
+        if not _is_token_list(t):
+            raise ValueError(f"{path}: 'tokens' is {t}, not a list of integers")
+        if pa.types.is_fixed_size_list(t) and t.list_size != self.row_tokens:
+            raise ValueError(
+                f"{path}: rows of {t.list_size} tokens, the manifest says "
+                f"row_tokens={self.row_tokens}"
+            )
+        return md
+
+    def _row_group(self, source: str, split: str, index: _SplitIndex, g: int) -> np.ndarray:
+        key = (source, split, g)
+        block = self._cache.get(key)
+        if block is not None:
+            self._cache.move_to_end(key)
+            self._hits += 1
+            return block
+        path = index.paths[index.group_file[g]]
+        pf = self._parquet(path, index.metadata[index.group_file[g]])
+        table = pf.read_row_group(int(index.group_local[g]), columns=["tokens"])
+        self._row_groups_read += 1
+        block = _decode(table, path, int(index.group_rows[g]), self.row_tokens)
+        if block.nbytes <= self.cache_bytes:  # one bigger than the budget is not kept
+            self._cache[key] = block
+            self._cached_bytes += block.nbytes
+            while self._cached_bytes > self.cache_bytes:
+                _key, old = self._cache.popitem(last=False)
+                self._cached_bytes -= old.nbytes
+        return block
+
+    def _parquet(self, path: str, metadata: pq.FileMetaData) -> pq.ParquetFile:
+        if path in self._handles:
+            self._handles.move_to_end(path)
+            return self._handles[path][1]
+        handle = self._fs.open_input_file(path)
+        # The footer is already parsed: passing it saves a read per reopen.
+        pf = pq.ParquetFile(handle, metadata=metadata)
+        self._handles[path] = (handle, pf)
+        while len(self._handles) > self.max_open_files:
+            _path, (old, _pf) = self._handles.popitem(last=False)
+            old.close()
+        return pf
+
+
+def _filesystem(corpus_dir: str) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, root path in it) for a local directory or an s3:// prefix."""
+    if _is_s3(corpus_dir):
+        fs, key = _s3_path(corpus_dir.rstrip("/"))
+        return fs, key
+    return pafs.LocalFileSystem(), str(Path(corpus_dir).resolve())
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+
+
+def _check_manifest(manifest: Mapping[str, Any], where: str) -> None:
+    for key in ("seq_len", "row_tokens", "sources"):
+        if key not in manifest:
+            raise ValueError(f"{where}/{MANIFEST}: no {key!r}")
+    if int(manifest["row_tokens"]) != int(manifest["seq_len"]) + 1:
+        raise ValueError(
+            f"{where}/{MANIFEST}: row_tokens={manifest['row_tokens']} is not "
+            f"seq_len + 1 = {int(manifest['seq_len']) + 1}"
+        )
+    for name, entry in manifest["sources"].items():
+        for split in SPLITS:
+            part = entry.get("splits", {}).get(split)
+            if part is None or "rows" not in part or "files" not in part:
+                raise ValueError(f"{where}/{MANIFEST}: source {name!r} has no {split} rows/files")
+
+
+def _is_token_list(t: pa.DataType) -> bool:
+    listy = pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+    return listy and pa.types.is_integer(t.value_type)
+
+
+def _decode(table: pa.Table, path: str, expected_rows: int, width: int) -> np.ndarray:
+    """A row group's `tokens` as a read-only (rows, width) array of the stored int type."""
+    import pyarrow.compute as pc
+
+    column = table.column("tokens").combine_chunks()
+    if len(column) != expected_rows:
+        raise ValueError(f"{path}: row group has {len(column)} rows, its footer {expected_rows}")
+    if column.null_count:
+        raise ValueError(f"{path}: {column.null_count} null row(s) in 'tokens'")
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    if len(lengths) and (lengths != width).any():
+        bad = int(lengths[lengths != width][0])
+        raise ValueError(f"{path}: a row of {bad} tokens, the manifest says row_tokens={width}")
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    block = values.reshape(len(column), width)
+    block.flags.writeable = False  # shared through the cache: callers get copies
+    return block
+
+
+# ------------------------------------------------------------------------------- mixture
+
+
+class MixedStream:
+    """The training stream: the mixture of a corpus's train rows, per step and rank.
+
+    `plan` is `plan_mixture(corpus.rows_per_source("train"), token_budget, seq_len,
+    proportions, seed)` (proportions None: the paper's, restricted to the sources present)
+    and `order` its `mixed_order`, an array of (source index, row index) with source index
+    into `corpus.source_names`.
+    """
+
+    def __init__(
+        self,
+        corpus: CorpusRows,
+        token_budget: int,
+        proportions: Mapping[str, float] | None = None,
+        seed: int = 0,
+    ):
+        self.corpus = corpus
+        self.plan: MixturePlan = plan_mixture(
+            corpus.rows_per_source("train"), token_budget, corpus.seq_len, proportions, seed
+        )
+        self.order: np.ndarray = mixed_order(self.plan)
+
+    def steps(self, rows_per_step: int) -> int:
+        """Optimizer steps in the stream (a final partial global batch is dropped)."""
+        if rows_per_step <= 0:
+            raise ValueError(f"rows_per_step must be positive, got {rows_per_step}")
+        return len(self.order) // rows_per_step
+
+    def batches(
+        self, rank: int, world_size: int, rows_per_step: int, start_step: int = 0
+    ) -> Iterator[np.ndarray]:
+        """This rank's rows, one int64 (rows_per_step // world_size, row_tokens) array a step.
+
+        Step `t` gives rows `order[t * rows_per_step + rank : (t + 1) * rows_per_step :
+        world_size]` (see `mixture.worker_rows`), starting at `start_step`: a run resumed
+        at step `t` gets the same arrays as an uninterrupted one from `t` on. Arguments are
+        checked now (ValueError), not at the first `next()`.
+        """
+        steps = worker_rows(self.order, rank, world_size, rows_per_step, start_step)
+        return self._fetch(steps)
+
+    def _fetch(self, steps: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+        names = self.plan.source_names
+        width = self.corpus.row_tokens
+        for pairs in steps:
+            out = np.empty((len(pairs), width), dtype=np.int64)
+            # One rows() call per source a step: its row groups are then read once each.
+            for s in np.unique(pairs[:, 0]):
+                where = pairs[:, 0] == s
+                out[where] = self.corpus.rows(names[s], pairs[where, 1])
+            yield out
+
+
+def validation_rows(corpus: CorpusRows, source: str, max_rows: int) -> np.ndarray:
+    """The first `max_rows` rows (fewer if it has fewer) of `source`'s validation split.
+
+    Storage order, so every evaluation of every run scores the same rows.
+    """
+    if max_rows < 0:
+        raise ValueError(f"max_rows must be >= 0, got {max_rows}")
+    n = min(max_rows, corpus.rows_per_source("validation")[source])
+    return corpus.rows(source, np.arange(n, dtype=np.int64), split="validation")
+
+
+# ------------------------------------------------------------------------------ prefetch
+
+T = TypeVar("T")
+_ITEM, _END, _ERROR = range(3)
+_POLL_S = 0.05
+
+
+class Prefetcher(Generic[T]):
+    """Iterate `iterable` in a background thread, keeping up to `depth` items ready.
+
+    An exception the producer raises is raised by the consumer's `next()` at the point it
+    would have come. `close()` (or leaving a `with` block) stops the producer and waits for
+    its thread; dropping an unclosed Prefetcher stops the producer without waiting. The
+    producer notices either after the item it is computing (an item is not interrupted);
+    it then closes the iterator (a generator's `finally` runs in the producer thread).
+    """
+
+    def __init__(self, iterable: Iterable[T], depth: int = 2, *, name: str = "llamaray-prefetch"):
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._done = False
+        # The thread must not reference self, or an abandoned Prefetcher could never be
+        # collected (the running thread would keep it alive) and never stop.
+        self._thread = threading.Thread(
+            target=_produce, args=(iter(iterable), self._queue, self._stop), name=name, daemon=True
+        )
+        weakref.finalize(self, self._stop.set)
+        self._thread.start()
+
+    def __iter__(self) -> Prefetcher[T]:
+        return self
+
+    def __next__(self) -> T:
+        if self._done:
+            raise StopIteration
+        while True:
+            try:
+                kind, value = self._queue.get(timeout=_POLL_S)
+                break
+            except queue.Empty:
+                # Dead and empty: stopped by close() from another thread; nothing is coming.
+                if not self._thread.is_alive() and self._queue.empty():
+                    self._finish()
+                    raise StopIteration from None
+        if kind == _ITEM:
+            return value
+        self._finish()
+        if kind == _ERROR:
+            raise value
+        raise StopIteration
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop the producer and wait (up to `timeout` s) for its thread to end."""
+        self._stop.set()
+        self._finish(timeout)
+
+    def _finish(self, timeout: float | None = None) -> None:
+        self._done = True
+        self._drain()  # frees the queued items; the producer is never blocked on a full queue
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        self._drain()
+
+    def _drain(self) -> None:
+        try:
+            while True:
+                self._queue.get_nowait()
+        except queue.Empty:
+            pass
+
+    def __enter__(self) -> Prefetcher[T]:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _offer(q: queue.Queue, stop: threading.Event, message: tuple) -> bool:
+    """Put `message`, waiting for room; False (not put) once `stop` is set."""
+    while not stop.is_set():
+        try:
+            q.put(message, timeout=_POLL_S)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _produce(it: Iterator, q: queue.Queue, stop: threading.Event) -> None:
+    try:
+        for item in it:
+            if not _offer(q, stop, (_ITEM, item)):
+                return
+        _offer(q, stop, (_END, None))
+    except BaseException as e:  # every failure, KeyboardInterrupt too, goes to the consumer
+        _offer(q, stop, (_ERROR, e))
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            with contextlib.suppress(Exception):  # nobody is left to report it to
+                close()

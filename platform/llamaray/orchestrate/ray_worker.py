@@ -1,0 +1,83 @@
+"""The Ray Train side of a worker: `train_loop_per_worker` and the `Launcher` that maps
+checkpoints and metrics onto Ray Train's storage and reporting.
+
+Checkpoints: each worker writes its DCP shards into a local temporary directory and calls
+`ray.train.report(checkpoint=...)`; Ray Train uploads every worker's directory into one
+storage folder `step-NNNNNNNN` (local or S3) and registers the checkpoint only after all
+workers' uploads finish, so a checkpoint whose write failed is never the latest. On
+resume, `ray.train.get_checkpoint()` names the newest registered one; our integrity check
+still runs, and an incomplete one falls back to the older step folders beside it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import ray.train
+from ray.train import Checkpoint
+
+from llamaray.train.checkpoint import STEP_DIR, TrainState, save_checkpoint, step_dir_name
+from llamaray.train.worker import WorkerSpec, run_worker
+
+
+def train_loop_per_worker(config: dict) -> None:
+    result = run_worker(WorkerSpec(**config), RayLauncher())
+    # The final report carries the outcome to the driver's `Result.metrics`.
+    ray.train.report(result.last | {"stopped": result.stopped or "", "done": True})
+
+
+class RayLauncher:
+    def checkpoint_candidates(self) -> Iterator[Callable[[], Path]]:
+        latest = ray.train.get_checkpoint()
+        if latest is None:
+            return
+        yield lambda: _local_dir(latest)
+        for older in _older_siblings(latest):
+            yield lambda older=older: _local_dir(older)
+
+    def save_checkpoint(self, model, optimizer, state: TrainState, metrics: dict) -> None:
+        with tempfile.TemporaryDirectory(prefix="llamaray-ckpt-") as tmp:
+            save_checkpoint(tmp, model, optimizer, state)
+            ray.train.report(
+                metrics | {"checkpoint_step": state.step, "train_state": asdict(state)},
+                checkpoint=Checkpoint.from_directory(tmp),
+                checkpoint_dir_name=step_dir_name(state.step),
+            )
+
+    def report(self, metrics: dict) -> None:
+        ray.train.report(metrics)
+
+
+def _local_dir(checkpoint: Checkpoint) -> Path:
+    """The checkpoint as a local directory: itself on a local file system, else a download."""
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        return Path(checkpoint.path)
+    target = Path(tempfile.mkdtemp(prefix="llamaray-restore-"))
+    return Path(checkpoint.to_directory(str(target)))
+
+
+def _older_siblings(latest: Checkpoint) -> list[Checkpoint]:
+    """Step folders next to `latest` with a lower step, newest first."""
+    import pyarrow.fs
+
+    fs, path = latest.filesystem, latest.path.rstrip("/")
+    parent, name = path.rsplit("/", 1)
+    match = STEP_DIR.match(name)
+    if match is None:
+        return []
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(parent))
+    found = []
+    for info in infos:
+        m = STEP_DIR.match(info.base_name)
+        if (
+            info.type == pyarrow.fs.FileType.Directory
+            and m
+            and int(m.group(1)) < int(match.group(1))
+        ):
+            found.append((int(m.group(1)), info.path))
+    return [Checkpoint(path=p, filesystem=fs) for _, p in sorted(found, reverse=True)]

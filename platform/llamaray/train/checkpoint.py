@@ -1,0 +1,255 @@
+"""Distributed checkpoints: torch.distributed.checkpoint (DCP) shards plus a small JSON
+state, with integrity records so a truncated or half-written checkpoint is never loaded.
+
+A checkpoint directory holds, for a run of W ranks:
+
+    .metadata, __{r}_0.distcp     DCP: each rank's shards of the model and optimizer state
+    rng-{r}.pt                    each rank's RNG states
+    train_state.json              step, skipped steps, world size, data position (rank 0)
+    integrity-{r}.json            size and sha256 of every file rank r wrote (written last)
+
+The directory may be assembled from W rank-local directories (Ray Train uploads each
+worker's directory into the same storage folder) or written by all ranks into one shared
+folder. It is complete only when `train_state.json` and all W integrity records are there
+and every recorded file has its size and digest. Loading picks the newest complete
+candidate; all ranks agree on it (one all-reduce per candidate), since a rank that loaded
+a different step than its peers would train a model no one saved.
+
+DCP reshards on load, so a run saved by W ranks resumes on any other number of ranks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+TRAIN_STATE = "train_state.json"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class TrainState:
+    step: int
+    """Optimizer steps completed; the data stream resumes at this step."""
+    world_size: int
+    skipped_steps: int = 0
+    """Steps not applied because the loss or gradient norm was not finite."""
+    rows_per_step: int = 0
+    config_hash: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory that is incomplete or corrupt; the message says which file."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _own_files(directory: Path, rank: int) -> list[Path]:
+    """The files rank `rank` wrote: its DCP shard files and RNG state, and for rank 0 the
+    DCP metadata and the train state."""
+    names = [p for p in directory.glob(f"__{rank}_*.distcp")] + [directory / f"rng-{rank}.pt"]
+    if rank == 0:
+        names += [directory / ".metadata", directory / TRAIN_STATE]
+    return sorted(p for p in names if p.exists())
+
+
+def save_checkpoint(
+    directory: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: TrainState,
+) -> None:
+    """Write this rank's part of a checkpoint into `directory` (collective: every rank calls).
+
+    `directory` may be rank-local or shared. The integrity record is written after
+    everything else, so a rank that dies mid-write leaves a checkpoint that reads as
+    incomplete.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rank = dist.get_rank()
+    state_dict = {
+        "model": get_model_state_dict(model),
+        "optim": get_optimizer_state_dict(model, optimizer),
+    }
+    dcp.save(state_dict, checkpoint_id=str(directory))
+    torch.save(_rng_state(), directory / f"rng-{rank}.pt")
+    if rank == 0:
+        (directory / TRAIN_STATE).write_text(json.dumps(asdict(state), indent=2))
+    record = {
+        p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in _own_files(directory, rank)
+    }
+    tmp = directory / f".integrity-{rank}.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(directory / f"integrity-{rank}.json")
+
+
+def verify_checkpoint(directory: str | Path, rank: int | None = None) -> TrainState:
+    """Check a checkpoint directory is complete; return its TrainState or raise
+    CheckpointError naming the first problem.
+
+    Every recorded file's size is checked; digests are checked for the files `rank` wrote
+    (all files when `rank` is None), so W ranks verifying in parallel each hash 1/W of it.
+    """
+    directory = Path(directory)
+    state_file = directory / TRAIN_STATE
+    if not state_file.is_file():
+        raise CheckpointError(f"{directory}: no {TRAIN_STATE} (checkpoint never completed)")
+    try:
+        state = TrainState(**json.loads(state_file.read_text()))
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{state_file}: unreadable ({err})") from None
+    for r in range(state.world_size):
+        record_file = directory / f"integrity-{r}.json"
+        if not record_file.is_file():
+            raise CheckpointError(
+                f"{directory}: rank {r} never finished writing ({record_file.name} missing)"
+            )
+        try:
+            record = json.loads(record_file.read_text())
+        except ValueError as err:
+            raise CheckpointError(f"{record_file}: unreadable ({err})") from None
+        for name, expected in record.items():
+            path = directory / name
+            if not path.is_file():
+                raise CheckpointError(f"{path}: missing")
+            size = path.stat().st_size
+            if size != expected["size"]:
+                raise CheckpointError(
+                    f"{path}: {size} bytes, expected {expected['size']} (truncated?)"
+                )
+            if (rank is None or rank == r) and _sha256(path) != expected["sha256"]:
+                raise CheckpointError(f"{path}: sha256 differs from the one recorded at save")
+    return state
+
+
+def load_checkpoint(
+    directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> TrainState:
+    """Load a verified checkpoint into the (sharded) model and optimizer; collective."""
+    directory = Path(directory)
+    state = TrainState(**json.loads((directory / TRAIN_STATE).read_text()))
+    state_dict = {
+        "model": get_model_state_dict(model),
+        "optim": get_optimizer_state_dict(model, optimizer),
+    }
+    dcp.load(state_dict, checkpoint_id=str(directory))
+    set_model_state_dict(model, state_dict["model"])
+    set_optimizer_state_dict(model, optimizer, state_dict["optim"])
+    rng_file = directory / f"rng-{dist.get_rank()}.pt"
+    # RNG streams are per rank; on another world size the old ones do not map to new ranks.
+    if state.world_size == dist.get_world_size() and rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=True))
+    return state
+
+
+def restore_latest(
+    candidates: Iterable[Callable[[], Path]],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    log: Callable[[str], None],
+) -> TrainState | None:
+    """Load the newest complete checkpoint among `candidates` (newest first, each a callable
+    giving a local directory, so remote ones are fetched only when reached). Every rank
+    must pass the same candidates in the same order. Returns None when none is complete."""
+    rank = dist.get_rank()
+    for fetch in candidates:
+        directory, problem = None, ""
+        try:
+            directory = fetch()
+            verify_checkpoint(directory, rank)
+        except (CheckpointError, OSError) as err:
+            problem = str(err)
+        ok = torch.tensor([0 if problem else 1], dtype=torch.int32)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if ok.item():
+            state = load_checkpoint(directory, model, optimizer)
+            log(f"resumed from {directory} at step {state.step}")
+            return state
+        log(f"skipping checkpoint {directory}: {problem or 'incomplete on another rank'}")
+    return None
+
+
+# ------------------------------------------------------------------ a directory of steps
+
+
+def step_dirs(root: str | Path) -> list[Path]:
+    """`root/step-NNNNNNNN` directories, newest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+class LocalCheckpoints:
+    """Checkpoints in a directory every rank can see (one machine, or a shared file
+    system): used when training runs without Ray Train (in-process, torchrun).
+
+    Ranks write into `step-N.partial/`; after a barrier rank 0 renames it to `step-N/`,
+    so a directory named like a step is always a finished write, and prunes to `keep`.
+    """
+
+    def __init__(self, root: str | Path, keep: int = 3):
+        self.root, self.keep = Path(root), keep
+
+    def candidates(self) -> Iterator[Callable[[], Path]]:
+        for path in step_dirs(self.root):
+            yield lambda path=path: path
+
+    def save(self, model, optimizer, state: TrainState) -> Path:
+        final = self.root / step_dir_name(state.step)
+        partial = final.with_name(final.name + ".partial")
+        if dist.get_rank() == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        dist.barrier()
+        save_checkpoint(partial, model, optimizer, state)
+        dist.barrier()
+        if dist.get_rank() == 0:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(partial, final)
+            for old in step_dirs(self.root)[self.keep :]:
+                shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+        return final
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

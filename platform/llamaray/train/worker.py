@@ -1,0 +1,472 @@
+"""The body of one training process: what each Ray Train worker (or torchrun rank) runs.
+
+Pure torch + torch.distributed: no Ray import. A launcher supplies the three things that
+differ between Ray Train, torchrun and a single in-process run (`Launcher`): where
+checkpoints come from, how a checkpoint is saved, and where metrics are reported. So the
+exact same loop is what `make bench` times under Ray Train and under plain torchrun.
+
+Per step: this rank's rows of the mixed corpus stream for the step (`data.feed`), the
+paper's schedule, gradient accumulation to the configured batch tokens, a global-norm clip,
+non-finite steps skipped or fatal, progress with ETA on rank 0's console, metrics to
+MLflow from rank 0, periodic validation and checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import resource
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from llamaray.config import RunConfig
+from llamaray.data.feed import CorpusRows, MixedStream, Prefetcher, validation_rows
+from llamaray.model.args import ModelArgs
+from llamaray.model.flops import PEAK_FLOPS, flops_per_token
+from llamaray.train.checkpoint import TrainState, restore_latest
+from llamaray.train.optim import build_optimizer
+from llamaray.train.schedule import lr_at
+from llamaray.train.step import autocast, train_step
+
+
+class Launcher(Protocol):
+    """What the process launcher provides to `run_worker`."""
+
+    def checkpoint_candidates(self) -> Iterable[Callable[[], Path]]:
+        """Checkpoint directories to resume from, newest first (fetched when called)."""
+
+    def save_checkpoint(self, model, optimizer, state: TrainState, metrics: dict) -> None:
+        """Save a checkpoint of `state.step` (collective) and report `metrics` with it."""
+
+    def report(self, metrics: dict) -> None:
+        """Report metrics (collective: every rank calls at the same steps)."""
+
+
+@dataclass
+class WorkerSpec:
+    """Everything a worker needs, as plain data (it crosses a process boundary)."""
+
+    config: dict
+    """`RunConfig.model_dump()`."""
+    corpus_dir: str
+    run_dir: str
+    """Local outputs of rank 0: the exported model, fault-injection markers."""
+    tracking_uri: str | None = None
+    mlflow_run_id: str | None = None
+    proportions: dict[str, float] | None = None
+    """Sampling weights as the driver resolved them (`mixture_weights`)."""
+
+
+@dataclass
+class WorkerResult:
+    step: int
+    skipped_steps: int
+    stopped: str | None
+    """Why training stopped before train.steps (non-finite values), or None. A launch that
+    ended at train.stop_at_step is not stopped: `step` < train.steps says it is paused."""
+    last: dict
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """Hash of what decides the trajectory (not run control such as stop_at_step)."""
+    keep = cfg.model_dump(exclude={"train": {"stop_at_step", "log_every", "max_failures"}})
+    keep.pop("faults", None)
+    keep.pop("tracking", None)
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def worker_device(name: str) -> torch.device:
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is visible; use auto or cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def build_parallel_model(cfg: RunConfig, args: ModelArgs, device: torch.device):
+    """Meta-device build -> activation checkpointing -> tensor parallel -> FSDP2 ->
+    materialize on `device` with the same weights an unsharded build would get."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from llamaray.model import Llama
+    from llamaray.parallel.activation_checkpoint import apply_activation_checkpointing
+    from llamaray.parallel.fsdp import apply_fsdp
+    from llamaray.parallel.init import materialize
+
+    world, tp = dist.get_world_size(), cfg.parallel.tensor
+    mesh = init_device_mesh(device.type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
+    with torch.device("meta"):
+        model = Llama(args, attention_backend=cfg.model.attention)
+    if tp > 1:
+        from llamaray.parallel.tensor import apply_tensor_parallel
+
+        apply_tensor_parallel(model, mesh["tp"])
+    apply_activation_checkpointing(model, cfg.model.activation_checkpointing)
+    # On GPU, bf16 is FSDP's mixed precision (bf16 compute copies, fp32 master weights and
+    # fp32 gradient reduction); on CPU it is autocast around the step instead.
+    fsdp_bf16 = cfg.train.dtype == "bf16" and device.type == "cuda"
+    apply_fsdp(
+        model,
+        mesh["dp"],
+        param_dtype=torch.bfloat16 if fsdp_bf16 else torch.float32,
+        reshard_after_forward=cfg.parallel.reshard_after_forward,
+        prefetch=cfg.parallel.prefetch,
+    )
+    materialize(model, device, seed=cfg.train.seed)
+    return model, mesh
+
+
+def _peak_flops(cfg: RunConfig, device: torch.device) -> float | None:
+    if cfg.train.peak_tflops:
+        return cfg.train.peak_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device).lower()
+    for key, key_name in (("h100-sxm-bf16", "h100"), ("h200-bf16", "h200"), ("a100-bf16", "a100")):
+        if key_name in name and cfg.train.dtype == "bf16":
+            return PEAK_FLOPS[key]
+    return None
+
+
+def _memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def run_worker(spec: WorkerSpec, launcher: Launcher) -> WorkerResult:
+    """Train as `spec.config` says, from the newest complete checkpoint if there is one.
+
+    The process group must be initialized (Ray Train and torchrun do it;
+    `ensure_process_group` does it for a single in-process run).
+    """
+    cfg = RunConfig.model_validate(spec.config)
+    t, rank, world = cfg.train, dist.get_rank(), dist.get_world_size()
+    say = _console(rank)
+    device = worker_device(t.device)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, math.floor(t.cpus_per_worker)))
+    torch.manual_seed(t.seed)
+
+    corpus = CorpusRows.open(spec.corpus_dir)
+    if corpus.seq_len != t.seq_len:
+        raise ValueError(
+            f"train.seq_len={t.seq_len} but the corpus {spec.corpus_dir} was packed for "
+            f"seq_len={corpus.seq_len}"
+        )
+    args = cfg.model.args(corpus.manifest["tokenizer"]["vocab_size"])
+    model, mesh = build_parallel_model(cfg, args, device)
+    opt = cfg.optimizer
+    optimizer = build_optimizer(
+        model, cfg.peak_lr, (opt.beta1, opt.beta2), opt.weight_decay, opt.eps
+    )
+
+    state = restore_latest(launcher.checkpoint_candidates(), model, optimizer, say)
+    if state is None:
+        state = TrainState(step=0, world_size=world, rows_per_step=cfg.rows_per_step)
+    elif state.rows_per_step and state.rows_per_step != cfg.rows_per_step:
+        raise ValueError(
+            f"the checkpoint was trained with {state.rows_per_step} rows per step, this "
+            f"config has {cfg.rows_per_step}: its data position would not carry over"
+        )
+    state.world_size, state.config_hash = world, config_hash(cfg)
+    state.rows_per_step = cfg.rows_per_step
+
+    stream = MixedStream(
+        corpus,
+        token_budget=t.steps * cfg.batch_tokens,
+        proportions=cfg.data.proportions,
+        seed=t.seed,
+    )
+    dp, dp_rank = cfg.data_parallel, mesh["dp"].get_local_rank()
+    batches = Prefetcher(stream.batches(dp_rank, dp, cfg.rows_per_step, start_step=state.step))
+    val_sets = {
+        name: validation_rows(corpus, name, cfg.data.eval_rows)
+        for name in corpus.source_names
+        if cfg.data.eval_rows
+    }
+    tracker = None
+    if rank == 0 and spec.mlflow_run_id:
+        from llamaray.train.tracking import MetricLogger
+
+        tracker = MetricLogger(spec.tracking_uri, spec.mlflow_run_id, cfg.tracking.system_metrics)
+
+    fpt = flops_per_token(args, t.seq_len)
+    peak = _peak_flops(cfg, device)
+    last_step = min(t.steps, t.stop_at_step or t.steps)
+    autocast_dtype = "bf16" if t.dtype == "bf16" and device.type == "cpu" else "fp32"
+    n_params = sum(p.numel() for p in model.parameters())
+    say(
+        f"training {cfg.model.preset} ({n_params / 1e6:.1f}M params, vocab {args.vocab_size}) "
+        f"on {world} x {device.type} (dp {dp} x tp {cfg.parallel.tensor}): steps "
+        f"{state.step + 1}..{last_step} of {t.steps}, {cfg.batch_tokens} tokens/step "
+        f"({cfg.grad_accum_steps} x {t.micro_batch_size} rows of {t.seq_len} per worker)"
+    )
+
+    def average(x: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(x, op=dist.ReduceOp.AVG)
+        return x
+
+    history: list[dict] = []
+    stopped: str | None = None
+    last: dict = {}
+    start, first_step = time.perf_counter(), state.step
+    try:
+        for step in range(state.step, last_step):
+            rows_np = next(batches)
+            rows = torch.from_numpy(rows_np)
+            micro_batches = list(rows.split(t.micro_batch_size))
+            lr = lr_at(step, cfg.peak_lr, opt.warmup_steps, t.steps, opt.final_lr_ratio)
+            step_start = time.perf_counter()
+            stats = train_step(
+                model, optimizer, micro_batches, lr, opt.grad_clip, autocast_dtype,
+                average=average, inject_nan=(step + 1) in cfg.faults.nan_at_steps,
+            )  # fmt: skip
+            step_time = time.perf_counter() - step_start
+            state.step = step + 1
+            if not stats.finite:
+                state.skipped_steps += 1
+                say(f"step {state.step}: non-finite loss or gradient norm, update skipped")
+                if t.nan_policy == "stop":
+                    stopped = f"non-finite loss or gradient norm at step {state.step}"
+                elif state.skipped_steps > t.max_skipped_steps:
+                    stopped = (
+                        f"{state.skipped_steps} steps skipped for non-finite values (more "
+                        f"than train.max_skipped_steps={t.max_skipped_steps}), last at step "
+                        f"{state.step}"
+                    )
+            tokens_per_s = cfg.batch_tokens / step_time
+            last = {
+                "step": state.step,
+                "loss": stats.loss,
+                "lr": lr,
+                "grad_norm": stats.grad_norm,
+                "tokens_per_s": tokens_per_s,
+                "step_time_s": step_time,
+                "memory_gb": _memory_gb(device),
+                "skipped_steps": state.skipped_steps,
+                # A fingerprint of the rows this step (rank 0's share): resumed and
+                # uninterrupted runs can be checked to read the same data.
+                "rows_crc": float(zlib.crc32(rows_np.tobytes())),
+            }
+            if peak:
+                last["mfu"] = tokens_per_s * fpt / (peak * world)
+            evaluate = state.step == t.steps or (t.eval_every and state.step % t.eval_every == 0)
+            if evaluate and val_sets and not stopped:
+                last |= validation_losses(
+                    model, val_sets, dp_rank, dp, t.micro_batch_size, autocast_dtype, device
+                )
+            checkpoint = (
+                state.step == last_step
+                or stopped is not None
+                or (t.checkpoint_every and state.step % t.checkpoint_every == 0)
+            )
+            log_now = checkpoint or evaluate or state.step % t.log_every == 0
+            if log_now:
+                history.append(last)
+                done = state.step - first_step
+                eta = (time.perf_counter() - start) / done * (last_step - state.step)
+                say(_progress(last, t.steps, eta))
+                if tracker:
+                    tracker.log({k: v for k, v in last.items() if k != "step"}, state.step)
+            if checkpoint:
+                report = last | {"stopped": stopped or ""}
+                launcher.save_checkpoint(model, optimizer, state, report)
+            elif log_now:
+                launcher.report(last | {"stopped": ""})
+            _maybe_kill(cfg, rank, state.step, Path(spec.run_dir))
+            if stopped:
+                say(f"stopping: {stopped}")
+                break
+        complete = stopped is None and state.step == t.steps
+        if complete and cfg.tracking.export_hf:
+            tokenizer = corpus.manifest["tokenizer"]["path"]
+            export_dir = export_hf(model, args, Path(spec.run_dir) / "hf", rank, tokenizer)
+            if tracker and export_dir:
+                tracker.artifact(export_dir, "model")
+        if tracker:
+            _log_curve(tracker, history, cfg.name)
+    except BaseException:
+        if tracker:
+            tracker.finish("FAILED")
+        raise
+    finally:
+        batches.close()
+    if tracker:
+        tracker.finish("FINISHED" if complete else "KILLED")
+    return WorkerResult(state.step, state.skipped_steps, stopped, last)
+
+
+@torch.no_grad()
+def validation_losses(
+    model: torch.nn.Module,
+    val_sets: dict[str, np.ndarray],
+    dp_rank: int,
+    dp: int,
+    micro: int,
+    dtype: str,
+    device: torch.device,
+) -> dict[str, float]:
+    """Mean next-token loss per source on its held-out rows, and over all of them.
+
+    Each data-parallel rank takes an equal slice (FSDP needs every rank in every forward),
+    so up to dp - 1 rows per source go unused.
+    """
+    was_training = model.training
+    model.eval()
+    sums = []
+    names = []
+    for name, rows in val_sets.items():
+        per_rank = len(rows) // dp
+        if per_rank == 0:
+            continue
+        mine = torch.from_numpy(rows[dp_rank * per_rank : (dp_rank + 1) * per_rank])
+        total = torch.zeros((), dtype=torch.float64)
+        for batch in mine.split(micro):
+            batch = batch.to(device)
+            with autocast(device, dtype):
+                loss = model(batch[:, :-1], targets=batch[:, 1:])
+            total += loss.double().cpu() * len(batch)
+        sums.append(torch.stack([total, torch.tensor(float(len(mine)), dtype=torch.float64)]))
+        names.append(name)
+    model.train(was_training)
+    if not sums:
+        return {}
+    # Tensor-parallel peers hold the same sums; they scale numerator and denominator alike.
+    totals = torch.stack(sums)
+    dist.all_reduce(totals)
+    out = {f"val_loss/{n}": float(s / c) for n, (s, c) in zip(names, totals.tolist(), strict=True)}
+    out["val_loss"] = float(totals[:, 0].sum() / totals[:, 1].sum())
+    return out
+
+
+def export_hf(
+    model: torch.nn.Module, args: ModelArgs, out_dir: Path, rank: int, tokenizer: str | None = None
+) -> Path | None:
+    """Gather the full weights (collective) and write them in Hugging Face format on rank 0,
+    with the tokenizer beside them so the folder is self-contained."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from llamaray.model import Llama
+    from llamaray.model.formats import save_hf
+
+    full = get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    if rank != 0:
+        return None
+    with torch.device("meta"):
+        plain = Llama(args)
+    plain.load_state_dict(full, assign=True)
+    out = save_hf(plain, out_dir)
+    if tokenizer and Path(tokenizer).is_file():
+        shutil.copyfile(tokenizer, out / "tokenizer.model")
+    return out
+
+
+def _maybe_kill(cfg: RunConfig, rank: int, step: int, run_dir: Path) -> None:
+    f = cfg.faults
+    if f.kill_rank != rank or f.kill_at_step != step:
+        return
+    marker = run_dir / ".faults" / f"killed-rank{rank}-step{step}"
+    if marker.exists():  # once per run name: the restarted worker must get past this step
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    print(f"[fault] killing rank {rank} at step {step}", file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _log_curve(tracker, history: list[dict], name: str) -> None:
+    """The loss curve from MLflow's stored history, which spans earlier launches too."""
+    from llamaray.train.tracking import loss_curve_png
+
+    client, run_id = tracker.client, tracker.run_id
+    points: dict[int, dict] = {h["step"]: dict(h) for h in history}
+    for key in ("loss", "val_loss"):
+        for m in client.get_metric_history(run_id, key):
+            points.setdefault(m.step, {"step": m.step})[key] = m.value
+    with tempfile.TemporaryDirectory() as tmp:
+        path = loss_curve_png(
+            sorted(points.values(), key=lambda h: h["step"]), Path(tmp) / "loss_curve.png", name
+        )
+        tracker.artifact(path)
+
+
+def _progress(m: dict, total: int, eta: float) -> str:
+    line = (
+        f"step {m['step']:>6}/{total}  loss {m['loss']:7.4f}  lr {m['lr']:.2e}  "
+        f"grad {m['grad_norm']:6.3f}  {m['tokens_per_s']:8.0f} tok/s  "
+        f"mem {m['memory_gb']:5.2f} GB  eta {_duration(eta)}"
+    )
+    if "mfu" in m:
+        line += f"  mfu {m['mfu']:.1%}"
+    if "val_loss" in m:
+        line += f"  val {m['val_loss']:.4f}"
+    return line
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+        if seconds >= 3600
+        else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
+
+
+def _console(rank: int) -> Callable[[str], None]:
+    def say(msg: str) -> None:
+        if rank == 0:
+            # The process's own stream, not `print`: Ray Train patches print into a logger,
+            # and tees it again when a library (MLflow) has wrapped sys.stdout.
+            stream = sys.__stderr__ or sys.stderr
+            stream.write(f"[train] {msg}\n")
+            stream.flush()
+
+    return say
+
+
+def ensure_process_group(backend: str = "gloo") -> None:
+    """A one-process group when none is set up, so `run_worker` runs in a plain script."""
+    if dist.is_initialized():
+        return
+    store = dist.HashStore()
+    dist.init_process_group(backend, store=store, rank=0, world_size=1)
+
+
+class LocalLauncher:
+    """Checkpoints in a shared local directory; metrics kept in memory. For torchrun and
+    in-process runs (no Ray)."""
+
+    def __init__(self, checkpoint_root: str | Path, keep: int = 3):
+        from llamaray.train.checkpoint import LocalCheckpoints
+
+        self.checkpoints = LocalCheckpoints(checkpoint_root, keep)
+        self.reports: list[dict] = []
+
+    def checkpoint_candidates(self):
+        return self.checkpoints.candidates()
+
+    def save_checkpoint(self, model, optimizer, state: TrainState, metrics: dict) -> None:
+        self.checkpoints.save(model, optimizer, state)
+        self.reports.append(dict(metrics))
+
+    def report(self, metrics: dict) -> None:
+        self.reports.append(dict(metrics))
