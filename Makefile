@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet -e ".[$(EXTRAS)]"
 	touch $@
 
-demo: $(STAMP)  ## tokenizer + small model on a real local text sample, then sample from it
+demo: $(STAMP)  ## corpus -> tokenizer -> 2 FSDP workers on local Ray -> MLflow -> samples
 	$(PY) jobs/demo.py
 
 test: $(STAMP)  ## the whole suite (CPU, about 10 minutes on 2 cores)
@@ -45,8 +45,9 @@ bench: $(STAMP)  ## training step vs HF, tokenizer, tokenize+pack on Ray; figure
 	$(PY) -m llamaray.bench.tokenizer_throughput
 	$(PY) -m llamaray.bench.tokenize_pack
 
-mlflow-ui: $(STAMP)  ## the local tracking store written by demo runs
-	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+mlflow-ui: $(STAMP)  ## the local tracking store of runs under runs/ (make demo's)
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///runs/mlflow.db \
+		--default-artifact-root runs/mlartifacts --host 127.0.0.1 --port 5000
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -164,3 +164,12 @@ def test_one_worker_matches_two_fsdp_workers(reference, root):
     one, two = history(single), history(reference)
     for step in range(1, STEPS + 1):
         assert one[step][0] == pytest.approx(two[step][0], rel=1e-5, abs=1e-5), step
+
+
+def test_tensor_parallel_workers_match_data_parallel(reference, root):
+    """parallel.tensor=2 on 2 workers (dp 1 x tp 2): the same model and batch, split by
+    heads and sequence instead of by rows."""
+    tp = pretrain(config(root, "tensor", "parallel.tensor=2"))
+    one, two = history(tp), history(reference)
+    for step in range(1, STEPS + 1):
+        assert one[step][0] == pytest.approx(two[step][0], rel=1e-5, abs=1e-5), step

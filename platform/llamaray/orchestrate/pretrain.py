@@ -122,6 +122,12 @@ def mixture_weights(configured: dict[str, float] | None, rows: dict[str, int]) -
     if not any(weights.values()):
         # No paper source in the corpus (the demo's `prose`): weigh sources by their rows.
         weights = {n: float(r) for n, r in rows.items()}
+    outside = [n for n in rows if n not in PAPER_MIXTURE]
+    if outside and any(weights.values()):
+        _say(
+            f"warning: source(s) {', '.join(outside)} are not in the paper's table 1 and get no "
+            "weight; set data.proportions to include them"
+        )
     for name, n_rows in rows.items():
         if n_rows == 0 and weights[name] > 0:
             _say(f"warning: source {name} has no training rows; left out of the mixture")

@@ -11,6 +11,7 @@ still runs, and an incomplete one falls back to the older step folders beside it
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
@@ -24,9 +25,21 @@ from llamaray.train.worker import WorkerSpec, run_worker
 
 
 def train_loop_per_worker(config: dict) -> None:
+    _quiet_report_logs()
     result = run_worker(WorkerSpec(**config), RayLauncher())
     # The final report carries the outcome to the driver's `Result.metrics`.
     ray.train.report(result.last | {"stopped": result.stopped or "", "done": True})
+
+
+def _quiet_report_logs() -> None:
+    """Ray Train 2.60 logs every report's full metrics dict at INFO from each worker, on a
+    logger named by its file path (so LoggingConfig does not reach it); our own progress
+    lines say the same once. Best effort: the module is private and may move."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 class RayLauncher:
