@@ -14,7 +14,14 @@ STAMP       := $(VENV)/.installed-$(EXTRAS)
 export RAY_AUTH_MODE ?= disabled
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-fast lint format bench mlflow-ui clean
+.PHONY: install demo test test-fast lint format bench mlflow-ui mlflow-server clean
+
+# A shared tracking server: jobs log to it with MLFLOW_TRACKING_URI=http://<host>:<port>.
+# Loopback unless told otherwise (MLFLOW_HOST=0.0.0.0 only behind an authenticating proxy).
+MLFLOW_HOST      ?= 127.0.0.1
+MLFLOW_PORT      ?= 5000
+MLFLOW_BACKEND   ?= sqlite:///runs/mlflow-server.db
+MLFLOW_ARTIFACTS ?= runs/mlflow-server-artifacts
 
 install: $(STAMP)
 
@@ -48,6 +55,12 @@ bench: $(STAMP)  ## training step vs HF, tokenizer, tokenize+pack on Ray; figure
 mlflow-ui: $(STAMP)  ## the local tracking store of runs under runs/ (make demo's)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///runs/mlflow.db \
 		--default-artifact-root runs/mlartifacts --host 127.0.0.1 --port 5000
+
+mlflow-server: $(STAMP)  ## tracking server: SQLite or PostgreSQL backend, local or s3:// artifacts
+	mkdir -p runs
+	$(VENV)/bin/mlflow server --backend-store-uri "$(MLFLOW_BACKEND)" \
+		--artifacts-destination "$(MLFLOW_ARTIFACTS)" --serve-artifacts \
+		--host $(MLFLOW_HOST) --port $(MLFLOW_PORT)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
