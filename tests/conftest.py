@@ -1,4 +1,4 @@
-"""Shared unit-test fixtures: a real S3 API (moto's server) on loopback, no in-process mocks."""
+"""Fixtures shared by every test directory: a real S3 API (moto's server) on loopback, no in-process mocks."""
 
 import socket
 import subprocess
