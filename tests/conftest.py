@@ -1,4 +1,5 @@
-"""Fixtures shared by every test directory: a real S3 API (moto's server) on loopback, no in-process mocks."""
+"""Fixtures shared by every test directory: a real S3 API (moto's server) on loopback,
+not an in-process mock."""
 
 import socket
 import subprocess
@@ -64,3 +65,15 @@ def s3_client(s3_endpoint, monkeypatch):
     for key, value in S3_ENV.items():
         monkeypatch.setenv(key, value)
     return boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+
+
+@pytest.fixture(scope="session")
+def aws_test_env() -> dict[str, str]:
+    """Credentials and region moto accepts, for subprocesses that talk to it."""
+    return dict(S3_ENV)
+
+
+@pytest.fixture(scope="session")
+def loopback_port():
+    """A function returning a free TCP port on 127.0.0.1."""
+    return free_port

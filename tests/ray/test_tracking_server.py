@@ -1,0 +1,94 @@
+"""Pretraining runs logged to a real `mlflow server` on 127.0.0.1 whose artifacts live in
+S3 (moto's server): the shared-MLflow path of a cluster, on one machine."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from pretrain_helpers import config, history
+
+from llamaray.orchestrate.pretrain import pretrain
+
+pytestmark = pytest.mark.ray
+
+BUCKET = "mlflow-artifacts"
+
+
+@pytest.fixture(scope="module")
+def server(s3_endpoint, aws_test_env, loopback_port, tmp_path_factory):
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", **_keys()).create_bucket(
+        Bucket=BUCKET
+    )
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = loopback_port()
+    env = dict(os.environ, **aws_test_env, MLFLOW_S3_ENDPOINT_URL=s3_endpoint)
+    command = [
+        str(Path(sys.executable).with_name("mlflow")), "server",
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination", f"s3://{BUCKET}/runs", "--serve-artifacts",
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
+    log = open(root / "server.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(uri + "/health", timeout=2).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError((root / "server.log").read_text()[-3000:]) from None
+                time.sleep(0.5)
+        yield uri
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def _keys() -> dict:
+    return {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+
+
+@pytest.fixture(scope="module")
+def two_runs(server, tmp_path_factory):
+    """Two short runs with different learning rates, tracked on the server."""
+    root = tmp_path_factory.mktemp("runs")
+    return [
+        pretrain(config(root, name, f"tracking.uri={server}", f"optimizer.lr={lr}"))
+        for name, lr in (("lr-3e-3", 3e-3), ("lr-1e-3", 1e-3))
+    ]
+
+
+def test_runs_and_artifacts_land_on_the_server_and_in_s3(server, two_runs, s3_endpoint):
+    import boto3
+
+    client = MlflowClient(server)
+    for run in two_runs:
+        assert run.tracking_uri == server
+        info = client.get_run(run.mlflow_run_id)
+        assert info.info.status == "FINISHED"
+        assert info.info.artifact_uri.startswith("mlflow-artifacts:")
+        assert sorted(history(run)) == list(range(1, 7))
+        names = {a.path for a in client.list_artifacts(run.mlflow_run_id)}
+        assert {"config.yaml", "loss_curve.png", "model"} <= names
+    lrs = {client.get_run(r.mlflow_run_id).data.params["optimizer.lr"] for r in two_runs}
+    assert lrs == {"0.003", "0.001"}
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", **_keys())
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET)["Contents"]]
+    for run in two_runs:
+        mine = [k for k in keys if run.mlflow_run_id in k]
+        assert any(k.endswith("loss_curve.png") for k in mine), mine
+        assert any(k.endswith("model.safetensors") for k in mine), mine
