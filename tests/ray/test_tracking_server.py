@@ -92,3 +92,31 @@ def test_runs_and_artifacts_land_on_the_server_and_in_s3(server, two_runs, s3_en
         mine = [k for k in keys if run.mlflow_run_id in k]
         assert any(k.endswith("loss_curve.png") for k in mine), mine
         assert any(k.endswith("model.safetensors") for k in mine), mine
+
+
+def test_mlflow_ui_compares_two_runs_in_chromium(server, two_runs, tmp_path):
+    """Headless Chromium opens the MLflow UI's comparison of the two runs."""
+    import json
+    import shutil
+
+    sync_api = pytest.importorskip("playwright.sync_api")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium on PATH (make test installs Debian's chromium where it can)")
+    client = MlflowClient(server)
+    experiment = client.get_run(two_runs[0].mlflow_run_id).info.experiment_id
+    ids = [r.mlflow_run_id for r in two_runs]
+    url = f"{server}/#/compare-runs?runs={json.dumps(ids)}&experiments={json.dumps([experiment])}"
+    shot = Path(os.environ.get("LLAMARAY_SCREENSHOT_DIR", tmp_path)) / "mlflow-compare.png"
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            for run in two_runs:  # the comparison names both runs
+                page.get_by_text(run.name).first.wait_for(timeout=60_000)
+            page.get_by_text("optimizer.lr").first.wait_for(timeout=60_000)
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    assert shot.stat().st_size > 10_000
