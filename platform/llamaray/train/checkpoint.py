@@ -134,19 +134,23 @@ def verify_checkpoint(directory: str | Path, rank: int | None = None) -> TrainSt
                 f"{directory}: rank {r} never finished writing ({record_file.name} missing)"
             )
         try:
-            record = json.loads(record_file.read_text())
-        except ValueError as err:
-            raise CheckpointError(f"{record_file}: unreadable ({err})") from None
-        for name, expected in record.items():
+            record = {
+                name: (int(entry["size"]), str(entry["sha256"]))
+                for name, entry in json.loads(record_file.read_text()).items()
+            }
+        except (ValueError, TypeError, KeyError, AttributeError) as err:
+            # Valid JSON of another shape too: restore_latest skips only CheckpointError.
+            raise CheckpointError(f"{record_file}: unreadable ({err!r})") from None
+        for name, (expected_size, expected_sha256) in record.items():
             path = directory / name
             if not path.is_file():
                 raise CheckpointError(f"{path}: missing")
             size = path.stat().st_size
-            if size != expected["size"]:
+            if size != expected_size:
                 raise CheckpointError(
-                    f"{path}: {size} bytes, expected {expected['size']} (truncated?)"
+                    f"{path}: {size} bytes, expected {expected_size} (truncated?)"
                 )
-            if (rank is None or rank == r) and _sha256(path) != expected["sha256"]:
+            if (rank is None or rank == r) and _sha256(path) != expected_sha256:
                 raise CheckpointError(f"{path}: sha256 differs from the one recorded at save")
     return state
 

@@ -1,0 +1,477 @@
+"""Distributed checkpoints without Ray: DCP save/verify/load of an FSDP-sharded model and its
+optimizer, integrity checks, picking the newest complete checkpoint, and the real training
+worker stopped and resumed in this process.
+
+Everything runs in one gloo process group of one rank (`ensure_process_group`). A process
+has a single default group, so it is created once and never destroyed: any later test in
+this process that needs one finds it already there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_feed import write_shard
+from torch.distributed.tensor import DTensor
+
+from llamaray.config import load_config
+from llamaray.train.checkpoint import (
+    TRAIN_STATE,
+    CheckpointError,
+    LocalCheckpoints,
+    TrainState,
+    load_checkpoint,
+    restore_latest,
+    save_checkpoint,
+    step_dir_name,
+    step_dirs,
+    verify_checkpoint,
+)
+from llamaray.train.optim import build_optimizer
+from llamaray.train.step import train_step
+from llamaray.train.worker import (
+    LocalLauncher,
+    WorkerSpec,
+    build_parallel_model,
+    ensure_process_group,
+    run_worker,
+)
+
+VOCAB = 64
+SEQ_LEN = 16
+LR = 1e-2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def process_group():
+    ensure_process_group()  # idempotent; deliberately not destroyed (see the module doc)
+    # The worker sets the thread count and seeds the global RNG; give them back afterwards.
+    threads = torch.get_num_threads()
+    with torch.random.fork_rng():
+        yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def build(seed: int = 0):
+    """A debug-preset Llama sharded with FSDP2 on the 1-rank mesh, as the worker builds it,
+    and its AdamW."""
+    cfg = load_config(
+        None, ["model.preset=debug", f"train.seq_len={SEQ_LEN}", f"train.seed={seed}"]
+    )
+    model, _mesh = build_parallel_model(cfg, cfg.model.args(VOCAB), torch.device("cpu"))
+    return model, build_optimizer(model, LR)
+
+
+def batch(seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (2, SEQ_LEN + 1), generator=g) for _ in range(2)]
+
+
+def train(model, optimizer, seeds) -> None:
+    for seed in seeds:
+        assert train_step(model, optimizer, batch(seed), LR).finite
+
+
+def _local(t):
+    t = t.full_tensor() if isinstance(t, DTensor) else t
+    return t.detach().clone()
+
+
+def params(model) -> dict[str, torch.Tensor]:
+    return {name: _local(p) for name, p in model.named_parameters()}
+
+
+def optim_state(model, optimizer) -> dict[str, dict[str, torch.Tensor]]:
+    return {
+        name: {k: _local(v) for k, v in optimizer.state[p].items()}
+        for name, p in model.named_parameters()
+    }
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        if isinstance(a[name], dict):
+            assert_same(a[name], b[name])
+        else:
+            assert torch.equal(a[name], b[name]), name
+
+
+def differs(a: dict, b: dict) -> bool:
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A checkpoint of a model trained 2 steps, with what it holds."""
+    directory = tmp_path_factory.mktemp("ckpt") / "step-2"
+    model, optimizer = build(seed=0)
+    train(model, optimizer, [1, 2])
+    state = TrainState(step=2, world_size=1, skipped_steps=1, rows_per_step=4, config_hash="abc")
+    save_checkpoint(directory, model, optimizer, state)
+    rng_after_save = torch.rand(4)  # the draws a resumed run makes next
+    return {
+        "dir": directory,
+        "state": state,
+        "params": params(model),
+        "optim": optim_state(model, optimizer),
+        "next_params": _after_step(model, optimizer),
+        "rng": rng_after_save,
+    }
+
+
+def _after_step(model, optimizer) -> dict[str, torch.Tensor]:
+    """The parameters one more step gives (the model is left stepped)."""
+    train(model, optimizer, [3])
+    return params(model)
+
+
+@pytest.fixture
+def damaged(saved, tmp_path) -> Path:
+    """A copy of the saved checkpoint to corrupt."""
+    return Path(shutil.copytree(saved["dir"], tmp_path / "copy"))
+
+
+# ---------------------------------------------------------------------- save/verify/load
+
+
+def test_checkpoint_layout_and_integrity_record(saved):
+    directory = saved["dir"]
+    names = {p.name for p in directory.iterdir()}
+    assert {".metadata", "rng-0.pt", TRAIN_STATE, "integrity-0.json"} <= names
+    assert any(n.startswith("__0_") and n.endswith(".distcp") for n in names)
+    assert not [n for n in names if n.endswith(".tmp")]
+    record = json.loads((directory / "integrity-0.json").read_text())
+    # Every file but the record itself is recorded, with its real size.
+    assert set(record) == names - {"integrity-0.json"}
+    for name, entry in record.items():
+        assert entry["size"] == (directory / name).stat().st_size, name
+        assert len(entry["sha256"]) == 64
+
+
+def test_save_verify_load_round_trip(saved):
+    assert verify_checkpoint(saved["dir"]) == saved["state"]
+    assert verify_checkpoint(saved["dir"], rank=0) == saved["state"]
+
+    model, optimizer = build(seed=1)  # other weights and no optimizer state yet
+    assert differs(params(model), saved["params"])
+    torch.manual_seed(12345)
+    state = load_checkpoint(saved["dir"], model, optimizer)
+    assert state == saved["state"]
+    assert_same(params(model), saved["params"])
+    assert_same(optim_state(model, optimizer), saved["optim"])
+    assert all(isinstance(p, DTensor) for p in model.parameters())  # still sharded
+    # The RNG continues where the saved run's did.
+    assert torch.equal(torch.rand(4), saved["rng"])
+    # And training continues exactly as the saved model would have.
+    assert_same(_after_step(model, optimizer), saved["next_params"])
+    assert differs(params(model), saved["params"])
+
+
+def _truncate(directory: Path) -> str:
+    shard = sorted(directory.glob("__0_*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    return shard.name
+
+
+def _flip_byte(directory: Path) -> str:
+    shard = sorted(directory.glob("__0_*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    return shard.name
+
+
+def _drop(name: str):
+    def damage(directory: Path) -> str:
+        (directory / name).unlink()
+        return name
+
+    return damage
+
+
+def _garble(name: str, text: str = '{"step": 2, "world_size"'):
+    def damage(directory: Path) -> str:
+        (directory / name).write_text(text)
+        return name
+
+    return damage
+
+
+@pytest.mark.parametrize(
+    ("damage", "says"),
+    [
+        (_truncate, "truncated"),
+        (_flip_byte, "sha256 differs"),
+        (_drop("integrity-0.json"), "rank 0 never finished writing"),
+        (_drop(TRAIN_STATE), "never completed"),
+        (_drop("rng-0.pt"), "missing"),
+        (_garble(TRAIN_STATE), "unreadable"),
+        (_garble("integrity-0.json"), "unreadable"),
+        # Valid JSON of the wrong shape is as unreadable (not a crash in restore_latest).
+        (_garble(TRAIN_STATE, "[2, 1]"), "unreadable"),
+        (_garble("integrity-0.json", '{"rng-0.pt": 5}'), "unreadable"),
+        (_garble("integrity-0.json", '{"rng-0.pt": {"size": 5}}'), "unreadable"),
+    ],
+    ids=["truncated", "flipped-byte", "no-integrity", "no-state", "no-rng", "bad-state",
+         "bad-integrity", "state-list", "integrity-entry-number", "integrity-no-digest"],
+)  # fmt: skip
+def test_verify_names_the_damaged_file(damaged, damage, says):
+    verify_checkpoint(damaged)  # intact before
+    name = damage(damaged)
+    with pytest.raises(CheckpointError, match=says) as err:
+        verify_checkpoint(damaged)
+    assert name in str(err.value)
+
+
+def test_digests_are_checked_by_the_rank_that_wrote_them(damaged):
+    """W ranks verify in parallel, each hashing its own files; sizes are checked by all."""
+    _flip_byte(damaged)
+    assert verify_checkpoint(damaged, rank=1).step == 2  # not rank 1's file
+    with pytest.raises(CheckpointError, match="sha256"):
+        verify_checkpoint(damaged, rank=0)
+
+
+def test_wrong_train_state_fields_are_unreadable(damaged):
+    (damaged / TRAIN_STATE).write_text(json.dumps({"step": 2, "world_size": 1, "bogus": 1}))
+    with pytest.raises(CheckpointError, match=f"{TRAIN_STATE}: unreadable"):
+        verify_checkpoint(damaged)
+
+
+# ----------------------------------------------------------------- a directory of steps
+
+
+def _save_steps(root: Path, steps, keep: int = 3) -> tuple[LocalCheckpoints, dict]:
+    """Train a model, saving after each of `steps`; the parameters each save holds."""
+    checkpoints = LocalCheckpoints(root, keep=keep)
+    model, optimizer = build(seed=0)
+    held = {}
+    for step in steps:
+        train(model, optimizer, [step])
+        final = checkpoints.save(model, optimizer, TrainState(step=step, world_size=1))
+        assert final == root / step_dir_name(step)
+        held[step] = params(model)
+    return checkpoints, held
+
+
+def test_restore_latest_skips_a_truncated_newest_checkpoint(tmp_path):
+    checkpoints, held = _save_steps(tmp_path, [2, 4, 6])
+    assert [p.name for p in step_dirs(tmp_path)] == ["step-00000006", "step-00000004",
+                                                     "step-00000002"]  # fmt: skip
+    _truncate(tmp_path / step_dir_name(6))
+
+    model, optimizer = build(seed=1)
+    messages: list[str] = []
+    state = restore_latest(checkpoints.candidates(), model, optimizer, messages.append)
+    assert state is not None and state.step == 4
+    assert_same(params(model), held[4])
+    assert len(messages) == 2, messages
+    assert "skipping" in messages[0] and "step-00000006" in messages[0]
+    assert "truncated" in messages[0]  # why: the shard's size differs from the record
+    assert "step-00000004" in messages[1] and "step 4" in messages[1]
+
+
+def test_restore_latest_returns_none_when_nothing_is_complete(tmp_path):
+    checkpoints, _ = _save_steps(tmp_path, [2, 4])
+    _truncate(tmp_path / step_dir_name(4))
+    (tmp_path / step_dir_name(2) / "integrity-0.json").unlink()
+
+    model, optimizer = build(seed=1)
+    before = params(model)
+    messages: list[str] = []
+    assert restore_latest(checkpoints.candidates(), model, optimizer, messages.append) is None
+    assert_same(params(model), before)
+    assert [m.split(":")[0] for m in messages] == [
+        f"skipping checkpoint {tmp_path / step_dir_name(4)}",
+        f"skipping checkpoint {tmp_path / step_dir_name(2)}",
+    ]
+    # No checkpoint directory at all: nothing to offer, nothing loaded.
+    empty = LocalCheckpoints(tmp_path / "none")
+    assert restore_latest(empty.candidates(), model, optimizer, messages.append) is None
+
+
+def test_restore_latest_skips_a_candidate_that_cannot_be_fetched(tmp_path, saved):
+    def unreachable() -> Path:
+        raise OSError("connection refused")
+
+    model, optimizer = build(seed=1)
+    messages: list[str] = []
+    candidates = [unreachable, lambda: saved["dir"]]
+    state = restore_latest(candidates, model, optimizer, messages.append)
+    assert state == saved["state"]
+    assert "connection refused" in messages[0]
+
+
+def test_local_checkpoints_keep_the_newest_and_ignore_partial_writes(tmp_path):
+    # A save that crashed before its rename, and a stale partial of a step about to be saved.
+    crashed = tmp_path / (step_dir_name(9) + ".partial")
+    crashed.mkdir()
+    (crashed / "__0_0.distcp").write_bytes(b"half")
+    stale = tmp_path / (step_dir_name(3) + ".partial")
+    stale.mkdir()
+    (stale / "leftover").write_text("x")
+
+    checkpoints, _ = _save_steps(tmp_path, [1, 2, 3, 4], keep=2)
+    assert [p.name for p in step_dirs(tmp_path)] == ["step-00000004", "step-00000003"]
+    assert [fetch() for fetch in checkpoints.candidates()] == [
+        tmp_path / step_dir_name(4),
+        tmp_path / step_dir_name(3),
+    ]
+    assert not (tmp_path / step_dir_name(1)).exists()
+    assert not (tmp_path / step_dir_name(2)).exists()
+    assert not stale.exists() and not (tmp_path / step_dir_name(3) / "leftover").exists()
+    assert crashed.exists()  # left alone, but never offered
+    assert verify_checkpoint(tmp_path / step_dir_name(3)).step == 3
+
+
+# ------------------------------------------------------------- the worker, in process
+
+
+def write_token_corpus(root: Path, train_rows: int = 300, val_rows: int = 16) -> Path:
+    """A prepared corpus (prepare.py's layout) of random tokens below VOCAB: two sources."""
+    rng = np.random.default_rng(0)
+    width = SEQ_LEN + 1
+    sources = {}
+    for name in ("commoncrawl", "c4"):
+        splits = {}
+        for split, n in (("train", train_rows), ("validation", val_rows)):
+            rel = f"shards/source={name}/split={split}/part-0.parquet"
+            write_shard(root / rel, rng.integers(0, VOCAB, (n, width)), False, width)
+            splits[split] = {"documents": n, "tokens": n * width, "rows": n,
+                             "packed_tokens": n * width, "files": [rel]}  # fmt: skip
+        sources[name] = {"paths": [], "kept": n, "dropped": {}, "documents_in": n,
+                         "splits": splits}  # fmt: skip
+    manifest = {
+        "name": "tokens",
+        "config": {},
+        "config_hash": "0",
+        # Training uses only the size; the file is copied beside an exported model if it
+        # exists, and here it does not.
+        "tokenizer": {"path": str(root / "tokenizer" / "tokenizer.model"), "vocab_size": VOCAB},
+        "seq_len": SEQ_LEN,
+        "row_tokens": width,
+        "sources": sources,
+        "skipped_steps": {},
+        "quarantine": "quarantine.jsonl",
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return write_token_corpus(tmp_path_factory.mktemp("tokens"))
+
+
+STEPS = 6
+
+
+def run(corpus: Path, root: Path, *overrides: str):
+    cfg = load_config(
+        None,
+        [
+            "name=inproc",
+            f"output_dir={root}",
+            "model.preset=debug",
+            "tracking.enabled=false",
+            "tracking.export_hf=false",
+            "data.eval_rows=8",
+            "optimizer.lr=3e-3",
+            "optimizer.warmup_steps=2",
+            f"train.steps={STEPS}",
+            f"train.seq_len={SEQ_LEN}",
+            f"train.batch_tokens={4 * SEQ_LEN}",  # 4 rows: 2 micro-batches of 2
+            "train.micro_batch_size=2",
+            "train.num_workers=1",
+            "train.device=cpu",
+            "train.checkpoint_every=2",
+            "train.log_every=1",
+            *overrides,
+        ],
+    )
+    launcher = LocalLauncher(root / "checkpoints", keep=cfg.train.keep_checkpoints)
+    spec = WorkerSpec(config=cfg.model_dump(), corpus_dir=str(corpus), run_dir=str(root / "run"))
+    result = run_worker(spec, launcher)
+    return result, launcher
+
+
+def by_step(reports: list[dict]) -> dict[int, dict]:
+    steps = [r["step"] for r in reports]
+    assert len(steps) == len(set(steps)), steps  # each step reported once
+    return {r["step"]: r for r in reports}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpus, tmp_path_factory):
+    return run(corpus, tmp_path_factory.mktemp("run-a"))
+
+
+def test_worker_trains_and_checkpoints(uninterrupted, tmp_path_factory):
+    result, launcher = uninterrupted
+    assert (result.step, result.skipped_steps, result.stopped) == (STEPS, 0, None)
+    reports = by_step(launcher.reports)
+    assert sorted(reports) == list(range(1, STEPS + 1))
+    losses = [reports[s]["loss"] for s in range(1, STEPS + 1)]
+    assert all(math.isfinite(x) for x in losses)
+    assert len({reports[s]["rows_crc"] for s in reports}) == STEPS  # new rows every step
+    assert "val_loss" in result.last and math.isfinite(result.last["val_loss"])
+    root = Path(launcher.checkpoints.root)
+    assert [p.name for p in step_dirs(root)] == ["step-00000006", "step-00000004",
+                                                 "step-00000002"]  # fmt: skip
+    state = verify_checkpoint(root / step_dir_name(STEPS))
+    assert (state.step, state.world_size, state.rows_per_step) == (STEPS, 1, 4)
+
+
+def test_stopped_and_resumed_worker_matches_the_uninterrupted_run(corpus, uninterrupted, tmp_path):
+    expected = by_step(uninterrupted[1].reports)
+    first, launcher = run(corpus, tmp_path, "train.stop_at_step=3")
+    assert (first.step, first.stopped) == (3, None)
+    assert [p.name for p in step_dirs(tmp_path / "checkpoints")] == ["step-00000003",
+                                                                     "step-00000002"]  # fmt: skip
+    before = by_step(launcher.reports)
+    assert sorted(before) == [1, 2, 3]
+
+    second, launcher = run(corpus, tmp_path)  # a relaunch: a new launcher on the same dir
+    assert (second.step, second.stopped) == (STEPS, None)
+    after = by_step(launcher.reports)
+    assert sorted(after) == [4, 5, 6]  # resumed from step 3, not from the start
+    for step, report in (before | after).items():
+        for key in ("loss", "grad_norm", "lr", "rows_crc"):
+            assert report[key] == expected[step][key], (step, key)  # bit for bit
+    assert second.last["val_loss"] == uninterrupted[0].last["val_loss"]
+    assert [p.name for p in step_dirs(tmp_path / "checkpoints")] == [
+        "step-00000006",
+        "step-00000004",
+        "step-00000003",
+    ]
+
+
+def test_nan_step_is_skipped_and_parameters_stay_finite(corpus, uninterrupted, tmp_path):
+    result, launcher = run(corpus, tmp_path, "faults.nan_at_steps=[2]")
+    assert (result.step, result.skipped_steps, result.stopped) == (STEPS, 1, None)
+    reports = by_step(launcher.reports)
+    assert math.isnan(reports[2]["loss"])
+    assert all(math.isfinite(reports[s]["loss"]) for s in (1, 3, 4, 5, 6))
+    assert reports[6]["skipped_steps"] == 1
+    reference = by_step(uninterrupted[1].reports)
+    assert reports[1]["loss"] == reference[1]["loss"]
+    assert reports[3]["loss"] != reference[3]["loss"]  # step 2's update really was dropped
+
+    # The final checkpoint: finite weights, and Adam stepped 5 times, not 6.
+    model, optimizer = build(seed=1)
+    state = restore_latest(
+        LocalCheckpoints(tmp_path / "checkpoints").candidates(), model, optimizer, print
+    )
+    assert (state.step, state.skipped_steps) == (STEPS, 1)
+    assert all(torch.isfinite(p).all() for p in params(model).values())
+    steps = {float(s["step"]) for s in optim_state(model, optimizer).values()}
+    assert steps == {STEPS - 1.0}
