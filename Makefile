@@ -48,13 +48,14 @@ browser:
 	      { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; }; }; } || \
 	  echo "chromium not installed: the MLflow UI browser test will be skipped"
 
-lint: $(STAMP)
-	$(VENV)/bin/ruff check platform jobs tests
-	$(VENV)/bin/ruff format --check platform jobs tests
+lint: $(STAMP)  ## ruff, and no cluster file opening Ray's or MLflow's ports to the world
+	$(VENV)/bin/ruff check platform jobs tests cluster
+	$(VENV)/bin/ruff format --check platform jobs tests cluster
+	$(PY) cluster/lint_ports.py cluster/
 
 format: $(STAMP)
-	$(VENV)/bin/ruff check --fix platform jobs tests
-	$(VENV)/bin/ruff format platform jobs tests
+	$(VENV)/bin/ruff check --fix platform jobs tests cluster
+	$(VENV)/bin/ruff format platform jobs tests cluster
 
 bench: $(STAMP)  ## training step vs HF, tokenizer, tokenize+pack on Ray; figures in docs/benchmarks.md
 	$(PY) -m llamaray.bench.train_step

@@ -1,9 +1,14 @@
 """Fixtures shared by every test directory: a real S3 API (moto's server) on loopback,
 not an in-process mock."""
 
+import contextlib
+import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -77,3 +82,93 @@ def aws_test_env() -> dict[str, str]:
 def loopback_port():
     """A function returning a free TCP port on 127.0.0.1."""
     return free_port
+
+
+# ------------------------------------------------------------ Ray heads from `ray start`
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def cluster_pids(session_id: int, marker: str) -> list[int]:
+    """Live processes in session `session_id`, or whose command line contains `marker`."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        pid = int(entry)
+        try:
+            if os.getsid(pid) == session_id:
+                pids.append(pid)
+                continue
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    pids.append(pid)
+        except OSError:  # gone, or not ours to read
+            continue
+    return pids
+
+
+def stop_cluster(session_id: int, marker: str, grace: float = 3.0) -> list[int]:
+    """SIGTERM, then SIGKILL after `grace` seconds; returns the processes still alive."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        for pid in cluster_pids(session_id, marker):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while cluster_pids(session_id, marker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    return cluster_pids(session_id, marker)
+
+
+@pytest.fixture
+def ray_head(loopback_port):
+    """Factory: `ray_head(args, env, gcs_port=None)` runs `ray start --head` with free ports
+    (the GCS on `gcs_port` if given), a temporary directory and `args`, in a session of its
+    own, and returns {"address" (GCS host:port), "dashboard" (URL), "env", "temp", "pids"
+    (a function: the cluster's live processes)}. Every head it started is stopped after the
+    test."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("finds the cluster's processes in /proc")
+    started: list[tuple[int, str]] = []
+
+    def start(args: list[str], env: dict[str, str], gcs_port: int | None = None) -> dict:
+        # A short path: Ray's Unix sockets live under it (108-byte limit).
+        temp = tempfile.mkdtemp(prefix="lr-cl-", dir="/tmp")
+        gcs, dashboard = gcs_port or loopback_port(), loopback_port()
+        env = dict(env, RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+        env.pop("RAY_ADDRESS", None)
+        command = [
+            RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+            f"--temp-dir={temp}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+            f"--ray-client-server-port={loopback_port()}",
+            f"--dashboard-agent-listen-port={loopback_port()}", "--disable-usage-stats", *args,
+        ]  # fmt: skip
+        proc = subprocess.Popen(
+            command,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        started.append((proc.pid, temp))
+        try:
+            out, _ = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        assert proc.returncode == 0, out[-4000:]
+        return {
+            "address": f"127.0.0.1:{gcs}",
+            "dashboard": f"http://127.0.0.1:{dashboard}",
+            "env": env,
+            "temp": temp,
+            "pids": lambda: cluster_pids(proc.pid, temp),
+        }
+
+    yield start
+    left = []
+    for session_id, temp in started:
+        left += stop_cluster(session_id, temp)
+        shutil.rmtree(temp, ignore_errors=True)
+    assert not left, f"processes left behind: {left}"

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,32 +22,15 @@ REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def head(tmp_path_factory):
-    """A one-node cluster from `ray start --head`, bound to loopback, stopped afterwards."""
-    temp = tmp_path_factory.mktemp("ray")
+@pytest.fixture
+def head(ray_head):
+    """A one-node cluster from `ray start --head` on loopback (stopped by process ID)."""
     env = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"))
     # The job's `python` is looked up on the PATH the head was started with, as on a cluster
     # whose image has the dependencies installed.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    gcs, dashboard = free_port(), free_port()
-    start = [
-        RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
-        f"--temp-dir={temp}", "--disable-usage-stats",
-    ]  # fmt: skip
-    subprocess.run(start, check=True, env=env, capture_output=True, timeout=180)
-    try:
-        yield {"address": f"http://127.0.0.1:{dashboard}", "env": env}
-    finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
-        shutil.rmtree(temp, ignore_errors=True)
+    started = ray_head(["--num-cpus=2"], env)
+    return {"address": started["dashboard"], "env": started["env"]}
 
 
 def test_pretrain_job_runs_end_to_end(head, tmp_path):
