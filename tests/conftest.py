@@ -34,6 +34,25 @@ def moto_command(port: int) -> list[str]:
     return [str(exe), *args] if exe.exists() else [sys.executable, "-m", "moto.server", *args]
 
 
+def wait_until_serving(url: str, proc: subprocess.Popen, timeout: float, what: str) -> None:
+    """Poll `url` until it answers; RuntimeError if `proc` exits or `timeout` passes first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not start (rc {proc.poll()})") from None
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def serving():
+    """`wait_until_serving(url, proc, timeout, what)`, for tests that start servers."""
+    return wait_until_serving
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory):
     """One moto S3 server for the session; each test module uses buckets of its own."""
@@ -42,15 +61,7 @@ def s3_endpoint(tmp_path_factory):
     proc = subprocess.Popen(moto_command(port), stdout=log, stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(endpoint + "/moto-api/", timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto_server did not start (rc {proc.poll()})") from None
-                time.sleep(0.1)
+        wait_until_serving(endpoint + "/moto-api/", proc, 30, "moto_server")
         yield endpoint
     finally:
         proc.kill()

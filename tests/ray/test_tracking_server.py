@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -22,7 +20,7 @@ BUCKET = "mlflow-artifacts"
 
 
 @pytest.fixture(scope="module")
-def server(s3_endpoint, aws_test_env, loopback_port, tmp_path_factory):
+def server(s3_endpoint, aws_test_env, loopback_port, serving, tmp_path_factory):
     import boto3
 
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", **_keys()).create_bucket(
@@ -41,15 +39,10 @@ def server(s3_endpoint, aws_test_env, loopback_port, tmp_path_factory):
     proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(uri + "/health", timeout=2).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError((root / "server.log").read_text()[-3000:]) from None
-                time.sleep(0.5)
+        try:
+            serving(uri + "/health", proc, 120, "mlflow server")
+        except RuntimeError as err:
+            raise RuntimeError(f"{err}: {(root / 'server.log').read_text()[-3000:]}") from None
         yield uri
     finally:
         proc.terminate()

@@ -85,6 +85,18 @@ class ModelArgs:
     def with_(self, **changes) -> ModelArgs:
         return replace(self, **changes)
 
+    def not_divisible(self, parts: int, names: tuple[str, ...]) -> list[str]:
+        """ "name=size" for each of the named dimensions that `parts` does not divide: what
+        stops the model from being split `parts` ways (tensor parallel, Meta's MP shards)."""
+        sizes = {
+            "n_heads": self.n_heads,
+            "n_kv_heads": self.kv_heads,
+            "dim": self.dim,
+            "ffn_hidden_dim": self.ffn_hidden_dim,
+            "vocab_size": self.vocab_size,
+        }
+        return [f"{n}={sizes[n]}" for n in names if sizes[n] % parts]
+
 
 @dataclass(frozen=True)
 class Preset:

@@ -53,14 +53,7 @@ def build_mesh(world_size: int, tensor: int, device_type: str) -> DeviceMesh:
 
 def check_divisible(model: Llama, tp: int) -> None:
     """Raise ValueError naming every model dimension the tp degree does not divide."""
-    args = model.args
-    sizes = {
-        "n_heads": args.n_heads,
-        "n_kv_heads": args.kv_heads,
-        "ffn_hidden_dim": args.ffn_hidden_dim,
-        "vocab_size": args.vocab_size,
-    }
-    bad = [f"{name}={size}" for name, size in sizes.items() if size % tp]
+    bad = model.args.not_divisible(tp, ("n_heads", "n_kv_heads", "ffn_hidden_dim", "vocab_size"))
     if bad:
         raise ValueError(f"tensor parallel degree {tp} must divide {', '.join(bad)}")
 

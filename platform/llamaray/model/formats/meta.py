@@ -216,14 +216,8 @@ def _meta_shard_names(num_shards: int) -> list[str]:
 
 
 def _check_shardable(args: ModelArgs, num_shards: int) -> None:
-    sizes = {
-        "n_heads": args.n_heads,
-        "n_kv_heads": args.kv_heads,
-        "dim": args.dim,
-        "ffn_hidden_dim": args.ffn_hidden_dim,
-        "vocab_size": args.vocab_size,
-    }
-    bad = [f"{k}={v}" for k, v in sizes.items() if v % num_shards]
+    names = ("n_heads", "n_kv_heads", "dim", "ffn_hidden_dim", "vocab_size")
+    bad = args.not_divisible(num_shards, names)
     if bad:
         raise ValueError(
             f"cannot split the model into {num_shards} shards: {', '.join(bad)} "
