@@ -9,6 +9,10 @@ import pytest
 def ray_cluster():
     # Loopback only: no token auth (it would write ~/.ray/auth_token on first init).
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Ray Train's placement-group cleaner asks the dashboard at 127.0.0.1:8265 by default
+    # whether our controller is alive; with no dashboard here, another cluster's dashboard
+    # on that port would answer "no" and our workers' placement group would be removed.
+    os.environ.setdefault("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:9")
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

@@ -311,6 +311,17 @@ def test_restore_latest_skips_a_candidate_that_cannot_be_fetched(tmp_path, saved
     assert "connection refused" in messages[0]
 
 
+def test_restore_latest_refuses_to_start_over_when_storage_failed(tmp_path):
+    def unreachable() -> Path:
+        raise OSError("503 SlowDown")
+
+    model, optimizer = build(seed=1)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(CheckpointError, match="refusing to start from step 0"):
+        restore_latest([unreachable], model, optimizer, lambda _: None)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
 def test_local_checkpoints_keep_the_newest_and_ignore_partial_writes(tmp_path):
     # A save that crashed before its rename, and a stale partial of a step about to be saved.
     crashed = tmp_path / (step_dir_name(9) + ".partial")

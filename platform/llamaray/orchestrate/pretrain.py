@@ -177,6 +177,7 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
 
     from llamaray.data.mixture import plan_mixture
     from llamaray.orchestrate.ray_worker import train_loop_per_worker
+    from llamaray.storage import storage_location
 
     ensure_ray()
     corpus_dir = corpus_for(cfg)
@@ -198,9 +199,9 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
 
     use_gpu = cfg.train.device == "cuda" or (cfg.train.device == "auto" and _cluster_has_gpus())
     resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
-    storage = (
-        cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve())
-    )
+    # s3:// gets our S3 filesystem (endpoint, region, retries, credentials: llamaray.storage).
+    storage, storage_fs = storage_location(cfg.storage_path)
+    shown = cfg.storage_path.rstrip("/") if storage_fs is not None else storage
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=asdict(spec),
@@ -211,6 +212,7 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
         run_config=ray.train.RunConfig(
             name=cfg.name,
             storage_path=storage,
+            storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             # Ray Train's INFO lines repeat every report's metrics per worker; the workers'
@@ -220,7 +222,7 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
     )
     _say(
         f"launching {cfg.train.num_workers} worker(s) ({'GPU' if use_gpu else 'CPU'}); "
-        f"checkpoints under {storage}/{cfg.name}"
+        f"checkpoints under {shown}/{cfg.name}"
     )
     try:
         result = trainer.fit()

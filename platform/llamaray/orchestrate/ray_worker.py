@@ -12,7 +12,9 @@ still runs, and an incomplete one falls back to the older step folders beside it
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -20,6 +22,7 @@ from pathlib import Path
 import ray.train
 from ray.train import Checkpoint
 
+from llamaray.storage import upload_checkpoint
 from llamaray.train.checkpoint import STEP_DIR, TrainState, save_checkpoint, step_dir_name
 from llamaray.train.worker import WorkerSpec, run_worker
 
@@ -58,20 +61,46 @@ class RayLauncher:
                 metrics | {"checkpoint_step": state.step, "train_state": asdict(state)},
                 checkpoint=Checkpoint.from_directory(tmp),
                 checkpoint_dir_name=step_dir_name(state.step),
+                # Ray's default upload (pyarrow copy_files) ignores errors raised when an
+                # object is closed, so a failed upload could be registered as complete.
+                checkpoint_upload_fn=upload_checkpoint,
             )
 
     def report(self, metrics: dict) -> None:
         ray.train.report(metrics)
 
 
+_DOWNLOAD_ATTEMPTS = 4
+
+
 def _local_dir(checkpoint: Checkpoint) -> Path:
-    """The checkpoint as a local directory: itself on a local file system, else a download."""
+    """The checkpoint as a local directory: itself on a local file system, else a download.
+
+    A failed download is tried again from the start (1, 2, 4 s apart): pyarrow's S3 client
+    does not retry a throttled (503 SlowDown) read of an object smaller than the error's XML
+    body ("Failed to flush response stream"), and the checkpoint's small JSON files are
+    such objects; a candidate that cannot be fetched would be passed over for an older one.
+    """
     import pyarrow.fs
 
     if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
         return Path(checkpoint.path)
-    target = Path(tempfile.mkdtemp(prefix="llamaray-restore-"))
-    return Path(checkpoint.to_directory(str(target)))
+    for attempt in range(_DOWNLOAD_ATTEMPTS):
+        target = Path(tempfile.mkdtemp(prefix="llamaray-restore-"))
+        try:
+            return Path(checkpoint.to_directory(str(target)))
+        except FileNotFoundError:
+            shutil.rmtree(target, ignore_errors=True)
+            raise
+        except OSError as err:
+            shutil.rmtree(target, ignore_errors=True)
+            if attempt + 1 == _DOWNLOAD_ATTEMPTS:
+                raise
+            logging.getLogger(__name__).warning(
+                "download of %s failed (%s); trying again", checkpoint.path, err
+            )
+            time.sleep(2**attempt)
+    raise AssertionError("unreachable")
 
 
 def _older_siblings(latest: Checkpoint) -> list[Checkpoint]:

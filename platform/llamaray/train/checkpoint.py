@@ -183,22 +183,39 @@ def restore_latest(
 ) -> TrainState | None:
     """Load the newest complete checkpoint among `candidates` (newest first, each a callable
     giving a local directory, so remote ones are fetched only when reached). Every rank
-    must pass the same candidates in the same order. Returns None when none is complete."""
+    must pass the same candidates in the same order. Returns None when there is none.
+
+    An incomplete or corrupt checkpoint is passed over for an older one. One that could not
+    be fetched (a storage error after retries) is passed over too, but if nothing loads
+    after such an error this raises CheckpointError instead of returning None: starting
+    from scratch because storage was briefly unreachable would silently throw a run away.
+    """
     rank = dist.get_rank()
-    for fetch in candidates:
+    fetch_failed = torch.zeros(1, dtype=torch.int32)
+    for index, fetch in enumerate(candidates):
         directory, problem = None, ""
         try:
             directory = fetch()
             verify_checkpoint(directory, rank)
-        except (CheckpointError, OSError) as err:
+        except CheckpointError as err:
             problem = str(err)
+        except OSError as err:
+            problem = f"could not be fetched: {err}"
+            fetch_failed[0] = 1
         ok = torch.tensor([0 if problem else 1], dtype=torch.int32)
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         if ok.item():
             state = load_checkpoint(directory, model, optimizer)
             log(f"resumed from {directory} at step {state.step}")
             return state
-        log(f"skipping checkpoint {directory}: {problem or 'incomplete on another rank'}")
+        where = directory or f"candidate {index} (newest first)"
+        log(f"skipping checkpoint {where}: {problem or 'incomplete on another rank'}")
+    dist.all_reduce(fetch_failed, op=dist.ReduceOp.MAX)
+    if fetch_failed.item():
+        raise CheckpointError(
+            "no checkpoint could be loaded and at least one could not be fetched from "
+            "storage; refusing to start from step 0 (see the messages above)"
+        )
     return None
 
 

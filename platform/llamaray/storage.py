@@ -1,0 +1,171 @@
+"""Where Ray Train keeps a run's checkpoints: a local directory, or an `s3://bucket/prefix`.
+
+For S3 the driver builds one pyarrow `S3FileSystem` (`storage_location`) and hands it to
+Ray Train as `RunConfig(storage_filesystem=...)`. Ray Train pickles it into the controller
+and every worker (with the checkpoints that `ray.train.get_checkpoint()` returns), so how
+it pickles decides what those processes see:
+
+- the S3 settings as the driver resolved them: the endpoint (`AWS_ENDPOINT_URL_S3`, else
+  `AWS_ENDPOINT_URL`, as in `llamaray.data.read`), the region (`AWS_REGION`, else
+  `AWS_DEFAULT_REGION`) and the retry strategy (`AwsStandardS3RetryStrategy` with
+  `S3_MAX_ATTEMPTS` attempts, exponential backoff with jitter, so throttling such as 503
+  SlowDown is retried). pyarrow's own pickling keeps the endpoint but drops the retry
+  strategy, hence the `S3Storage` subclass;
+- credentials come from the AWS chain of each process (environment variables, instance
+  profile or web identity, and the SDK's usual shared files), never from the run config.
+  When the driver has static credentials in its environment (`AWS_ACCESS_KEY_ID`,
+  `AWS_SECRET_ACCESS_KEY`, optionally `AWS_SESSION_TOKEN`), they travel with the
+  filesystem and are used by processes that have none in their own environment: Ray Train
+  starts its controller and workers with only its own variables, so a driver that joined a
+  running cluster (RAY_ADDRESS) would otherwise leave them without any. They are never
+  logged, and the filesystem's repr holds none of them.
+
+Uploads: Ray Train's default checkpoint upload is `pyarrow.fs.copy_files`, which drops the
+error of closing an object (pyarrow 25: its last part, or the request completing its
+multipart upload, failing after all retries), so a checkpoint with a missing object would
+be registered as the latest. `upload_checkpoint` (a `checkpoint_upload_fn` for
+`ray.train.report`) closes every object itself, so such an error fails the report, and
+checks each object's size before Ray Train registers the checkpoint.
+
+On a cluster, the endpoint of an S3-compatible store must still be in the job's
+environment for everything that is not checkpoints (a corpus on S3 is read by the workers
+through `llamaray.data.read`): `ray job submit --runtime-env-json
+'{"env_vars": {"AWS_ENDPOINT_URL": "..."}}'`, or the nodes' own environment.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow.fs
+
+S3_MAX_ATTEMPTS = 8
+"""Attempts per S3 request (the first and its retries); backoff grows to 20 s between."""
+
+_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+_CHUNK = 8 << 20
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def storage_location(storage: str) -> tuple[str, pyarrow.fs.FileSystem | None]:
+    """(storage_path, storage_filesystem) for Ray Train's RunConfig: for `s3://bucket/prefix`,
+    ("bucket/prefix", an `S3Storage`); for a local path, (its absolute path, None). Other
+    URIs (gs://, ...) are left to Ray Train and pyarrow's defaults."""
+    if is_s3(storage):
+        return storage[len("s3://") :].rstrip("/"), S3Storage.from_env()
+    if "://" in storage:
+        return storage, None
+    return str(Path(storage).resolve()), None
+
+
+class S3Storage(pyarrow.fs.S3FileSystem):
+    """pyarrow's S3 filesystem that keeps its retry strategy, and the driver's environment
+    credentials, across pickling (see the module docstring)."""
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        region: str | None = None,
+        max_attempts: int = S3_MAX_ATTEMPTS,
+        forwarded: dict[str, str] | None = None,
+    ):
+        own = _env_credentials()
+        credentials = own or forwarded or {}
+        kwargs = {}
+        if credentials and not own:  # this process's own AWS chain wins when it has keys
+            kwargs = {
+                "access_key": credentials["AWS_ACCESS_KEY_ID"],
+                "secret_key": credentials["AWS_SECRET_ACCESS_KEY"],
+                "session_token": credentials.get("AWS_SESSION_TOKEN"),
+            }
+        if endpoint:
+            kwargs["endpoint_override"] = endpoint
+        if region:
+            kwargs["region"] = region
+        super().__init__(
+            retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=max_attempts),
+            **kwargs,
+        )
+        self._settings = (endpoint, region, max_attempts)
+        self._forwarded = dict(forwarded or own)
+
+    @classmethod
+    def from_env(cls, max_attempts: int | None = None) -> S3Storage:
+        env = os.environ
+        return cls(
+            env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
+            env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
+            max_attempts or S3_MAX_ATTEMPTS,
+        )
+
+    def __reduce__(self):
+        return (_rebuild, (*self._settings, self._forwarded))
+
+    def __repr__(self) -> str:
+        endpoint, region, attempts = self._settings
+        return (
+            f"S3Storage(endpoint={endpoint or 'AWS'}, region={region or 'auto'}, "
+            f"max_attempts={attempts})"
+        )
+
+    __str__ = __repr__
+
+    @property
+    def max_attempts(self) -> int:
+        return self._settings[2]
+
+    @property
+    def endpoint(self) -> str | None:
+        return self._settings[0]
+
+
+def _rebuild(endpoint, region, max_attempts, forwarded) -> S3Storage:
+    return S3Storage(endpoint, region, max_attempts, forwarded)
+
+
+def _env_credentials() -> dict[str, str]:
+    env = {k: os.environ[k] for k in _CREDENTIALS if os.environ.get(k)}
+    return env if "AWS_ACCESS_KEY_ID" in env and "AWS_SECRET_ACCESS_KEY" in env else {}
+
+
+def upload_checkpoint(checkpoint, checkpoint_dir_name: str):
+    """`ray.train.report(..., checkpoint_upload_fn=upload_checkpoint)`: the checkpoint's
+    local directory into the run's storage folder `checkpoint_dir_name`, raising if any
+    object failed (see the module docstring). Storage that is not S3 gets Ray Train's own
+    upload, whose local copies do report their errors."""
+    import ray.train
+
+    storage = ray.train.get_context().get_storage()
+    fs = storage.storage_filesystem
+    if not isinstance(fs, pyarrow.fs.S3FileSystem):
+        return storage.persist_current_checkpoint(checkpoint, checkpoint_dir_name)
+    if not isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        raise ValueError(f"expected a checkpoint in a local directory, got {checkpoint}")
+    destination = storage.build_checkpoint_path_from_name(checkpoint_dir_name)
+    upload_directory(checkpoint.path, fs, destination)
+    return ray.train.Checkpoint(path=destination, filesystem=fs)
+
+
+def upload_directory(local: str | Path, fs: pyarrow.fs.FileSystem, destination: str) -> None:
+    """Copy the files under `local` to `destination` on `fs` one object at a time, closing
+    each explicitly (its errors raise, unlike in `pyarrow.fs.copy_files`), then check that
+    every object is there with its size. Files go in the order they were written, so the
+    record a writer finishes with (a rank's integrity-{r}.json) is the last to land."""
+    local = Path(local)
+    fs.create_dir(destination)
+    sizes = {}
+    files = [p for p in local.rglob("*") if p.is_file()]
+    for path in sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.as_posix())):
+        key = f"{destination}/{path.relative_to(local).as_posix()}"
+        with path.open("rb") as source, fs.open_output_stream(key) as out:
+            while chunk := source.read(_CHUNK):
+                out.write(chunk)
+        sizes[key] = path.stat().st_size
+    for (key, size), info in zip(sizes.items(), fs.get_file_info(list(sizes)), strict=True):
+        if info.type != pyarrow.fs.FileType.File or info.size != size:
+            found = f"{info.size} bytes" if info.type == pyarrow.fs.FileType.File else "nothing"
+            raise OSError(f"{key}: {found} in storage after the upload of {size} bytes")

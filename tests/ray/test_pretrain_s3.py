@@ -1,0 +1,380 @@
+"""Pretraining with `storage=s3://...`: checkpoints on moto's S3 server (a real HTTP S3 API
+on 127.0.0.1, see tests/conftest.py), resumed from there, through S3 throttling (503
+SlowDown) and past an upload that failed.
+
+Throttling and failures come from `FaultyS3`, an HTTP proxy in front of moto running as a
+thread of this process on 127.0.0.1. Runs are routed through it by pointing
+AWS_ENDPOINT_URL at it before `pretrain()`: the driver resolves the endpoint, and the S3
+filesystem it hands to Ray Train carries it into the controller and the workers (which
+the shared Ray cluster started without any AWS_* variable).
+"""
+
+from __future__ import annotations
+
+import http.client
+import http.server
+import pickle
+import threading
+from collections import Counter
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import pyarrow.fs
+import pytest
+from pretrain_helpers import STEPS, config, history
+
+import llamaray.storage
+from llamaray.orchestrate.pretrain import pretrain
+from llamaray.storage import S3Storage, upload_directory
+from llamaray.train.checkpoint import verify_checkpoint
+
+pytestmark = pytest.mark.ray
+
+BUCKET = "llamaray-checkpoints"
+CHECKPOINT_FILES = {
+    ".metadata",
+    "train_state.json",
+    *(f"{kind}-{r}.{ext}" for r in (0, 1) for kind, ext in (("rng", "pt"), ("integrity", "json"))),
+    "__0_0.distcp",
+    "__1_0.distcp",
+}
+
+
+# ------------------------------------------------------------------ S3 with faults
+
+
+class FaultyS3:
+    """Forwards S3 requests to moto, except those `rule(method, key, query, n)` picks out
+    (`key` is "/bucket/key", `n` counts the requests with that method and key, from 1): the
+    rule returns None to forward, or (status, S3 error code, forward_first). With
+    forward_first the request still reaches moto, as when S3 did the work but its answer
+    was lost. (pyarrow writes every object as a multipart upload: POST ?uploads, PUT
+    ?partNumber=..., POST ?uploadId=... to complete it.)"""
+
+    def __init__(self, upstream: str):
+        self.upstream = urlsplit(upstream)
+        self.rule = None
+        self.seen: Counter = Counter()
+        self.failed: list[tuple[str, str, int]] = []
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, and "100 Continue" for Expect
+
+            def _handle(self):
+                body = self._body()
+                url = urlsplit(self.path)
+                key = unquote(url.path)
+                with proxy._lock:
+                    proxy.seen[(self.command, key)] += 1
+                    n = proxy.seen[(self.command, key)]
+                    rule = proxy.rule
+                    fault = (rule(self.command, key, url.query, n) if rule else None) or None
+                    if fault:
+                        proxy.failed.append((self.command, key, fault[0]))
+                if fault is None or fault[2]:
+                    status, headers, data = proxy._forward(self, body)
+                if fault is not None:
+                    status, code = fault[0], fault[1]
+                    data = _s3_error(code, key)
+                    headers = [("Content-Type", "application/xml")]
+                self.send_response(status)
+                for name, value in headers:
+                    self.send_header(name, value)
+                if self.command != "HEAD" or fault is not None:
+                    self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            def _body(self) -> bytes:
+                if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+                    parts = []
+                    while size := int(self.rfile.readline().split(b";")[0], 16):
+                        parts.append(self.rfile.read(size))
+                        self.rfile.readline()
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    return b"".join(parts)
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def _forward(self, request, body: bytes):
+        conn = http.client.HTTPConnection(self.upstream.hostname, self.upstream.port, timeout=60)
+        try:
+            drop = _HOP | {"content-length"}
+            headers = {k: v for k, v in request.headers.items() if k.lower() not in drop}
+            if body or request.command in ("PUT", "POST"):
+                headers["Content-Length"] = str(len(body))
+            conn.request(request.command, request.path, body=body, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+            skip = (
+                _HOP
+                | {"server", "date"}
+                | ({"content-length"} if request.command != "HEAD" else set())
+            )
+            return (
+                resp.status,
+                [(k, v) for k, v in resp.getheaders() if k.lower() not in skip],
+                data,
+            )
+        finally:
+            conn.close()
+
+    def faults(self, status: int, method: str | None = None) -> Counter:
+        """Injected errors with `status` (to `method` requests) by key."""
+        return Counter(k for m, k, s in self.failed if s == status and method in (None, m))
+
+    def reset(self, rule=None) -> None:
+        with self._lock:
+            self.rule, self.failed = rule, []
+            self.seen.clear()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+_HOP = {
+    "connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer",
+    "upgrade", "expect",
+}  # fmt: skip
+
+
+def _s3_error(code: str, key: str) -> bytes:
+    message = {
+        "SlowDown": "Please reduce your request rate.",
+        "InternalError": "We encountered an internal error. Please try again.",
+    }.get(code, code)
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f"<Error><Code>{code}</Code><Message>{message}</Message><Resource>{key}</Resource>"
+        "<RequestId>FAULTYS3</RequestId><HostId>faulty-s3-proxy</HostId></Error>"
+    ).encode()
+
+
+# ------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def s3(s3_endpoint, aws_test_env):
+    """A bucket on moto, with this module's environment pointing S3 clients at it."""
+    import boto3
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+            mp.delenv(name, raising=False)
+        for name, value in aws_test_env.items():
+            mp.setenv(name, value)
+        mp.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+        client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+        client.create_bucket(Bucket=BUCKET)
+        yield client
+
+
+@pytest.fixture(scope="module")
+def faulty(s3_endpoint):
+    proxy = FaultyS3(s3_endpoint)
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("pretrain-s3")
+
+
+@pytest.fixture(scope="module")
+def reference(root):
+    """An uninterrupted run of STEPS steps with its checkpoints on local disk."""
+    return pretrain(config(root, "reference"))
+
+
+def step_folders(client, prefix: str) -> dict[str, set[str]]:
+    """{step folder: its object names} under s3://BUCKET/prefix/."""
+    out: dict[str, set[str]] = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            folder, _, name = obj["Key"][len(prefix) :].partition("/")
+            if folder.startswith("step-") and name:
+                out.setdefault(folder, set()).add(name)
+    return out
+
+
+def download(client, prefix: str, dest: Path) -> Path:
+    dest.mkdir(parents=True)
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            if not obj["Key"].endswith("/"):
+                client.download_file(BUCKET, obj["Key"], str(dest / obj["Key"][len(prefix) :]))
+    return dest
+
+
+def counts(result) -> list[int]:
+    losses = history(result)
+    return [len(losses.get(step, [])) for step in range(1, STEPS + 1)]
+
+
+# ------------------------------------------------------------------ tests
+
+
+def test_filesystem_keeps_endpoint_retries_and_env_credentials_when_pickled(s3, monkeypatch):
+    fs = S3Storage.from_env()
+    attempts = llamaray.storage.S3_MAX_ATTEMPTS
+    assert fs.endpoint.startswith("http://127.0.0.1:") and fs.max_attempts == attempts
+    assert "testing" not in repr(fs)  # no credentials in what Ray Train shows of it
+    # A process without AWS_* variables (a Ray Train worker) gets the driver's settings.
+    blob = pickle.dumps(fs)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name)
+    remote = pickle.loads(blob)
+    assert (remote.endpoint, remote.max_attempts) == (fs.endpoint, attempts)
+    remote.create_dir(f"{BUCKET}/pickled")
+    with remote.open_output_stream(f"{BUCKET}/pickled/x.json") as f:
+        f.write(b"{}")  # unsigned, the body would be stored aws-chunked: not b"{}"
+    assert s3.get_object(Bucket=BUCKET, Key="pickled/x.json")["Body"].read() == b"{}"
+
+
+def test_checkpoints_on_s3_and_relaunch_resumes_from_them(s3, root, reference):
+    storage = f"storage=s3://{BUCKET}/plain"
+    first = pretrain(config(root, "on-s3", storage, "train.stop_at_step=4"))
+    assert first.paused and first.step == 4
+    assert first.checkpoint == f"{BUCKET}/plain/on-s3/step-00000004"
+    folders = step_folders(s3, "plain/on-s3/")
+    assert folders == {"step-00000002": CHECKPOINT_FILES, "step-00000004": CHECKPOINT_FILES}
+    assert not (root / "checkpoints" / "on-s3").exists()
+
+    second = pretrain(config(root, "on-s3", storage))
+    assert second.step == STEPS and second.mlflow_run_id == first.mlflow_run_id
+    assert counts(second) == [1] * STEPS  # 1..4 by the first launch, 5..6 by the second
+    assert history(second) == history(reference)  # bit for bit
+    assert history(second, "rows_crc") == history(reference, "rows_crc")
+
+
+def test_upload_directory_raises_where_copy_files_does_not(s3, faulty, tmp_path):
+    """An object whose multipart upload cannot be completed: pyarrow.fs.copy_files, Ray
+    Train's default checkpoint upload, drops the error; llamaray.storage's upload raises."""
+    local = tmp_path / "checkpoint"
+    local.mkdir()
+    (local / "a.json").write_text("{}")
+    (local / "b.distcp").write_bytes(b"b" * 3000)
+    faulty.reset(lambda method, key, query, n: (
+        (500, "InternalError", False)
+        if method == "POST" and key.endswith("/b.distcp") and "uploadId=" in query
+        else None
+    ))  # fmt: skip
+    fs = S3Storage(faulty.url, "us-east-1", max_attempts=2)
+    pyarrow.fs.copy_files(
+        str(local), f"{BUCKET}/upload/copy_files", destination_filesystem=fs, use_threads=False
+    )  # no error: that is the bug worked around
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="upload/")["Contents"]}
+    assert "upload/copy_files/b.distcp" not in keys and "upload/copy_files/a.json" in keys
+
+    with pytest.raises(OSError, match="CompleteMultipartUpload"):
+        upload_directory(local, fs, f"{BUCKET}/upload/ours")
+    faulty.reset()
+    upload_directory(local, fs, f"{BUCKET}/upload/ours")
+    body = s3.get_object(Bucket=BUCKET, Key="upload/ours/b.distcp")["Body"].read()
+    assert body == b"b" * 3000
+
+
+def test_slowdowns_are_retried_and_a_damaged_latest_checkpoint_is_skipped(
+    s3, faulty, root, reference, monkeypatch
+):
+    """The first 3 part uploads of each DCP shard are answered 503 SlowDown: more than
+    pyarrow's default of 3 attempts survives, so this also shows the workers retry with
+    llamaray.storage's strategy. Then the newest checkpoint loses an object (as an upload
+    whose error was dropped leaves it) and a relaunch, whose downloads are slowed down too,
+    resumes from the checkpoint before it."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", faulty.url)
+    prefix = f"/{BUCKET}/flaky/flaky/step-"
+
+    def slow_down(method, key, query, n):
+        # The shards' parts 3 times (beyond pyarrow's default attempts), train_state.json
+        # once: pyarrow does not retry a throttled read of an object smaller than the
+        # error's body, ray_worker._local_dir downloads again.
+        shard, state = key.endswith(".distcp"), key.endswith("/train_state.json")
+        limit = 3 if shard else 1 if state else 0
+        if method in ("PUT", "GET") and key.startswith(prefix) and n <= limit:
+            return 503, "SlowDown", False
+        return None
+
+    faulty.reset(slow_down)
+    storage = f"storage=s3://{BUCKET}/flaky"
+    run = pretrain(config(root, "flaky", storage))
+    assert run.step == STEPS
+    slowed = faulty.faults(503, "PUT")
+    for step in (2, 4, 6):
+        for name in ("__0_0.distcp", "__1_0.distcp", "train_state.json"):
+            key = f"{prefix}{step:08d}/{name}"
+            assert slowed[key] == (3 if name.endswith(".distcp") else 1), key
+    assert history(run) == history(reference)
+    folders = step_folders(s3, "flaky/flaky/")
+    assert folders == {f"step-{s:08d}": CHECKPOINT_FILES for s in (2, 4, 6)}
+    for step in (4, 6):
+        local = download(s3, f"flaky/flaky/step-{step:08d}/", root / f"flaky-{step}")
+        assert verify_checkpoint(local).step == step
+
+    s3.delete_object(Bucket=BUCKET, Key="flaky/flaky/step-00000006/__1_0.distcp")
+    faulty.reset(lambda method, key, query, n: method == "GET" and slow_down(method, key, query, n))
+    again = pretrain(config(root, "flaky", storage))
+    assert again.step == STEPS
+    assert counts(again) == [1, 1, 1, 1, 2, 2]  # resumed from step 4
+    losses = history(again)
+    assert {s: v[-1] for s, v in losses.items()} == {s: v[0] for s, v in history(reference).items()}
+    slowed = faulty.faults(503, "GET")
+    for step in (4, 6):  # step 6 was fetched and rejected, step 4 fetched and loaded
+        assert slowed[f"{prefix}{step:08d}/__0_0.distcp"] == 3, step
+        assert slowed[f"{prefix}{step:08d}/train_state.json"] == 1, step
+
+
+# Ray Train uploads with pyarrow.fs.copy_files unless told otherwise, and that drops the
+# error (see test_upload_directory_raises_where_copy_files_does_not); RayLauncher passes
+# checkpoint_upload_fn=llamaray.storage.upload_checkpoint, which raises.
+def test_failed_upload_never_becomes_the_latest_checkpoint(
+    s3, faulty, root, reference, monkeypatch
+):
+    """Rank 1's last object of step 4 (its integrity record) reaches S3, but each answer
+    to the request completing its upload is a 500: the folder in S3 is complete and would
+    verify, yet the launch fails, Ray Train never registers it, and the relaunch resumes
+    from step 2, not from that folder."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", faulty.url)
+    monkeypatch.setattr(llamaray.storage, "S3_MAX_ATTEMPTS", 2)  # fail in seconds
+    record = f"/{BUCKET}/broken/broken/step-00000004/integrity-1.json"
+
+    def lose_answer(method, key, query, n):
+        if method == "POST" and key == record and "uploadId=" in query:
+            return 500, "InternalError", True
+        return None
+
+    faulty.reset(lose_answer)
+    storage = f"storage=s3://{BUCKET}/broken"
+    with pytest.raises(Exception, match="CompleteMultipartUpload"):
+        pretrain(config(root, "broken", storage))
+    assert faulty.faults(500)[record] >= 2
+    assert step_folders(s3, "broken/broken/") == {
+        "step-00000002": CHECKPOINT_FILES,
+        "step-00000004": CHECKPOINT_FILES,
+    }
+    partial = download(s3, "broken/broken/step-00000004/", root / "broken-4")
+    assert verify_checkpoint(partial).step == 4  # it would load, if anything picked it
+
+    faulty.reset()
+    again = pretrain(config(root, "broken", storage))
+    assert again.step == STEPS
+    # Steps 3 and 4 ran again after resuming from step 2; the repeats are bit for bit.
+    assert counts(again) == [1, 1, 2, 2, 1, 1]
+    losses, expected = history(again), history(reference)
+    assert {s: v[-1] for s, v in losses.items()} == {s: v[0] for s, v in expected.items()}
