@@ -20,3 +20,20 @@ def ray_cluster():
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory, request):
+    """An output directory per test module: its corpus, checkpoints and MLflow store."""
+    return tmp_path_factory.mktemp(request.module.__name__)
+
+
+@pytest.fixture(scope="module")
+def reference(root):
+    """An uninterrupted pretraining run of `pretrain_helpers.STEPS` steps on 2 workers,
+    checkpoints on local disk: what interrupted, resumed or relocated runs must match."""
+    from pretrain_helpers import config
+
+    from llamaray.orchestrate.pretrain import pretrain
+
+    return pretrain(config(root, "reference"))

@@ -21,17 +21,6 @@ from llamaray.train.tracking import RUN_NAME_TAG
 pytestmark = pytest.mark.ray
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return tmp_path_factory.mktemp("pretrain")
-
-
-@pytest.fixture(scope="module")
-def reference(root):
-    """An uninterrupted run of STEPS steps on 2 workers."""
-    return pretrain(config(root, "reference"))
-
-
 def test_loss_falls_and_run_is_tracked(reference, root):
     losses = history(reference)
     assert sorted(losses) == list(range(1, STEPS + 1))

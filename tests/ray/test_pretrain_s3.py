@@ -191,17 +191,6 @@ def faulty(s3_endpoint):
     proxy.close()
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return tmp_path_factory.mktemp("pretrain-s3")
-
-
-@pytest.fixture(scope="module")
-def reference(root):
-    """An uninterrupted run of STEPS steps with its checkpoints on local disk."""
-    return pretrain(config(root, "reference"))
-
-
 def step_folders(client, prefix: str) -> dict[str, set[str]]:
     """{step folder: its object names} under s3://BUCKET/prefix/."""
     out: dict[str, set[str]] = {}
