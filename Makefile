@@ -57,10 +57,11 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix platform jobs tests cluster
 	$(VENV)/bin/ruff format platform jobs tests cluster
 
-bench: $(STAMP)  ## training step vs HF, tokenizer, tokenize+pack on Ray; figures in docs/benchmarks.md
+bench: $(STAMP)  ## training step vs HF, tokenizer, tokenize+pack on Ray, Ray Train vs torchrun; figures in docs/benchmarks.md
 	$(PY) -m llamaray.bench.train_step
 	$(PY) -m llamaray.bench.tokenizer_throughput
 	$(PY) -m llamaray.bench.tokenize_pack
+	$(PY) -m llamaray.bench.ray_overhead
 
 mlflow-ui: $(STAMP)  ## the local tracking store of runs under runs/ (make demo's)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///runs/mlflow.db \
