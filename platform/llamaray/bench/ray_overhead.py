@@ -7,7 +7,7 @@ with the same config, the same corpus and the same threads per worker:
   llamaray.bench.torchrun_entry SPEC.json`: a gloo process group and a `LocalLauncher`.
 - **ray**: `llamaray.orchestrate.pretrain.pretrain(cfg)` itself -- the product's driver,
   its `TorchTrainer`, scaling and run config, with `RayLauncher` reporting to Ray Train --
-  on a fresh local Ray (`ray.init(num_cpus=W)`). The only change is the per-worker
+  on a fresh local Ray (`ray.init(num_cpus=W x cpus per worker)`). The only change is the per-worker
   function: `ray_train_loop` below is `train_loop_per_worker` with the launcher wrapped.
 
 In both, the launcher is wrapped in `StepRecorder` (`bench/torchrun_entry.py`), which
@@ -34,7 +34,9 @@ The first `--warmup` steps and the last one (run_worker always checkpoints and v
 at the end) are left out. Runs alternate, torchrun first, so that drift in machine load
 hits both alike; the medians are over every kept step of a setup's runs. Ray is started
 for each Ray run and shut down after it, so the torchrun runs share the machine with no
-Ray processes. The wall time of a launch (from starting torchrun, or from `ray.init`, to
+Ray processes. Ray starts its workers at niceness 15, below every other process; the
+torchrun workers get the same (`--nice`), so other load on a shared machine slows both
+alike. The wall time of a launch (from starting torchrun, or from `ray.init`, to
 return: start-up, model build and the final checkpoint included) is for information and
 in no ratio.
 
@@ -47,6 +49,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import shutil
 import statistics
@@ -62,10 +65,10 @@ from llamaray.config import RunConfig
 from llamaray.train.worker import WorkerSpec, run_worker
 
 DEFAULT_OUTPUT = "runs/bench-ray-overhead"
-RAY_WORKER_NICENESS = 15
+RAY_WORKER_NICENESS = int(os.environ.get("RAY_worker_niceness", 15))  # noqa: SIM112
 """Ray's raylet starts worker processes at this niceness (its `worker_niceness` setting,
-`RAY_worker_niceness`), below its own daemons; torchrun's workers get it too, so that on a
-shared machine both stand equal against other load."""
+15 unless `RAY_worker_niceness` says otherwise), below its own daemons; torchrun's workers
+get it too, so that on a shared machine both stand equal against other load."""
 
 
 def ray_train_loop(config: dict) -> None:
@@ -130,11 +133,11 @@ def _fresh(cfg: RunConfig) -> Path:
     return run_dir
 
 
-def _start_ray(workers: int) -> None:
+def _start_ray(opts: argparse.Namespace) -> None:
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=workers)
+    ray.init(num_cpus=math.ceil(opts.workers * opts.cpus_per_worker))
 
 
 def prepare(opts: argparse.Namespace) -> str:
@@ -143,7 +146,7 @@ def prepare(opts: argparse.Namespace) -> str:
 
     from llamaray.orchestrate.pretrain import corpus_for
 
-    _start_ray(opts.workers)
+    _start_ray(opts)
     try:
         return corpus_for(bench_config(opts, "prepare"))
     finally:
@@ -185,7 +188,7 @@ def run_ray(opts: argparse.Namespace, name: str, corpus: str) -> dict:
     cfg = bench_config(opts, name, corpus)
     run_dir = _fresh(cfg)
     start = time.perf_counter()
-    _start_ray(opts.workers)
+    _start_ray(opts)
     try:
         with mock.patch.object(ray_worker, "train_loop_per_worker", ray_overhead.ray_train_loop):
             pretrain(cfg)
@@ -204,7 +207,10 @@ def _weights(cfg: RunConfig) -> dict[str, float]:
 
 
 def _summary(setup: str, name: str, run_dir: Path, wall: float, opts) -> dict:
-    data = json.loads((run_dir / STEPS_FILE).read_text())
+    steps_file = run_dir / STEPS_FILE
+    if not steps_file.is_file():  # e.g. pretrain() no longer picks up the patched loop
+        raise RuntimeError(f"{setup}: rank 0 wrote no {steps_file}")
+    data = json.loads(steps_file.read_text())
     records = sorted(data["records"], key=lambda r: r["step"])
     # Reports after the warm-up, but not the last step's; each paired with the report
     # before it, so that an iteration is (time between them) / (steps between them).
