@@ -211,6 +211,11 @@ class TrackingConfig(_Section):
         "sqlite:///<output_dir>/mlflow.db.",
     )
     experiment: str = "llamaray"
+    parent_run_id: str | None = Field(
+        None,
+        description="MLflow run this run is a child of (a sweep's parent run, the base "
+        "model's run of a finetune); shown nested under it in the MLflow UI.",
+    )
     system_metrics: bool = Field(True, description="CPU/GPU/memory sampled by MLflow.")
     export_hf: bool = Field(True, description="Log the final model in Hugging Face format.")
 

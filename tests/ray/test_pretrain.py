@@ -33,6 +33,10 @@ def test_loss_falls_and_run_is_tracked(reference, root):
     assert run.data.tags[RUN_NAME_TAG] == "reference"
     assert run.data.params["train.steps"] == str(STEPS)
     assert run.data.params["model.preset"] == "debug"
+    exported_params = sum(
+        p.numel() for p in Llama.from_pretrained(reference.run_dir / "hf").parameters()
+    )
+    assert run.data.params["derived.n_params"] == str(exported_params)
     for key in ("lr", "grad_norm", "tokens_per_s", "memory_gb", "val_loss"):
         assert key in run.data.metrics, key
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

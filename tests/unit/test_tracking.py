@@ -9,6 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from llamaray.train.tracking import (
+    PARENT_TAG,
     RUN_NAME_TAG,
     MetricLogger,
     flatten,
@@ -90,6 +91,15 @@ def test_open_run_creates_once_then_finds_it_by_name(store, tmp_path):
     open_run(store, "exp-rooted", "alpha", artifact_root=tmp_path / "art")
     rooted = client.get_experiment_by_name("exp-rooted")
     assert rooted.artifact_location == (tmp_path / "art").resolve().as_uri()
+
+
+def test_open_run_nests_a_child_under_its_parent(store):
+    parent, _ = open_run(store, "exp-nest", "sweep")
+    child, created = open_run(store, "exp-nest", "sweep-trial-0", parent_run_id=parent)
+    assert created
+    client = MlflowClient(store)
+    assert client.get_run(child).data.tags[PARENT_TAG] == parent
+    assert PARENT_TAG not in client.get_run(parent).data.tags
 
 
 def test_metric_logger_batches_metrics_and_sets_status(store, tmp_path):

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -137,21 +138,25 @@ def mixture_weights(configured: dict[str, float] | None, rows: dict[str, int]) -
     return weights
 
 
-def open_tracking(cfg: RunConfig, corpus_dir: str, manifest: dict, plan: dict):
+def open_tracking(cfg: RunConfig, corpus_dir: str, manifest: dict, plan: dict | None):
     """Open or find the run's MLflow run and record config, manifest, plan and tokenizer."""
     from mlflow.tracking import MlflowClient
 
     from llamaray.train.tracking import flatten, open_run, tracking_uri
 
     uri = tracking_uri(cfg.tracking.uri, cfg.output_dir)
-    run_id, created = open_run(uri, cfg.tracking.experiment, cfg.name)
+    run_id, created = open_run(
+        uri, cfg.tracking.experiment, cfg.name, parent_run_id=cfg.tracking.parent_run_id
+    )
     client = MlflowClient(uri)
     if created:
         params = flatten(cfg.model_dump(exclude={"faults"}))
-        params |= {"derived.grad_accum_steps": str(cfg.grad_accum_steps)}
         params |= {
+            "derived.grad_accum_steps": str(cfg.grad_accum_steps),
             "derived.peak_lr": str(cfg.peak_lr),
             "derived.batch_tokens": str(cfg.batch_tokens),
+            # N of the scaling law (`llamaray plan`), with the corpus tokenizer's vocabulary.
+            "derived.n_params": str(count_params(cfg, manifest["tokenizer"]["vocab_size"])),
         }
         items = sorted(params.items())
         from mlflow.entities import Param
@@ -162,7 +167,8 @@ def open_tracking(cfg: RunConfig, corpus_dir: str, manifest: dict, plan: dict):
         _say(f"MLflow run {run_id} exists for {cfg.name!r}: continuing it")
     client.log_text(run_id, cfg.to_yaml(), "config.yaml")
     client.log_dict(run_id, manifest, "data/manifest.json")
-    client.log_dict(run_id, plan, "data/mixture.json")
+    if plan is not None:
+        client.log_dict(run_id, plan, "data/mixture.json")
     client.set_tag(run_id, "llamaray.corpus", corpus_dir)
     tokenizer = Path(manifest["tokenizer"]["path"])
     if tokenizer.is_file():
@@ -170,14 +176,23 @@ def open_tracking(cfg: RunConfig, corpus_dir: str, manifest: dict, plan: dict):
     return uri, run_id
 
 
-def pretrain(cfg: RunConfig) -> PretrainResult:
-    """Run (or resume) the pretraining run `cfg.name` on the Ray cluster."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+def count_params(cfg: RunConfig, vocab_size: int) -> int:
+    """Parameters of the run's model, counted on the meta device (no memory)."""
+    import torch
 
+    from llamaray.model import Llama
+
+    with torch.device("meta"):
+        return Llama(cfg.model.args(vocab_size)).num_params()
+
+
+def pretrain(cfg: RunConfig, callbacks: Sequence = ()) -> PretrainResult:
+    """Run (or resume) the pretraining run `cfg.name` on the Ray cluster.
+
+    `callbacks` are Ray Train callbacks, e.g. Tune's `TuneReportCallback` when a sweep
+    trial runs this.
+    """
     from llamaray.data.mixture import plan_mixture
-    from llamaray.orchestrate.ray_worker import train_loop_per_worker
-    from llamaray.storage import storage_location
 
     ensure_ray()
     corpus_dir = corpus_for(cfg)
@@ -196,14 +211,33 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
         uri, run_id = open_tracking(cfg, corpus_dir, manifest, plan.to_dict())
     run_dir = Path(cfg.output_dir).resolve() / cfg.name
     spec = WorkerSpec(cfg.model_dump(), corpus_dir, str(run_dir), uri, run_id, weights)
+    return launch(cfg, spec, callbacks=callbacks)
 
+
+def launch(
+    cfg: RunConfig,
+    spec: WorkerSpec,
+    *,
+    callbacks: Sequence = (),
+    train_loop: Callable[[dict], None] | None = None,
+) -> PretrainResult:
+    """Start `cfg.train.num_workers` Ray Train workers running `train_loop` (default:
+    `run_worker` through `train_loop_per_worker`) on `spec`, under the fixed run name
+    `cfg.name`, and wait for the outcome. Relaunching a name resumes its checkpoints."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from llamaray.orchestrate.ray_worker import train_loop_per_worker
+    from llamaray.storage import storage_location
+
+    uri, run_id = spec.tracking_uri, spec.mlflow_run_id
     use_gpu = cfg.train.device == "cuda" or (cfg.train.device == "auto" and _cluster_has_gpus())
     resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
     # s3:// gets our S3 filesystem (endpoint, region, retries, credentials: llamaray.storage).
     storage, storage_fs = storage_location(cfg.storage_path)
     shown = cfg.storage_path.rstrip("/") if storage_fs is not None else storage
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        train_loop or train_loop_per_worker,
         train_loop_config=asdict(spec),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
@@ -215,6 +249,7 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
             storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            callbacks=list(callbacks),
             # Ray Train's INFO lines repeat every report's metrics per worker; the workers'
             # own progress lines already say what happens.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
@@ -239,7 +274,7 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
         int(metrics.get("step", 0)),
         metrics,
         result.checkpoint.path if result.checkpoint else None,
-        run_dir,
+        Path(spec.run_dir),
         uri,
         run_id,
     )

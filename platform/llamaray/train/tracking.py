@@ -16,6 +16,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 RUN_NAME_TAG = "llamaray.run_name"
+PARENT_TAG = "mlflow.parentRunId"
+"""MLflow's own tag for nesting: the UI shows such a run under its parent."""
 
 
 def tracking_uri(configured: str | None, output_dir: str | Path) -> str:
@@ -40,9 +42,14 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
 
 
 def open_run(
-    uri: str, experiment: str, run_name: str, artifact_root: str | Path | None = None
+    uri: str,
+    experiment: str,
+    run_name: str,
+    artifact_root: str | Path | None = None,
+    parent_run_id: str | None = None,
 ) -> tuple[str, bool]:
-    """Find the MLflow run tagged with `run_name` in `experiment`, or create it.
+    """Find the MLflow run tagged with `run_name` in `experiment`, or create it (nested
+    under `parent_run_id` when given: MLflow's `mlflow.parentRunId` tag).
 
     Returns (run_id, created). A new experiment on a file or SQLite store keeps its
     artifacts under `artifact_root` (default: next to the database).
@@ -67,7 +74,10 @@ def open_run(
     )
     if runs:
         return runs[0].info.run_id, False
-    run = client.create_run(experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name})
+    tags = {RUN_NAME_TAG: run_name}
+    if parent_run_id:
+        tags[PARENT_TAG] = parent_run_id
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     return run.info.run_id, True
 
 
