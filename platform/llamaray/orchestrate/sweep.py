@@ -1,0 +1,397 @@
+"""`llamaray sweep`: learning rate x batch size sweeps on Ray Tune, with ASHA early stopping.
+
+    llamaray sweep --config jobs/configs/sweep-demo.yaml
+    ray job submit --runtime-env jobs/runtime_env.yaml -- python jobs/sweep.py --config ...
+
+The driver prepares (or reuses) the corpus once, so trials never prepare it concurrently;
+opens the sweep's MLflow run (the parent); then runs a Ray Tune `Tuner` whose trials each
+launch one pretraining run on Ray Train (`sweep_tune.run_trial`). ASHA compares trials by
+validation loss at its rungs and stops the worse ones. At the end every trial's MLflow
+run (a child of the parent) is marked with how it ended, and the parent gets the summary
+table, a plot of loss against LR per batch size, and `best.yaml`, the best trial's config
+ready to train.
+
+Resuming: the Tune experiment lives at `<storage>/<sweep name>`. Relaunching the same
+sweep finds it (`Tuner.can_restore`) and restores it: finished trials stay finished,
+unfinished ones start again under the same run name and so resume their pretraining
+checkpoints and their MLflow runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from llamaray.config import ConfigError, RunConfig
+from llamaray.orchestrate.sweep_config import (
+    SearchSpace,
+    SweepConfig,
+    SweepFile,
+    load_sweep_config,
+    planned_trials,
+    resolve_asha,
+    resolve_space,
+    search_algorithm,
+)
+from llamaray.orchestrate.sweep_report import (
+    FAILED,
+    STOPPED_EARLY,
+    TrialOutcome,
+    best_config,
+    best_trial,
+    classify,
+    loss_vs_lr_png,
+    summary_csv,
+    summary_markdown,
+)
+
+SWEEP_TAG = "llamaray.sweep"
+"""On the parent and every child: the sweep's name."""
+CONFIG_HASH_TAG = "llamaray.sweep.config_hash"
+STOPPED_EARLY_TAG = "llamaray.sweep.stopped_early"
+TRIAL_DRIVER_MEMORY = 512 * 2**20
+"""What a trial reserves for itself: it only drives a Train run (the workers reserve the
+CPUs and GPUs), but Tune cannot place a trial that asks for nothing, and memory is what
+its process really uses. Reserving a CPU instead would take a core from the workers."""
+
+
+@dataclass
+class SweepResult:
+    name: str
+    outcomes: list[TrialOutcome]
+    best: TrialOutcome | None
+    best_yaml: Path | None
+    """`<output_dir>/sweeps/<name>/best.yaml`: `llamaray train --config` it."""
+    out_dir: Path
+    tracking_uri: str
+    parent_run_id: str
+    resumed: bool
+
+
+def _say(msg: str) -> None:
+    print(f"[llamaray] {msg}", file=sys.stderr, flush=True)
+
+
+def run_sweep(run: RunConfig, sweep: SweepConfig) -> SweepResult:
+    """Run (or resume) the sweep `run.name` on the Ray cluster and report it in MLflow.
+
+    >>> run, sweep = load_sweep_config("jobs/configs/sweep-demo.yaml")  # doctest: +SKIP
+    >>> result = run_sweep(run, sweep)  # doctest: +SKIP
+    >>> result.best.lr, result.best_yaml  # doctest: +SKIP
+    (0.0012, PosixPath('runs/sweeps/sweep-demo/best.yaml'))
+    """
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from llamaray.orchestrate.pretrain import corpus_for, ensure_ray
+    from llamaray.orchestrate.sweep_tune import ProgressLines, run_trial
+    from llamaray.storage import storage_location
+    from llamaray.train.tracking import tracking_uri
+
+    space, asha = resolve_space(run, sweep), resolve_asha(run, sweep)
+    ensure_ray()
+    corpus = corpus_for(run)  # once, here: trials never prepare the corpus concurrently
+    uri = _absolute_sqlite(tracking_uri(run.tracking.uri, run.output_dir))
+    parent_id = open_parent(run, sweep, space, uri)
+    base = trial_base(run, corpus, uri)
+
+    storage, storage_fs = storage_location(base.storage_path)
+    experiment_path = f"{storage.rstrip('/')}/{run.name}"
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            run_trial,
+            base=base.model_dump(),
+            sweep_name=run.name,
+            parent_run_id=parent_id,
+            last_step=asha.max_t,
+        ),
+        {"memory": TRIAL_DRIVER_MEMORY},
+    )
+    resumed = tune.Tuner.can_restore(experiment_path, storage_filesystem=storage_fs)
+    if resumed:
+        _say(
+            f"sweep {run.name}: resuming {experiment_path}: finished trials are kept, "
+            "unfinished ones resume from their checkpoints"
+        )
+        tuner = tune.Tuner.restore(
+            experiment_path,
+            trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            storage_filesystem=storage_fs,
+        )
+    else:
+        concurrency = sweep.max_concurrent_trials or _fitting_concurrency(run, space, ray)
+        _say(
+            f"sweep {run.name}: {space.n_trials} trials, {concurrency} at a time; "
+            + _describe(space, asha)
+        )
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space.param_space(),
+            tune_config=tune.TuneConfig(
+                metric="val_loss",
+                mode="min",
+                num_samples=space.num_samples,
+                # The generator itself limits concurrency: Tune ignores max_concurrent_trials
+                # next to a BasicVariantGenerator passed as search_alg (which we need for
+                # its seed).
+                search_alg=search_algorithm(space, concurrency),
+                scheduler=ASHAScheduler(
+                    time_attr="step",
+                    max_t=asha.max_t,
+                    grace_period=asha.grace_period,
+                    reduction_factor=asha.reduction_factor,
+                ),
+            ),
+            run_config=tune.RunConfig(
+                name=run.name,
+                storage_path=storage,
+                storage_filesystem=storage_fs,
+                callbacks=[ProgressLines(run.name, asha.max_t)],
+                verbose=0,  # ProgressLines says what happens, one line per event
+            ),
+        )
+    grid = tuner.fit()
+    outcomes = collect_outcomes(grid, run, asha.max_t, uri)
+    return report_sweep(run, outcomes, uri, parent_id, corpus, resumed)
+
+
+def _fitting_concurrency(run: RunConfig, space: SearchSpace, ray) -> int:
+    from llamaray.orchestrate.sweep_config import trial_concurrency, uses_gpu
+
+    cluster = ray.cluster_resources()
+    trials, warning = trial_concurrency(cluster, run, uses_gpu(run, cluster), space.n_trials)
+    if warning:
+        _say(f"warning: {warning}")
+    return trials
+
+
+def _describe(space: SearchSpace, asha) -> str:
+    lr = (
+        "lr " + ", ".join(f"{v:.3g}" for v in space.lr_values)
+        if space.lr_values
+        else f"lr log-uniform in [{space.lr_min:.3g}, {space.lr_max:.3g}]"
+    )
+    return (
+        f"{lr}; batch tokens {', '.join(map(str, space.batch_tokens))}; ASHA compares at "
+        f"steps {', '.join(map(str, asha.rungs())) or '(none)'}, trials train to step {asha.max_t}"
+    )
+
+
+def _absolute_sqlite(uri: str) -> str:
+    """A relative SQLite path made absolute: trials run in other working directories."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
+        return prefix + str(Path(uri[len(prefix) :]).resolve())
+    return uri
+
+
+def _local_absolute(path: str | None) -> str | None:
+    if path is None or "://" in path:
+        return path
+    return str(Path(path).resolve())
+
+
+def trial_base(run: RunConfig, corpus: str, uri: str) -> RunConfig:
+    """The run every trial starts from: local paths absolute (a trial's working directory
+    is its Tune trial folder), the prepared corpus named, the tracking URI fixed."""
+    doc = run.model_dump()
+    doc["output_dir"] = _local_absolute(run.output_dir)
+    doc["storage"] = _local_absolute(run.storage_path)
+    doc["tokenizer"]["path"] = _local_absolute(run.tokenizer.path)
+    doc["data"]["corpus"] = _local_absolute(corpus)
+    doc["tracking"]["uri"] = uri
+    return RunConfig.model_validate(doc)
+
+
+def config_hash(run: RunConfig, sweep: SweepConfig) -> str:
+    """What decides a sweep's trials; a resumed sweep must have the same. The concurrency
+    is left out: a restored sweep keeps the one it started with."""
+    doc = {"run": run.model_dump(), "sweep": sweep.model_dump(exclude={"max_concurrent_trials"})}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def open_parent(run: RunConfig, sweep: SweepConfig, space: SearchSpace, uri: str) -> str:
+    """Find or create the sweep's MLflow run (named like the sweep); refuse to resume a
+    sweep whose config changed, since its restored trials would not match it."""
+    from mlflow.tracking import MlflowClient
+
+    from llamaray.train.tracking import open_run
+
+    run_id, created = open_run(uri, run.tracking.experiment, run.name)
+    client = MlflowClient(uri)
+    digest = config_hash(run, sweep)
+    if created:
+        asha = resolve_asha(run, sweep)
+        params = space.as_params() | {
+            "sweep.asha.grace_period": str(asha.grace_period),
+            "sweep.asha.reduction_factor": str(asha.reduction_factor),
+            "sweep.asha.max_t": str(asha.max_t),
+            "model.preset": run.model.preset,
+            "train.steps": str(run.train.steps),
+            "train.seq_len": str(run.train.seq_len),
+            "train.num_workers": str(run.train.num_workers),
+        }
+        for key, value in sorted(params.items()):
+            client.log_param(run_id, key, value)
+        client.set_tag(run_id, CONFIG_HASH_TAG, digest)
+        client.set_tag(run_id, SWEEP_TAG, run.name)
+        doc = SweepFile.model_validate(run.model_dump() | {"sweep": sweep.model_dump()})
+        client.log_text(run_id, doc.to_yaml(), "sweep.yaml")
+    else:
+        previous = client.get_run(run_id).data.tags.get(CONFIG_HASH_TAG)
+        if previous is not None and previous != digest:
+            raise ConfigError(
+                f"sweep {run.name!r} was started with another config (MLflow run {run_id}); "
+                "relaunch it unchanged to resume it, or give the new sweep another name"
+            )
+        client.update_run(run_id, status="RUNNING")
+        _say(f"sweep {run.name}: continuing its MLflow run {run_id}")
+    return run_id
+
+
+def collect_outcomes(grid, run: RunConfig, last_step: int, uri: str) -> list[TrialOutcome]:
+    """Each trial's outcome from Tune's results, with its MLflow child run."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(run.tracking.experiment)
+    outcomes = []
+    for result in grid:
+        metrics = result.metrics or {}
+        trial_id = metrics["trial_id"]
+        name = f"{run.name}-{trial_id}"
+        step, val_loss = int(metrics.get("step", 0)), metrics.get("val_loss")
+        error = f"{type(result.error).__name__}: {result.error}" if result.error else None
+        found = client.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"tags.`llamaray.run_name` = '{name}'",
+            max_results=1,
+        )
+        outcomes.append(
+            TrialOutcome(
+                trial_id=trial_id,
+                name=name,
+                lr=float(result.config["lr"]),
+                batch_tokens=int(result.config["batch_tokens"]),
+                step=step,
+                last_step=last_step,
+                val_loss=None if val_loss is None else float(val_loss),
+                status=classify(step, last_step, val_loss, error),
+                error=error,
+                mlflow_run_id=found[0].info.run_id if found else None,
+            )
+        )
+    return outcomes
+
+
+def report_sweep(
+    run: RunConfig,
+    outcomes: list[TrialOutcome],
+    uri: str,
+    parent_id: str,
+    corpus: str,
+    resumed: bool,
+) -> SweepResult:
+    """Mark each child run with how its trial ended; log the summary, the plot and
+    best.yaml on the parent; write them under `<output_dir>/sweeps/<name>/`."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    for o in outcomes:
+        if o.mlflow_run_id is None:
+            continue
+        client.set_tag(o.mlflow_run_id, SWEEP_TAG, run.name)
+        client.set_tag(o.mlflow_run_id, "llamaray.sweep.status", o.status)
+        # The last step trained: for a stopped trial, a step or two past ASHA's decision
+        # may have run before Tune ended its processes.
+        trained = client.get_metric_history(o.mlflow_run_id, "loss")
+        client.set_tag(
+            o.mlflow_run_id,
+            "llamaray.sweep.step_reached",
+            str(max((m.step for m in trained), default=0)),
+        )
+        if o.val_loss is not None:
+            client.log_metric(o.mlflow_run_id, "final_val_loss", o.val_loss, step=o.step)
+        if o.status == STOPPED_EARLY:
+            client.set_tag(o.mlflow_run_id, STOPPED_EARLY_TAG, "true")
+            client.set_tag(o.mlflow_run_id, "llamaray.sweep.stopped_at_step", str(o.step))
+            # The worker processes were ended by Tune, so nobody closed the run.
+            client.set_terminated(o.mlflow_run_id, "KILLED")
+        elif o.status == FAILED:
+            client.set_terminated(o.mlflow_run_id, "FAILED")
+
+    out_dir = Path(run.output_dir).resolve() / "sweeps" / run.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "summary.csv").write_text(summary_csv(outcomes))
+    (out_dir / "summary.md").write_text(summary_markdown(outcomes))
+    loss_vs_lr_png(outcomes, out_dir / "loss_vs_lr.png", f"sweep {run.name}: validation loss")
+    for name in ("summary.csv", "summary.md", "loss_vs_lr.png"):
+        client.log_artifact(parent_id, str(out_dir / name))
+
+    counts = {s: sum(o.status == s for o in outcomes) for s in {o.status for o in outcomes}}
+    for status, n in counts.items():
+        client.log_metric(parent_id, "trials_" + status.replace(" ", "_"), n)
+    best = best_trial(outcomes)
+    best_yaml = None
+    if best is not None:
+        best_yaml = out_dir / "best.yaml"
+        best_yaml.write_text(best_config(run, run.name, best, corpus).to_yaml())
+        client.log_artifact(parent_id, str(best_yaml))
+        client.log_metric(parent_id, "best_val_loss", best.val_loss)
+        client.log_metric(parent_id, "best_lr", best.lr)
+        client.log_metric(parent_id, "best_batch_tokens", best.batch_tokens)
+        client.set_tag(parent_id, "llamaray.sweep.best_trial", best.name)
+        if best.mlflow_run_id:
+            client.set_tag(parent_id, "llamaray.sweep.best_run_id", best.mlflow_run_id)
+    client.set_terminated(parent_id, "FINISHED" if best is not None else "FAILED")
+    return SweepResult(run.name, outcomes, best, best_yaml, out_dir, uri, parent_id, resumed)
+
+
+def print_result(result: SweepResult) -> None:
+    print(summary_markdown(result.outcomes), end="")
+    if result.best is None:
+        print(f"sweep {result.name}: no trial trained its whole budget; see {result.out_dir}")
+        return
+    print(
+        f"best: {result.best.name} (lr {result.best.lr:.4g}, {result.best.batch_tokens} "
+        f"tokens/step) val_loss {result.best.val_loss:.4f}\n"
+        f"train it: llamaray train --config {result.best_yaml}\n"
+        f"MLflow: run {result.parent_run_id} in {result.tracking_uri} (make mlflow-ui)"
+    )
+
+
+def cmd_sweep(opts: argparse.Namespace) -> int:
+    """`llamaray sweep`: exit 0 with a best trial, 1 when no trial finished, 2 on a bad
+    config (raised as ConfigError for cli.main to print)."""
+    run, sweep = load_sweep_config(opts.config, opts.overrides)  # before any cluster work
+    if opts.print_config:
+        doc = SweepFile.model_validate(run.model_dump() | {"sweep": sweep.model_dump()})
+        space, asha = resolve_space(run, sweep), resolve_asha(run, sweep)
+        print(doc.to_yaml(), end="")
+        print(f"# {space.n_trials} trials; {_describe(space, asha)}")
+        for i, trial in enumerate(planned_trials(space)):
+            print(f"#   trial {i}: lr {trial['lr']:.4g}, {trial['batch_tokens']} tokens/step")
+        return 0
+    result = run_sweep(run, sweep)
+    print_result(result)
+    return 0 if result.best is not None else 1
+
+
+def add_sweep_parser(sub) -> None:
+    """Register `llamaray sweep` on the CLI's subcommands."""
+    p = sub.add_parser(
+        "sweep",
+        help="learning rate x batch size sweep on Ray Tune with ASHA (config + `sweep:`); "
+        "relaunching a sweep name resumes it",
+    )
+    p.add_argument("--config", default=None, help="sweep YAML: a run config plus `sweep:`")
+    p.add_argument("--print-config", action="store_true", help="print the resolved sweep, exit")
+    p.add_argument("overrides", nargs="*", help="key.path=value, e.g. sweep.num_samples=8")
+    p.set_defaults(func=cmd_sweep)
