@@ -3,6 +3,8 @@ come from a CSV or a real SQLite MLflow store, and `llamaray plan` prints and pl
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -12,8 +14,10 @@ from mlflow.tracking import MlflowClient
 from llamaray.cli import main
 from llamaray.config import ModelConfig
 from llamaray.model import Llama
-from llamaray.plan.points import collect_mlflow_points, read_csv
+from llamaray.plan.planner import make_plan
+from llamaray.plan.points import ScalingPoint, collect_mlflow_points, read_csv
 from llamaray.plan.presets import nearest_preset
+from llamaray.plan.report import format_plan
 from llamaray.plan.scaling import (
     ScalingLaw,
     compute_optimal,
@@ -264,3 +268,16 @@ def test_plan_command_prints_and_plots(tmp_path, capsys):
     assert err.startswith("error: 4 point(s) cannot determine") and err.count("\n") == 1
     assert main(["plan", "--csv", str(csv)]) == 2
     assert "give a training budget (--compute) or a target loss" in capsys.readouterr().err
+
+
+def test_report_warns_when_the_plan_leaves_the_observed_range():
+    points = [ScalingPoint(*p) for p in zip(*synthetic(CHINCHILLA), strict=True)]
+    inside = make_plan(points, compute=1e22)  # N ~ 6B, D ~ 300B: within 1e7-1e10, 1e9-1e12
+    assert "extrapolates" not in format_plan(inside)
+    beyond = make_plan(points, compute=1e26)
+    text = format_plan(beyond)
+    assert "note: the compute-optimal plan extrapolates: N = " in text
+    assert f"is x{beyond.compute.n_params / 1e10:.2g} the largest observed" in text
+    assert "no loss floor" not in text
+    floorless = replace(inside, fit=replace(inside.fit, law=replace(inside.fit.law, E=1e-9)))
+    assert "note: E is ~0, the points show no loss floor" in format_plan(floorless)

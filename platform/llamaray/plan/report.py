@@ -42,6 +42,11 @@ def format_plan(plan: Plan) -> str:
             f"  {p.source[:24]:24} {count(p.n_params):>8} {count(p.tokens):>8} {p.loss:7.4f} "
             f"{pred:7.4f} {(pred - p.loss) / p.loss:+7.2%}"
         )
+    if law.E / min(p.loss for p in plan.points) < 1e-3:
+        lines.append(
+            "  note: E is ~0, the points show no loss floor; the fit extends their power laws "
+            "indefinitely (more and larger runs are needed to place E)"
+        )
     lines.append("")
     if plan.compute is not None:
         c = plan.compute
@@ -65,7 +70,28 @@ def format_plan(plan: Plan) -> str:
         f"D = {count(s.tokens)}): N x{i.n_params / s.n_params:.2f}, "
         f"D x{i.tokens / s.tokens:.2f}, total FLOPs x{i.total_flops / _total(s, i):.2f}",
     ]
+    lines += _extrapolation(plan)
     return "\n".join(lines)
+
+
+def _extrapolation(plan: Plan) -> list[str]:
+    """A warning for each planned N or D outside the range the points cover."""
+    n_lo, n_hi = min(p.n_params for p in plan.points), max(p.n_params for p in plan.points)
+    d_lo, d_hi = min(p.tokens for p in plan.points), max(p.tokens for p in plan.points)
+    planned = [("inference-optimal", plan.inference.n_params, plan.inference.tokens)]
+    if plan.compute is not None:
+        planned.insert(0, ("compute-optimal", plan.compute.n_params, plan.compute.tokens))
+    out = []
+    for name, n, d in planned:
+        outside = []
+        for what, x, lo, hi in (("N", n, n_lo, n_hi), ("D", d, d_lo, d_hi)):
+            if x > hi:
+                outside.append(f"{what} = {count(x)} is x{x / hi:.2g} the largest observed")
+            elif x < lo:
+                outside.append(f"{what} = {count(x)} is x{x / lo:.2g} the smallest observed")
+        if outside:
+            out.append(f"note: the {name} plan extrapolates: {'; '.join(outside)}")
+    return ["", *out] if out else []
 
 
 def _total(same_loss, inference) -> float:
