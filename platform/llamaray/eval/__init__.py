@@ -1,0 +1,1 @@
+"""Evaluation of trained checkpoints: log-likelihood scoring (`lm.py`)."""
