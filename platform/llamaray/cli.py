@@ -5,6 +5,8 @@ llamaray tokenizer train --input corpus/*.jsonl --output tok/ --vocab-size 32000
 llamaray train --config jobs/configs/demo.yaml train.steps=100
 llamaray convert ckpt/llama-7b out/llama-7b-hf --to hf
 llamaray generate --model runs/demo/model --prompt "def main("
+llamaray eval --config jobs/configs/demo.yaml --task jobs/tasks/stdlib-modules
+llamaray plan --experiment llamaray-scaling --compute 1e21 --inference-tokens 1e12
 """
 
 from __future__ import annotations
@@ -180,6 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_generate)
+    from llamaray.orchestrate.sweep import add_sweep_parser  # imports no Ray
+
+    add_sweep_parser(sub)
+    from llamaray.plan.cli import add_plan_parser  # imports no torch, scipy or matplotlib
+
+    add_plan_parser(sub)
+    from llamaray.eval.cli import add_eval_parser  # imports no Ray or torch
+
+    add_eval_parser(sub)
     return parser
 
 

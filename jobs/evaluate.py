@@ -1,0 +1,14 @@
+"""Evaluate a training run's checkpoint on local tasks and held-out perplexity.
+
+    ray job submit --runtime-env jobs/runtime_env.yaml -- \
+        python jobs/evaluate.py --config jobs/configs/demo.yaml --task jobs/tasks/stdlib-modules
+
+Same options as `llamaray eval`; results land in MLflow under the training run.
+"""
+
+import sys
+
+from llamaray.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["eval", *sys.argv[1:]]))

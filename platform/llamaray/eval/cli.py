@@ -1,0 +1,90 @@
+"""`llamaray eval`: score a training run's checkpoint (or an exported model) on local
+tasks and held-out perplexity, over Ray, into MLflow beside the training run.
+
+    llamaray eval --config jobs/configs/demo.yaml --task jobs/tasks/stdlib-modules
+    llamaray eval --config jobs/configs/demo.yaml --step 200 --fewshot 3 --workers 2
+    llamaray eval --model runs/demo/hf --task jobs/tasks/stdlib-modules
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+
+def add_eval_parser(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a run's checkpoint on local tasks + held-out perplexity (Ray, MLflow)",
+    )
+    p.add_argument("--config", default=None, help="the training run's YAML config")
+    p.add_argument("--model", default=None, help="an exported model folder instead of a run")
+    p.add_argument(
+        "--tokenizer", default=None, help="with --model: default <model>/tokenizer.model"
+    )
+    p.add_argument("--task", action="append", default=[], help="task folder; repeat for more")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    p.add_argument("--fewshot", type=int, default=None, help="shots (default: each task's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="items per task at most")
+    p.add_argument("--perplexity-rows", type=int, default=32, help="per source; 0: none")
+    p.add_argument("--workers", type=int, default=2, help="Ray actors")
+    p.add_argument("--cpus-per-worker", type=float, default=0.5)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--address", default=None, help="Ray cluster (default: RAY_ADDRESS/local)")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides of the run config")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(opts: argparse.Namespace) -> int:
+    """Everything is validated (config, tasks, checkpoint) before Ray starts."""
+    from llamaray.config import ConfigError, load_config
+    from llamaray.eval.checkpoint import corpus_dir_of, folder_target, run_target
+    from llamaray.eval.config import EvalConfig
+    from llamaray.eval.tasks import load_task
+
+    run_given = opts.config is not None or bool(opts.overrides)
+    if run_given == (opts.model is not None):
+        raise ConfigError("give either the training run (--config, overrides) or --model")
+    try:
+        eval_cfg = EvalConfig(
+            tasks=opts.task,
+            step=opts.step,
+            num_fewshot=opts.fewshot,
+            seed=opts.seed,
+            limit=opts.limit,
+            perplexity_rows=opts.perplexity_rows,
+            num_workers=opts.workers,
+            cpus_per_worker=opts.cpus_per_worker,
+            batch_size=opts.batch_size,
+        )
+    except Exception as err:  # pydantic's ValidationError: one line per bad option
+        raise ConfigError(f"invalid eval options: {err}") from None
+    tasks = [load_task(Path(t)) for t in eval_cfg.tasks]
+    if opts.model:
+        target, run_cfg, corpus_dir = folder_target(opts.model, opts.tokenizer), None, None
+        if not tasks:
+            raise ConfigError("--model needs at least one --task (no corpus to score)")
+    else:
+        run_cfg = load_config(opts.config, opts.overrides)
+        target = run_target(run_cfg, eval_cfg.step)
+        corpus_dir = corpus_dir_of(run_cfg)
+
+    from llamaray.eval.runner import evaluate, find_run, log_evaluation
+    from llamaray.orchestrate.pretrain import ensure_ray
+    from llamaray.train.tracking import tracking_uri
+
+    if opts.address:
+        os.environ["RAY_ADDRESS"] = opts.address
+    ensure_ray()
+    result = evaluate(target, tasks, eval_cfg, corpus_dir)
+    if run_cfg is not None and run_cfg.tracking.enabled:
+        uri = tracking_uri(run_cfg.tracking.uri, run_cfg.output_dir)
+        experiment = run_cfg.tracking.experiment
+        parent = find_run(uri, experiment, run_cfg.name)
+        run_id = log_evaluation(uri, experiment, run_cfg.name, result, parent)
+        print(f"logged to MLflow run {run_id} ({uri}), under training run {parent}")
+    for name, value in sorted(result.metrics().items()):
+        print(f"{name:48} {value:.4f}")
+    return 0

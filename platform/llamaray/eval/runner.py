@@ -1,0 +1,205 @@
+"""Evaluation fanned out over Ray, and its record in MLflow beside the training run.
+
+Every task's requests (`scoring.build_requests`) and the held-out perplexity rows are cut
+into contiguous shards, one per `Scorer` actor; each actor loads the model once. Results
+come back in shard order, so the outcome does not depend on the number of workers (up to
+floating-point noise of batch shapes; tested against one in-process scorer).
+
+    >>> result = evaluate(run_target(cfg), [load_task("jobs/tasks/stdlib-modules")],
+    ...                   EvalConfig(num_workers=2), corpus_dir)  # doctest: +SKIP
+    >>> log_evaluation(cfg, result)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llamaray.eval.checkpoint import EvalTarget
+from llamaray.eval.config import EvalConfig
+from llamaray.eval.perplexity import PerplexityStats, heldout_rows, score_rows
+from llamaray.eval.scoring import TaskResult, aggregate, build_requests, run_requests
+from llamaray.eval.tasks import Task
+
+EVAL_OF_TAG = "llamaray.eval_of"
+STEP_TAG = "llamaray.checkpoint_step"
+
+
+@dataclass
+class EvalResult:
+    step: int | None
+    tasks: dict[str, TaskResult] = field(default_factory=dict)
+    perplexity: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def metrics(self) -> dict[str, float]:
+        out = {}
+        for name, result in self.tasks.items():
+            out |= {f"eval/{name}/{k}": float(v) for k, v in result.metrics.items()}
+        for source, values in self.perplexity.items():
+            out |= {f"ppl/{source}/{k}": v for k, v in values.items()}
+        return out
+
+
+class Scorer:
+    """One model replica: in this process, or as a Ray actor (`ray.remote(Scorer)`)."""
+
+    def __init__(self, target: EvalTarget, batch_size: int, device: str = "cpu"):
+        import torch
+
+        from llamaray.eval.lm import LanguageModel
+
+        if device == "cpu":
+            torch.set_num_threads(1)  # one core per actor: actors are the parallelism
+        model, tokenizer = target.load(device)
+        self.lm = LanguageModel(model, tokenizer, batch_size=batch_size, device=device)
+
+    def requests(self, requests, max_new_tokens: int, stop: Sequence[str]) -> list:
+        return run_requests(self.lm, requests, max_new_tokens, stop)
+
+    def perplexity(self, rows) -> PerplexityStats:
+        return score_rows(self.lm, rows) if len(rows) else PerplexityStats()
+
+
+def ray_scorers(target: EvalTarget, opts: EvalConfig) -> list:
+    """`opts.num_workers` Scorer actors: one GPU each on a GPU cluster, else fractional CPUs."""
+    import ray
+
+    gpu = ray.cluster_resources().get("GPU", 0) > 0
+    actor = ray.remote(Scorer).options(num_cpus=opts.cpus_per_worker, num_gpus=1 if gpu else 0)
+    return [
+        actor.remote(target, opts.batch_size, "cuda" if gpu else "cpu")
+        for _ in range(opts.num_workers)
+    ]
+
+
+def evaluate(
+    target: EvalTarget,
+    tasks: Sequence[Task],
+    opts: EvalConfig,
+    corpus_dir: str | None = None,
+    scorers: Sequence | None = None,
+) -> EvalResult:
+    """Score `tasks` (and held-out perplexity of `corpus_dir`'s sources) on `scorers`
+    (default: Ray actors per `opts`)."""
+    scorers = list(scorers) if scorers is not None else ray_scorers(target, opts)
+    result = EvalResult(target.step)
+    for task in tasks:
+        start = time.perf_counter()
+        requests = build_requests(task, opts.num_fewshot, opts.seed, opts.limit)
+        args = (task.spec.max_new_tokens, task.spec.stop)
+        responses = _gather(scorers, "requests", _shards(requests, len(scorers)), args)
+        result.tasks[task.name] = aggregate(task, requests, [r for part in responses for r in part])
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in result.tasks[task.name].metrics.items())
+        _say(f"{task.name}: {shown} ({len(requests)} requests, {time.perf_counter() - start:.1f}s)")
+    if corpus_dir and opts.perplexity_rows:
+        for source, rows in heldout_rows(corpus_dir, opts.perplexity_rows).items():
+            parts = _gather(scorers, "perplexity", _shards(rows, len(scorers)), ())
+            total = sum(parts, PerplexityStats())
+            result.perplexity[source] = total.metrics()
+            _say(
+                f"perplexity {source}: {result.perplexity[source]['bits_per_byte']:.4f} bits/byte,"
+                f" {result.perplexity[source]['nats_per_token']:.4f} nats/token ({len(rows)} rows)"
+            )
+    return result
+
+
+def _shards(items, n: int) -> list:
+    """`n` contiguous, near-equal slices (some may be empty)."""
+    size, extra = divmod(len(items), n)
+    out, start = [], 0
+    for i in range(n):
+        end = start + size + (i < extra)
+        out.append(items[start:end])
+        start = end
+    return out
+
+
+def _gather(scorers: Sequence, method: str, shards: list, args: tuple) -> list:
+    if scorers and isinstance(scorers[0], Scorer):
+        return [getattr(s, method)(shard, *args) for s, shard in zip(scorers, shards, strict=True)]
+    import ray
+
+    futures = [
+        getattr(s, method).remote(shard, *args) for s, shard in zip(scorers, shards, strict=True)
+    ]
+    return ray.get(futures)
+
+
+def _say(msg: str) -> None:
+    print(f"[eval] {msg}", file=sys.stderr, flush=True)
+
+
+# ---- MLflow ----------------------------------------------------------------------------
+
+
+def log_evaluation(
+    uri: str,
+    experiment: str,
+    evaluated: str,
+    result: EvalResult,
+    training_run_id: str | None,
+) -> str:
+    """Record `result` as an MLflow run nested under the training run it evaluates (same
+    experiment, tagged with the checkpoint step), and its headline metrics in the training
+    run at that step, so they sit on its charts beside the loss. Returns the eval run id.
+
+    Re-evaluating the same step continues the same eval run (found by name)."""
+    from mlflow.tracking import MlflowClient
+
+    from llamaray.train.tracking import MetricLogger, open_run
+
+    step = result.step or 0
+    name = f"{evaluated}-eval-step-{step}" if result.step is not None else f"{evaluated}-eval"
+    run_id, _ = open_run(uri, experiment, name, parent_run_id=training_run_id)
+    client = MlflowClient(uri)
+    client.set_tag(run_id, STEP_TAG, str(step))
+    if training_run_id:
+        client.set_tag(run_id, EVAL_OF_TAG, training_run_id)
+    metrics = result.metrics()
+    logger = MetricLogger(uri, run_id, system_metrics=False)
+    logger.log(metrics, step)
+    with tempfile.TemporaryDirectory() as tmp:
+        for task, task_result in result.tasks.items():
+            path = Path(tmp) / f"{task}.jsonl"
+            path.write_text("".join(json.dumps(r) + "\n" for r in task_result.records))
+            logger.artifact(path, "predictions")
+        summary = Path(tmp) / "results.json"
+        summary.write_text(json.dumps({"step": result.step, "metrics": metrics}, indent=2))
+        logger.artifact(summary)
+    logger.finish()
+    if training_run_id:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        headline = [
+            Metric(k, v, now, step)
+            for k, v in metrics.items()
+            if k.endswith(("/acc", "/exact_match", "/bits_per_byte"))
+        ]
+        # Straight into the store: the training run's status (finished, killed) stays as is.
+        client.log_batch(training_run_id, metrics=headline)
+    return run_id
+
+
+def find_run(uri: str, experiment: str, run_name: str) -> str | None:
+    """The MLflow run of training run `run_name`, or None (never creates one)."""
+    from mlflow.tracking import MlflowClient
+
+    from llamaray.train.tracking import RUN_NAME_TAG
+
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs(
+        [found.experiment_id],
+        filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None

@@ -1,0 +1,93 @@
+"""End to end: pretrain briefly, evaluate the newest checkpoint on 2 Ray actors, and find
+the results in MLflow nested under the training run, equal to an in-process evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from pretrain_helpers import STEPS, config
+
+from llamaray.cli import main
+from llamaray.eval.checkpoint import corpus_dir_of, run_target
+from llamaray.eval.config import EvalConfig
+from llamaray.eval.runner import EVAL_OF_TAG, STEP_TAG, Scorer, evaluate
+from llamaray.eval.tasks import load_task
+from llamaray.orchestrate.pretrain import pretrain
+from llamaray.train.tracking import PARENT_TAG
+
+pytestmark = pytest.mark.ray
+
+TASKS = Path(__file__).parents[2] / "jobs" / "tasks"
+LIMIT = 6
+
+
+@pytest.fixture(scope="module")
+def trained(root):
+    cfg = config(root, "evaluated", "tracking.export_hf=false")
+    return cfg, pretrain(cfg)
+
+
+def test_evaluation_lands_under_the_training_run(trained, root, capsys):
+    cfg, result = trained
+    config_file = root / "evaluated.yaml"
+    config_file.write_text(cfg.to_yaml())
+    tasks = ["stdlib-modules", "stdlib-modules-answer", "stdlib-summary"]
+    argv = ["eval", "--config", str(config_file), "--workers", "2", "--limit", str(LIMIT)]
+    argv += ["--perplexity-rows", "8", "--cpus-per-worker", "0.5"]
+    for task in tasks:
+        argv += ["--task", str(TASKS / task)]
+    assert main(argv) == 0
+    assert "logged to MLflow run" in capsys.readouterr().out
+
+    client = MlflowClient(result.tracking_uri)
+    training = client.get_run(result.mlflow_run_id)
+    children = client.search_runs(
+        [training.info.experiment_id],
+        filter_string=f"tags.`{PARENT_TAG}` = '{training.info.run_id}'",
+    )
+    assert len(children) == 1
+    run = children[0]
+    assert run.info.run_name == f"evaluated-eval-step-{STEPS}"
+    assert run.data.tags[EVAL_OF_TAG] == training.info.run_id
+    assert run.data.tags[STEP_TAG] == str(STEPS)
+    assert run.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "predictions")}
+    assert artifacts == {f"predictions/{t}.jsonl" for t in tasks}
+
+    # The same numbers as one in-process scorer on the same checkpoint.
+    target = run_target(cfg)
+    assert target.step == STEPS
+    local = evaluate(
+        target,
+        [load_task(TASKS / t) for t in tasks],
+        EvalConfig(limit=LIMIT, perplexity_rows=8),
+        corpus_dir_of(cfg),
+        scorers=[Scorer(target, batch_size=8)],
+    ).metrics()
+    logged = run.data.metrics
+    assert set(logged) == set(local)
+    assert {"ppl/github/bits_per_byte", "ppl/prose/bits_per_byte"} <= set(logged)
+    for name, value in local.items():
+        assert logged[name] == pytest.approx(value, abs=1e-5), name
+    # A model trained for 6 steps is far from uniform but far from good: a sanity band.
+    assert 0 < logged["ppl/prose/bits_per_byte"] < 8
+    assert logged["eval/stdlib-modules/n"] == LIMIT
+
+    # The headline metrics also sit in the training run, at the checkpoint's step.
+    history = client.get_metric_history(training.info.run_id, "eval/stdlib-modules/acc")
+    assert [(m.step, m.value) for m in history] == [(STEPS, local["eval/stdlib-modules/acc"])]
+    assert client.get_run(training.info.run_id).info.status == "FINISHED"
+
+
+def test_bad_eval_input_fails_before_ray_work(trained, root, capsys):
+    cfg, _ = trained
+    config_file = root / "evaluated.yaml"
+    config_file.write_text(cfg.to_yaml())
+    assert main(["eval", "--config", str(config_file), "--step", "5"]) == 2
+    assert "no checkpoint at step 5" in capsys.readouterr().err
+    assert main(["eval", "--config", str(config_file), "--task", str(root)]) == 2
+    assert "no task.yaml" in capsys.readouterr().err
+    assert main(["eval", "--config", str(config_file), "--workers", "0"]) == 2
+    assert "num_workers" in capsys.readouterr().err
