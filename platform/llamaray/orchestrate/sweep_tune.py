@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 
 import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -81,12 +82,8 @@ def last_logged(cfg: RunConfig, key: str) -> tuple[int, float | None]:
 
     from llamaray.train.tracking import open_run
 
-    run_id, _ = open_run(
-        cfg.tracking.uri,
-        cfg.tracking.experiment,
-        cfg.name,
-        parent_run_id=cfg.tracking.parent_run_id,
-    )
+    t = cfg.tracking
+    run_id, _ = open_run(t.uri, t.experiment, cfg.name, parent_run_id=t.parent_run_id)
     history = MlflowClient(cfg.tracking.uri).get_metric_history(run_id, key)
     if not history:
         return 0, None
@@ -100,33 +97,37 @@ class ProgressLines(ray.tune.Callback):
     def __init__(self, sweep_name: str, last_step: int):
         self._sweep = sweep_name
         self._last_step = last_step
+        self._started: dict[str, float] = {}
 
     def _say(self, trial, msg: str) -> None:
-        print(
-            f"[llamaray] sweep {self._sweep}-{trial.trial_id}: {msg}", file=sys.stderr, flush=True
-        )
+        name = f"{self._sweep}-{trial.trial_id}"
+        print(f"[llamaray] sweep trial {name}: {msg}", file=sys.stderr, flush=True)
+
+    def _took(self, trial) -> str:
+        start = self._started.get(trial.trial_id)
+        return f" after {time.time() - start:.0f} s" if start else ""
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self._started[trial.trial_id] = time.time()
         c = trial.config
         self._say(trial, f"started: lr {c['lr']:.3g}, {c['batch_tokens']} tokens/step")
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        if result["step"] < self._last_step:  # the last one gets its own line below
-            self._say(
-                trial, f"step {result['step']}/{self._last_step} val_loss {result['val_loss']:.4f}"
-            )
+        step = result["step"]
+        if step < self._last_step:  # the last one gets its own line below
+            self._say(trial, f"step {step}/{self._last_step} val_loss {result['val_loss']:.4f}")
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         r = trial.last_result
-        step, val = r.get("step", 0), r.get("val_loss")
+        step, val, took = r.get("step", 0), r.get("val_loss"), self._took(trial)
         if val is None:
-            self._say(trial, f"ended at step {step} without a validation loss")
+            self._say(trial, f"ended at step {step} without a validation loss{took}")
         elif not math.isfinite(val):
-            self._say(trial, f"diverged at step {step}: {r.get('diverged', '')}")
+            self._say(trial, f"diverged at step {step}{took}: {r.get('diverged', '')}")
         elif step < self._last_step:
-            self._say(trial, f"stopped early by ASHA at step {step} (val_loss {val:.4f})")
+            self._say(trial, f"stopped early by ASHA at step {step} (val_loss {val:.4f}){took}")
         else:
-            self._say(trial, f"finished: val_loss {val:.4f} at step {step}")
+            self._say(trial, f"finished: val_loss {val:.4f} at step {step}{took}")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._say(trial, f"failed; the error is in {trial.path}/error.txt")
+        self._say(trial, f"failed{self._took(trial)}; the error is in {trial.path}/error.txt")
