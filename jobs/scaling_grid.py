@@ -73,20 +73,9 @@ def grid_config(output_dir: str, dim: int, steps: int, extra: list[str]) -> RunC
 
 def finished(uri: str, run_name: str) -> bool:
     """Whether the grid run `run_name` already finished in MLflow (then it is kept)."""
-    from mlflow.tracking import MlflowClient
+    from llamaray.train.tracking import find_run
 
-    from llamaray.train.tracking import RUN_NAME_TAG
-
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(EXPERIMENT)
-    if exp is None:
-        return False
-    runs = client.search_runs(
-        [exp.experiment_id],
-        filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}' and attributes.status = 'FINISHED'",
-        max_results=1,
-    )
-    return bool(runs)
+    return find_run(uri, EXPERIMENT, run_name, status="FINISHED") is not None
 
 
 def _ints(text: str) -> list[int]:

@@ -12,6 +12,7 @@ from llamaray.train.tracking import (
     PARENT_TAG,
     RUN_NAME_TAG,
     MetricLogger,
+    find_run,
     flatten,
     loss_curve_png,
     open_run,
@@ -71,6 +72,12 @@ def test_open_run_creates_once_then_finds_it_by_name(store, tmp_path):
     run_id, created = open_run(store, "exp-open", "alpha")
     assert created
     assert open_run(store, "exp-open", "alpha") == (run_id, False)
+    assert find_run(store, "exp-open", "alpha") == run_id
+    assert find_run(store, "exp-open", "nobody") is None
+    assert find_run(store, "no-such-experiment", "alpha") is None
+    assert find_run(store, "exp-open", "alpha", status="FINISHED") is None  # still running
+    MlflowClient(store).set_terminated(run_id, "FINISHED")
+    assert find_run(store, "exp-open", "alpha", status="FINISHED") == run_id
 
     other, created = open_run(store, "exp-open", "beta")
     assert created and other != run_id

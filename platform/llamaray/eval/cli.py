@@ -71,9 +71,9 @@ def cmd_eval(opts: argparse.Namespace) -> int:
         target = run_target(run_cfg, eval_cfg.step)
         corpus_dir = corpus_dir_of(run_cfg)
 
-    from llamaray.eval.runner import evaluate, find_run, log_evaluation
+    from llamaray.eval.runner import evaluate, log_evaluation
     from llamaray.orchestrate.pretrain import ensure_ray
-    from llamaray.train.tracking import tracking_uri
+    from llamaray.train.tracking import find_run, tracking_uri
 
     if opts.address:
         os.environ["RAY_ADDRESS"] = opts.address

@@ -184,22 +184,3 @@ def log_evaluation(
         # Straight into the store: the training run's status (finished, killed) stays as is.
         client.log_batch(training_run_id, metrics=headline)
     return run_id
-
-
-def find_run(uri: str, experiment: str, run_name: str) -> str | None:
-    """The MLflow run of training run `run_name`, or None (never creates one)."""
-    from mlflow.tracking import MlflowClient
-
-    from llamaray.train.tracking import RUN_NAME_TAG
-
-    client = MlflowClient(uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return None
-    runs = client.search_runs(
-        [found.experiment_id],
-        filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    return runs[0].info.run_id if runs else None

@@ -41,6 +41,27 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def find_run(uri: str, experiment: str, run_name: str, status: str | None = None) -> str | None:
+    """The newest MLflow run tagged with `run_name` in `experiment` (with `status`, e.g.
+    FINISHED, when given), or None; never creates anything."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    query = f"tags.`{RUN_NAME_TAG}` = '{run_name}'"
+    if status:
+        query += f" and attributes.status = '{status}'"
+    runs = client.search_runs(
+        [found.experiment_id],
+        filter_string=query,
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
 def open_run(
     uri: str,
     experiment: str,
@@ -56,6 +77,9 @@ def open_run(
     """
     from mlflow.tracking import MlflowClient
 
+    existing = find_run(uri, experiment, run_name)
+    if existing:
+        return existing, False
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
@@ -66,14 +90,6 @@ def open_run(
         experiment_id = client.create_experiment(experiment, artifact_location=location)
     else:
         experiment_id = found.experiment_id
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    if runs:
-        return runs[0].info.run_id, False
     tags = {RUN_NAME_TAG: run_name}
     if parent_run_id:
         tags[PARENT_TAG] = parent_run_id
