@@ -81,8 +81,8 @@ def run_sweep(run: RunConfig, sweep: SweepConfig) -> SweepResult:
 
     >>> run, sweep = load_sweep_config("jobs/configs/sweep-demo.yaml")  # doctest: +SKIP
     >>> result = run_sweep(run, sweep)  # doctest: +SKIP
-    >>> result.best.lr, result.best_yaml  # doctest: +SKIP
-    (0.0012, PosixPath('runs/sweeps/sweep-demo/best.yaml'))
+    >>> result.best_yaml.parts[-3:]  # doctest: +SKIP
+    ('sweeps', 'sweep-demo', 'best.yaml')
     """
     import ray
     from ray import tune
@@ -128,7 +128,7 @@ def run_sweep(run: RunConfig, sweep: SweepConfig) -> SweepResult:
     else:
         concurrency = sweep.max_concurrent_trials or _fitting_concurrency(run, space, ray)
         _say(
-            f"sweep {run.name}: {space.n_trials} trials, {concurrency} at a time; "
+            f"sweep {run.name}: {space.n_trials} trial(s), {concurrency} at a time; "
             + _describe(space, asha)
         )
         tuner = tune.Tuner(
@@ -148,6 +148,8 @@ def run_sweep(run: RunConfig, sweep: SweepConfig) -> SweepResult:
                     grace_period=asha.grace_period,
                     reduction_factor=asha.reduction_factor,
                 ),
+                # Never reused: ending a trial's actor is what ends its Ray Train run.
+                reuse_actors=False,
             ),
             run_config=tune.RunConfig(
                 name=run.name,
