@@ -222,6 +222,7 @@ def config_hash(run: RunConfig, sweep: SweepConfig) -> str:
 def open_parent(run: RunConfig, sweep: SweepConfig, space: SearchSpace, uri: str) -> str:
     """Find or create the sweep's MLflow run (named like the sweep); refuse to resume a
     sweep whose config changed, since its restored trials would not match it."""
+    from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
     from llamaray.train.tracking import open_run
@@ -230,6 +231,9 @@ def open_parent(run: RunConfig, sweep: SweepConfig, space: SearchSpace, uri: str
     client = MlflowClient(uri)
     digest = config_hash(run, sweep)
     if created:
+        # Tags first: they mark the run as this sweep's if the driver dies right after.
+        client.set_tag(run_id, CONFIG_HASH_TAG, digest)
+        client.set_tag(run_id, SWEEP_TAG, run.name)
         asha = resolve_asha(run, sweep)
         params = space.as_params() | {
             "sweep.asha.grace_period": str(asha.grace_period),
@@ -240,30 +244,30 @@ def open_parent(run: RunConfig, sweep: SweepConfig, space: SearchSpace, uri: str
             "train.seq_len": str(run.train.seq_len),
             "train.num_workers": str(run.train.num_workers),
         }
-        for key, value in sorted(params.items()):
-            client.log_param(run_id, key, value)
-        client.set_tag(run_id, CONFIG_HASH_TAG, digest)
-        client.set_tag(run_id, SWEEP_TAG, run.name)
+        client.log_batch(run_id, params=[Param(k, v) for k, v in sorted(params.items())])
         doc = SweepFile.model_validate(run.model_dump() | {"sweep": sweep.model_dump()})
         client.log_text(run_id, doc.to_yaml(), "sweep.yaml")
-    else:
-        previous = client.get_run(run_id).data.tags.get(CONFIG_HASH_TAG)
-        if previous is not None and previous != digest:
-            raise ConfigError(
-                f"sweep {run.name!r} was started with another config (MLflow run {run_id}); "
-                "relaunch it unchanged to resume it, or give the new sweep another name"
-            )
-        client.update_run(run_id, status="RUNNING")
-        _say(f"sweep {run.name}: continuing its MLflow run {run_id}")
+        return run_id
+    previous = client.get_run(run_id).data.tags.get(CONFIG_HASH_TAG)
+    if previous is None:
+        raise ConfigError(
+            f"name: MLflow experiment {run.tracking.experiment!r} has a run named "
+            f"{run.name!r} that is not a sweep; give the sweep another name"
+        )
+    if previous != digest:
+        raise ConfigError(
+            f"sweep {run.name!r} was started with another config (MLflow run {run_id}); "
+            "relaunch it unchanged to resume it, or give the new sweep another name"
+        )
+    client.update_run(run_id, status="RUNNING")
+    _say(f"sweep {run.name}: continuing its MLflow run {run_id}")
     return run_id
 
 
 def collect_outcomes(grid, run: RunConfig, last_step: int, uri: str) -> list[TrialOutcome]:
     """Each trial's outcome from Tune's results, with its MLflow child run."""
-    from mlflow.tracking import MlflowClient
+    from llamaray.train.tracking import find_run
 
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(run.tracking.experiment)
     outcomes = []
     for result in grid:
         metrics = result.metrics or {}
@@ -271,11 +275,6 @@ def collect_outcomes(grid, run: RunConfig, last_step: int, uri: str) -> list[Tri
         name = f"{run.name}-{trial_id}"
         step, val_loss = int(metrics.get("step", 0)), metrics.get("val_loss")
         error = f"{type(result.error).__name__}: {result.error}" if result.error else None
-        found = client.search_runs(
-            [experiment.experiment_id],
-            filter_string=f"tags.`llamaray.run_name` = '{name}'",
-            max_results=1,
-        )
         outcomes.append(
             TrialOutcome(
                 trial_id=trial_id,
@@ -287,7 +286,7 @@ def collect_outcomes(grid, run: RunConfig, last_step: int, uri: str) -> list[Tri
                 val_loss=None if val_loss is None else float(val_loss),
                 status=classify(step, last_step, val_loss, error),
                 error=error,
-                mlflow_run_id=found[0].info.run_id if found else None,
+                mlflow_run_id=find_run(uri, run.tracking.experiment, name),
             )
         )
     return outcomes

@@ -80,10 +80,11 @@ def last_logged(cfg: RunConfig, key: str) -> tuple[int, float | None]:
     """(step, value) of the latest `key` in the run's MLflow history, (0, None) if none."""
     from mlflow.tracking import MlflowClient
 
-    from llamaray.train.tracking import open_run
+    from llamaray.train.tracking import find_run
 
-    t = cfg.tracking
-    run_id, _ = open_run(t.uri, t.experiment, cfg.name, parent_run_id=t.parent_run_id)
+    run_id = find_run(cfg.tracking.uri, cfg.tracking.experiment, cfg.name)
+    if run_id is None:
+        return 0, None
     history = MlflowClient(cfg.tracking.uri).get_metric_history(run_id, key)
     if not history:
         return 0, None
