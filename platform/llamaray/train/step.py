@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from llamaray.model.loss import IGNORE_INDEX
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -32,10 +34,14 @@ class StepStats:
     finite: bool = True
 
 
+MicroBatch = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+"""(B, seq_len + 1) token rows, or an (inputs, targets) pair of (B, T) tensors."""
+
+
 def train_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    micro_batches: Sequence[torch.Tensor],
+    micro_batches: Sequence[MicroBatch],
     lr: float,
     grad_clip: float = 1.0,
     dtype: str = "fp32",
@@ -43,32 +49,58 @@ def train_step(
     average: Callable[[torch.Tensor], torch.Tensor] | None = None,
     inject_nan: bool = False,
 ) -> StepStats:
-    """Accumulate gradients over `micro_batches` (each (B, seq_len + 1) token rows), clip the
-    global norm to `grad_clip` and step at learning rate `lr`.
+    """Accumulate gradients over `micro_batches`, clip the global norm to `grad_clip` and
+    step at learning rate `lr`.
 
-    `model(inputs, targets=targets)` must return the mean next-token loss (as `Llama` does).
+    Micro-batches are all one of two kinds:
+
+    - token rows (B, seq_len + 1) (pretraining): targets are the rows shifted by one, every
+      target counts, and each micro-batch's mean loss weighs 1 / len(micro_batches);
+    - (inputs, targets) pairs of (B, T) (finetuning): targets hold IGNORE_INDEX (-100)
+      where nothing is learned (prompt, padding). Micro-batches hold different numbers of
+      learned targets, so each weighs by its count over the count of all micro-batches of
+      all data-parallel ranks (one all-reduce through `average`): the step's loss and
+      gradient are the mean over every learned token of the global batch, as if it were one
+      batch, rather than a mean of micro-batch means.
+
+    `model(inputs, targets=targets)` must return the mean loss over the targets that are
+    not IGNORE_INDEX (as `Llama` does). `StepStats.tokens` counts this rank's targets that
+    carry loss.
 
     A step whose loss or gradient norm is not finite is not applied (`finite=False`), so
     the parameters never become NaN; the caller decides whether to go on. Under data
     parallelism `average` all-reduces the reported loss (the gradient norm is already
     global), so every rank makes the same decision. `inject_nan` poisons the loss, to test
     that handling.
+
+    >>> stats = train_step(model, optimizer, [rows[:4], rows[4:]], lr=3e-4)  # doctest: +SKIP
+    >>> stats = train_step(model, optimizer, [(inputs, targets)], lr=2e-5)  # doctest: +SKIP
     """
     device = next(model.parameters()).device
     for group in optimizer.param_groups:
         group["lr"] = lr
+    pairs = [isinstance(mb, tuple) for mb in micro_batches]
+    if any(pairs) and not all(pairs):
+        raise ValueError("micro_batches mixes token rows and (inputs, targets) pairs")
+    weights = _target_weights(micro_batches, device, average) if any(pairs) else None
     total_loss = torch.zeros((), device=device)
     tokens = 0
-    for rows in micro_batches:
-        rows = rows.to(device, non_blocking=True)
-        inputs, targets = rows[:, :-1], rows[:, 1:]
+    for index, batch in enumerate(micro_batches):
+        if weights is None:
+            rows = batch.to(device, non_blocking=True)
+            inputs, targets = rows[:, :-1], rows[:, 1:]
+        else:
+            inputs, targets = (t.to(device, non_blocking=True) for t in batch)
         with autocast(device, dtype):
-            loss = model(inputs, targets=targets) / len(micro_batches)
+            if weights is None:
+                loss = model(inputs, targets=targets) / len(micro_batches)
+            else:
+                loss = model(inputs, targets=targets) * weights[index]
         if inject_nan:
             loss = loss * float("nan")
         loss.backward()
         total_loss += loss.detach()
-        tokens += targets.numel()
+        tokens += targets.numel() if weights is None else int((targets != IGNORE_INDEX).sum())
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     if hasattr(grad_norm, "full_tensor"):  # sharded parameters give a DTensor norm
         grad_norm = grad_norm.full_tensor()
@@ -80,6 +112,22 @@ def train_step(
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepStats(loss_value, norm_value, lr, tokens, finite)
+
+
+def _target_weights(
+    micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    average: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> list[float]:
+    """Weight of each micro-batch's mean loss: its learned targets / (the mean over ranks
+    of each rank's learned targets). Data parallelism averages gradients over ranks, so
+    summing these weighted means gives sum(token losses) / (all learned tokens)."""
+    counts = [int((targets != IGNORE_INDEX).sum()) for _, targets in micro_batches]
+    per_rank = torch.tensor(float(sum(counts)), device=device)
+    if average is not None:
+        per_rank = average(per_rank)  # tensor-parallel peers hold the same targets
+    denominator = max(per_rank.item(), 1.0)
+    return [count / denominator for count in counts]
 
 
 @torch.no_grad()

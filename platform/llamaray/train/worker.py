@@ -5,10 +5,13 @@ differ between Ray Train, torchrun and a single in-process run (`Launcher`): whe
 checkpoints come from, how a checkpoint is saved, and where metrics are reported. So the
 exact same loop is what `make bench` times under Ray Train and under plain torchrun.
 
-Per step: this rank's rows of the mixed corpus stream for the step (`data.feed`), the
-paper's schedule, gradient accumulation to the configured batch tokens, a global-norm clip,
+Per step: this rank's share of the step's batch from the run's data feed (`train.feeds`:
+packed corpus rows for pretraining, instruction/response examples for finetuning), the
+paper's schedule, gradient accumulation to the configured batch, a global-norm clip,
 non-finite steps skipped or fatal, progress with ETA on rank 0's console, metrics to
-MLflow from rank 0, periodic validation and checkpoints.
+MLflow from rank 0, periodic validation and checkpoints. A finetune with no checkpoint of
+its own starts from its base model's weights (`train.base_weights`) and a fresh optimizer,
+and measures its validation loss once before the first update (step 0).
 """
 
 from __future__ import annotations
@@ -23,21 +26,20 @@ import signal
 import sys
 import tempfile
 import time
-import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from llamaray.config import RunConfig
-from llamaray.data.feed import CorpusRows, MixedStream, Prefetcher, validation_rows
 from llamaray.model.args import ModelArgs
 from llamaray.model.flops import PEAK_FLOPS, flops_per_token
+from llamaray.model.loss import IGNORE_INDEX
 from llamaray.train.checkpoint import TrainState, restore_latest
+from llamaray.train.feeds import open_feed
 from llamaray.train.optim import build_optimizer
 from llamaray.train.schedule import lr_at
 from llamaray.train.step import autocast, train_step
@@ -69,6 +71,11 @@ class WorkerSpec:
     mlflow_run_id: str | None = None
     proportions: dict[str, float] | None = None
     """Sampling weights as the driver resolved them (`mixture_weights`)."""
+    base: dict | None = None
+    """Finetuning: the weights to start from, `{"kind": "checkpoint" | "folder", "path"}`."""
+    instructions: dict | None = None
+    """Finetuning: the tokenized examples, `{"train", "validation"}` as
+    `EncodedInstructions.to_dict()`, plus `vocab_size` and `tokenizer_path`."""
 
 
 @dataclass
@@ -164,13 +171,8 @@ def run_worker(spec: WorkerSpec, launcher: Launcher) -> WorkerResult:
         torch.set_num_threads(max(1, math.floor(t.cpus_per_worker)))
     torch.manual_seed(t.seed)
 
-    corpus = CorpusRows.open(spec.corpus_dir)
-    if corpus.seq_len != t.seq_len:
-        raise ValueError(
-            f"train.seq_len={t.seq_len} but the corpus {spec.corpus_dir} was packed for "
-            f"seq_len={corpus.seq_len}"
-        )
-    args = cfg.model.args(corpus.manifest["tokenizer"]["vocab_size"])
+    feed = open_feed(cfg, spec.corpus_dir, spec.instructions)
+    args = cfg.model.args(feed.vocab_size)
     model, mesh = build_parallel_model(cfg, args, device)
     opt = cfg.optimizer
     optimizer = build_optimizer(
@@ -179,6 +181,11 @@ def run_worker(spec: WorkerSpec, launcher: Launcher) -> WorkerResult:
 
     state = restore_latest(launcher.checkpoint_candidates(), model, optimizer, say)
     if state is None:
+        if spec.base is not None:
+            from llamaray.train.base_weights import load_base_weights
+
+            load_base_weights(model, spec.base)
+            say(f"starting from the base model {spec.base['path']} (fresh optimizer)")
         state = TrainState(step=0, world_size=world, rows_per_step=cfg.rows_per_step)
     elif state.rows_per_step and state.rows_per_step != cfg.rows_per_step:
         raise ValueError(
@@ -188,19 +195,9 @@ def run_worker(spec: WorkerSpec, launcher: Launcher) -> WorkerResult:
     state.world_size, state.config_hash = world, config_hash(cfg)
     state.rows_per_step = cfg.rows_per_step
 
-    stream = MixedStream(
-        corpus,
-        token_budget=t.steps * cfg.batch_tokens,
-        proportions=cfg.data.proportions,
-        seed=t.seed,
-    )
     dp, dp_rank = cfg.data_parallel, mesh["dp"].get_local_rank()
-    batches = Prefetcher(stream.batches(dp_rank, dp, cfg.rows_per_step, start_step=state.step))
-    val_sets = {
-        name: validation_rows(corpus, name, cfg.data.eval_rows)
-        for name in corpus.source_names
-        if cfg.data.eval_rows
-    }
+    batches = feed.batches(dp_rank, dp, start_step=state.step)
+    val_sets = feed.validation_batches(dp_rank, dp, t.micro_batch_size)
     tracker = None
     if rank == 0 and spec.mlflow_run_id:
         from llamaray.train.tracking import MetricLogger
@@ -212,11 +209,15 @@ def run_worker(spec: WorkerSpec, launcher: Launcher) -> WorkerResult:
     last_step = min(t.steps, t.stop_at_step or t.steps)
     autocast_dtype = "bf16" if t.dtype == "bf16" and device.type == "cpu" else "fp32"
     n_params = sum(p.numel() for p in model.parameters())
+    per_step = f"{cfg.batch_tokens} tokens/step"
+    if cfg.finetune is not None:  # a row is one example, padded: its tokens are not all used
+        per_step = f"{cfg.rows_per_step} examples/step"
     say(
         f"training {cfg.model.preset} ({n_params / 1e6:.1f}M params, vocab {args.vocab_size}) "
         f"on {world} x {device.type} (dp {dp} x tp {cfg.parallel.tensor}): steps "
-        f"{state.step + 1}..{last_step} of {t.steps}, {cfg.batch_tokens} tokens/step "
-        f"({cfg.grad_accum_steps} x {t.micro_batch_size} rows of {t.seq_len} per worker)"
+        f"{state.step + 1}..{last_step} of {t.steps}, {per_step} "
+        f"({cfg.grad_accum_steps} x {t.micro_batch_size} rows of {t.seq_len} per worker); "
+        f"data: {feed.describe()}"
     )
 
     def average(x: torch.Tensor) -> torch.Tensor:
@@ -228,10 +229,17 @@ def run_worker(spec: WorkerSpec, launcher: Launcher) -> WorkerResult:
     last: dict = {}
     start, first_step = time.perf_counter(), state.step
     try:
+        if cfg.finetune is not None and state.step == 0 and val_sets:
+            # The base model's response loss: what the finetune is measured against.
+            last = {"step": 0} | validation_losses(model, val_sets, autocast_dtype, device)
+            history.append(last)
+            say(f"step      0/{t.steps}  val {last['val_loss']:.4f} (the base model)")
+            if tracker:
+                tracker.log({k: v for k, v in last.items() if k != "step"}, 0)
+            launcher.report(last | {"stopped": ""})
         for step in range(state.step, last_step):
-            rows_np = next(batches)
-            rows = torch.from_numpy(rows_np)
-            micro_batches = list(rows.split(t.micro_batch_size))
+            batch = next(batches)
+            micro_batches = [_as_tensors(mb) for mb in batch.micro_batches]
             lr = lr_at(step, cfg.peak_lr, opt.warmup_steps, t.steps, opt.final_lr_ratio)
             step_start = time.perf_counter()
             stats = train_step(
@@ -251,7 +259,7 @@ def run_worker(spec: WorkerSpec, launcher: Launcher) -> WorkerResult:
                         f"than train.max_skipped_steps={t.max_skipped_steps}), last at step "
                         f"{state.step}"
                     )
-            tokens_per_s = cfg.batch_tokens / step_time
+            tokens_per_s = batch.tokens / step_time
             last = {
                 "step": state.step,
                 "loss": stats.loss,
@@ -263,15 +271,13 @@ def run_worker(spec: WorkerSpec, launcher: Launcher) -> WorkerResult:
                 "skipped_steps": state.skipped_steps,
                 # A fingerprint of the rows this step (rank 0's share): resumed and
                 # uninterrupted runs can be checked to read the same data.
-                "rows_crc": float(zlib.crc32(rows_np.tobytes())),
+                "rows_crc": float(batch.fingerprint),
             }
             if peak:
-                last["mfu"] = tokens_per_s * fpt / (peak * world)
+                last["mfu"] = batch.computed_tokens / step_time * fpt / (peak * world)
             evaluate = state.step == t.steps or (t.eval_every and state.step % t.eval_every == 0)
             if evaluate and val_sets and not stopped:
-                last |= validation_losses(
-                    model, val_sets, dp_rank, dp, t.micro_batch_size, autocast_dtype, device
-                )
+                last |= validation_losses(model, val_sets, autocast_dtype, device)
             checkpoint = (
                 state.step == last_step
                 or stopped is not None
@@ -296,7 +302,7 @@ def run_worker(spec: WorkerSpec, launcher: Launcher) -> WorkerResult:
                 break
         complete = stopped is None and state.step == t.steps
         if complete and cfg.tracking.export_hf:
-            tokenizer = corpus.manifest["tokenizer"]["path"]
+            tokenizer = feed.tokenizer_path
             export_dir = export_hf(model, args, Path(spec.run_dir) / "hf", rank, tokenizer)
             if tracker and export_dir:
                 tracker.artifact(export_dir, "model")
@@ -316,34 +322,35 @@ def run_worker(spec: WorkerSpec, launcher: Launcher) -> WorkerResult:
 @torch.no_grad()
 def validation_losses(
     model: torch.nn.Module,
-    val_sets: dict[str, np.ndarray],
-    dp_rank: int,
-    dp: int,
-    micro: int,
+    val_sets: dict[str, list],
     dtype: str,
     device: torch.device,
 ) -> dict[str, float]:
-    """Mean next-token loss per source on its held-out rows, and over all of them.
-
-    Each data-parallel rank takes an equal slice (FSDP needs every rank in every forward),
-    so up to dp - 1 rows per source go unused.
+    """Mean loss per held-out set and over all of them, from this rank's micro-batches of
+    each (`TrainingFeed.validation_batches`): token rows, every target counted, or
+    (inputs, targets) pairs, only targets that are not -100 counted (response loss).
+    Collective: every rank passes the same number of micro-batches per set.
     """
     was_training = model.training
     model.eval()
     sums = []
     names = []
-    for name, rows in val_sets.items():
-        per_rank = len(rows) // dp
-        if per_rank == 0:
-            continue
-        mine = torch.from_numpy(rows[dp_rank * per_rank : (dp_rank + 1) * per_rank])
+    for name, micro_batches in val_sets.items():
         total = torch.zeros((), dtype=torch.float64)
-        for batch in mine.split(micro):
-            batch = batch.to(device)
+        count = 0.0
+        for batch in micro_batches:
+            if isinstance(batch, tuple):
+                inputs, targets = (torch.from_numpy(x).to(device) for x in batch)
+                weight = float((targets != IGNORE_INDEX).sum())
+            else:
+                batch = torch.from_numpy(batch).to(device)
+                inputs, targets = batch[:, :-1], batch[:, 1:]
+                weight = len(batch)
             with autocast(device, dtype):
-                loss = model(batch[:, :-1], targets=batch[:, 1:])
-            total += loss.double().cpu() * len(batch)
-        sums.append(torch.stack([total, torch.tensor(float(len(mine)), dtype=torch.float64)]))
+                loss = model(inputs, targets=targets)
+            total += loss.double().cpu() * weight
+            count += weight
+        sums.append(torch.stack([total, torch.tensor(count, dtype=torch.float64)]))
         names.append(name)
     model.train(was_training)
     if not sums:
@@ -354,6 +361,13 @@ def validation_losses(
     out = {f"val_loss/{n}": float(s / c) for n, (s, c) in zip(names, totals.tolist(), strict=True)}
     out["val_loss"] = float(totals[:, 0].sum() / totals[:, 1].sum())
     return out
+
+
+def _as_tensors(batch):
+    """A feed's numpy micro-batch (rows, or an (inputs, targets) pair) as torch tensors."""
+    if isinstance(batch, tuple):
+        return tuple(torch.from_numpy(x) for x in batch)
+    return torch.from_numpy(batch)
 
 
 def export_hf(
