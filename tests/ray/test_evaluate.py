@@ -68,7 +68,8 @@ def test_evaluation_lands_under_the_training_run(trained, root, capsys):
     ).metrics()
     logged = run.data.metrics
     assert set(logged) == set(local)
-    assert {"ppl/github/bits_per_byte", "ppl/prose/bits_per_byte"} <= set(logged)
+    # Sources with held-out rows get perplexity (the small sample may hold none of code).
+    assert "ppl/prose/bits_per_byte" in logged
     for name, value in local.items():
         assert logged[name] == pytest.approx(value, abs=1e-5), name
     # A model trained for 6 steps is far from uniform but far from good: a sanity band.
