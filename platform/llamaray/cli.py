@@ -191,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     from llamaray.eval.cli import add_eval_parser  # imports no Ray or torch
 
     add_eval_parser(sub)
+    from llamaray.orchestrate.finetune import add_finetune_parser  # imports no Ray or torch
+
+    add_finetune_parser(sub)
     return parser
 
 

@@ -24,6 +24,11 @@ from pydantic import (
     model_validator,
 )
 
+from llamaray.data.instructions import (
+    DEFAULT_TEMPLATE,
+    DEFAULT_TEMPLATE_WITH_INPUT,
+    check_template,
+)
 from llamaray.model.args import PRESETS, ModelArgs, get_preset
 
 
@@ -228,9 +233,59 @@ class FaultConfig(_Section):
     kill_at_step: int | None = Field(None, gt=0, description="Step at which kill_rank dies.")
 
 
+class FinetuneConfig(_Section):
+    """Instruction finetuning (`llamaray finetune`): start from `base`, learn the responses
+    of `train_file`. The `data` and `tokenizer` sections are not used; `model` must describe
+    the base's architecture (checked against the base before any worker starts)."""
+
+    base: str = Field(
+        description="A training run name (its newest complete checkpoint under the storage "
+        "path), a checkpoint folder `<storage>/<run>/step-NNNNNNNN`, or a Meta / Hugging "
+        "Face model folder."
+    )
+    train_file: str = Field(description="Instruction/response JSONL for training.")
+    validation_file: str | None = Field(
+        None, description="Held-out JSONL; None: hold out validation_fraction of train_file."
+    )
+    validation_fraction: float = Field(
+        0.1, ge=0, lt=1, description="Share of train_file held out (seeded by train.seed)."
+    )
+    tokenizer: str | None = Field(
+        None,
+        description="tokenizer.model; None: the base's (a model folder's own, or the "
+        "tokenizer logged to the base run's MLflow run).",
+    )
+    template: str = Field(
+        DEFAULT_TEMPLATE, description="Prompt of an example without input: {instruction}."
+    )
+    template_with_input: str = Field(
+        DEFAULT_TEMPLATE_WITH_INPUT,
+        description="Prompt of an example with input: {instruction} and {input}.",
+    )
+
+    @field_validator("template")
+    @classmethod
+    def _template_fields(cls, text: str) -> str:
+        check_template(text, ["instruction"])
+        return text
+
+    @field_validator("template_with_input")
+    @classmethod
+    def _template_with_input_fields(cls, text: str) -> str:
+        check_template(text, ["instruction", "input"])
+        return text
+
+    @field_validator("base", "train_file")
+    @classmethod
+    def _not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+
 class RunConfig(_Section):
     """A whole run. Sections: model, tokenizer, data, optimizer, train, parallel, tracking,
-    faults."""
+    faults, and finetune (instruction finetuning of a base model; None: pretraining)."""
 
     name: str = Field("llamaray", description="Run name: relaunching a name resumes it.")
     output_dir: str = Field("runs", description="Local outputs: corpus, exported model, MLflow.")
@@ -247,6 +302,7 @@ class RunConfig(_Section):
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     faults: FaultConfig = Field(default_factory=FaultConfig)
+    finetune: FinetuneConfig | None = None
 
     @model_validator(mode="after")
     def _check_consistency(self) -> RunConfig:
@@ -297,6 +353,15 @@ class RunConfig(_Section):
             )
         if (f.kill_rank is None) != (f.kill_at_step is None):
             problems.append("faults.kill_at_step: set together with faults.kill_rank")
+        if self.finetune is not None:
+            # The presets' LRs are pretraining peaks: far too high to adapt a trained model.
+            if self.optimizer.lr is None:
+                problems.append("optimizer.lr: set a finetuning learning rate (no preset default)")
+            if self.optimizer.warmup_steps >= t.steps:
+                problems.append(
+                    f"optimizer.warmup_steps: {self.optimizer.warmup_steps} is not below "
+                    f"train.steps={t.steps} (a finetune needs its own short warmup)"
+                )
         if problems:
             raise ValueError("\n".join(problems))
         return self
