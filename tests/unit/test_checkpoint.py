@@ -27,6 +27,7 @@ from llamaray.train.checkpoint import (
     LocalCheckpoints,
     TrainState,
     load_checkpoint,
+    newest_complete,
     restore_latest,
     save_checkpoint,
     step_dir_name,
@@ -278,6 +279,21 @@ def test_restore_latest_skips_a_truncated_newest_checkpoint(tmp_path):
     assert "skipping" in messages[0] and "step-00000006" in messages[0]
     assert "truncated" in messages[0]  # why: the shard's size differs from the record
     assert "step-00000004" in messages[1] and "step 4" in messages[1]
+
+
+def test_newest_complete_passes_over_damaged_candidates_and_names_them(tmp_path):
+    _save_steps(tmp_path, [2, 4, 6])
+    _truncate(tmp_path / step_dir_name(6))
+    step_dir, state = newest_complete(step_dirs(tmp_path))
+    assert step_dir == tmp_path / step_dir_name(4) and state.step == 4
+    (tmp_path / step_dir_name(4) / TRAIN_STATE).unlink()
+    (tmp_path / step_dir_name(2) / "integrity-0.json").unlink()
+    with pytest.raises(CheckpointError) as err:
+        newest_complete(step_dirs(tmp_path))
+    for step in (6, 4, 2):
+        assert step_dir_name(step) in str(err.value)
+    with pytest.raises(CheckpointError, match="no step-NNNNNNNN folders"):
+        newest_complete([])
 
 
 def test_restore_latest_returns_none_when_nothing_is_complete(tmp_path):

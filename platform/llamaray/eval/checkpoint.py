@@ -19,7 +19,7 @@ import torch
 from llamaray.config import RunConfig
 from llamaray.model import Llama
 from llamaray.tokenizer import Tokenizer
-from llamaray.train.checkpoint import STEP_DIR, CheckpointError, verify_checkpoint
+from llamaray.train.checkpoint import STEP_DIR, CheckpointError, newest_complete, step_dirs
 
 MODEL_PREFIX = "model."
 
@@ -77,16 +77,13 @@ def run_target(cfg: RunConfig, step: int | None = None) -> EvalTarget:
         candidates = [(s, p) for s, p in candidates if s == step]
         if not candidates:
             raise FileNotFoundError(f"run {cfg.name!r} has no checkpoint at step {step}")
-    problems = []
-    for found_step, path in candidates:  # newest first
-        local = Path(path) if fs is None else _download(path, fs)
-        try:
-            verify_checkpoint(local)
-        except CheckpointError as err:
-            problems.append(str(err))
-            continue
-        return EvalTarget(str(local), None, _tokenizer_of(cfg), found_step, cfg.model_dump())
-    raise CheckpointError(f"no complete checkpoint of {cfg.name!r}: " + "; ".join(problems))
+    # Newest first; on S3 each candidate is downloaded only when the newer ones failed.
+    local = (Path(path) if fs is None else _download(path, fs) for _, path in candidates)
+    try:
+        step_dir, state = newest_complete(local)
+    except CheckpointError as err:
+        raise CheckpointError(f"no complete checkpoint of {cfg.name!r}: {err}") from None
+    return EvalTarget(str(step_dir), None, _tokenizer_of(cfg), state.step, cfg.model_dump())
 
 
 def folder_target(model_dir: str | Path, tokenizer: str | Path | None = None) -> EvalTarget:
@@ -117,16 +114,22 @@ def _tokenizer_of(cfg: RunConfig) -> str:
 
 
 def _step_folders(root: str, fs) -> list[tuple[int, str]]:
+    """(step, path) of the run's step folders, newest first, local or on S3."""
     if fs is None:
-        base = Path(root)
-        names = [p.name for p in base.iterdir() if p.is_dir()] if base.is_dir() else []
-    else:
-        import pyarrow.fs
+        return [(_step_of(p.name), str(p)) for p in step_dirs(root)]
+    import pyarrow.fs
 
-        infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
-        names = [i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory]
-    found = [(int(m.group(1)), f"{root}/{n}") for n in names if (m := STEP_DIR.match(n))]
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+    found = [
+        (int(m.group(1)), i.path)
+        for i in infos
+        if i.type == pyarrow.fs.FileType.Directory and (m := STEP_DIR.match(i.base_name))
+    ]
     return sorted(found, reverse=True)
+
+
+def _step_of(name: str) -> int:
+    return int(STEP_DIR.match(name).group(1))
 
 
 def _download(path: str, fs) -> Path:

@@ -125,18 +125,15 @@ def _verified(step_dir: Path, run_name: str) -> FinetuneBase:
 
 
 def _newest_complete(root: Path, run_name: str) -> FinetuneBase:
-    from llamaray.train.checkpoint import CheckpointError, step_dirs, verify_checkpoint
+    from llamaray.train.checkpoint import CheckpointError, newest_complete, step_dirs
 
-    problems = []
-    for step_dir in step_dirs(root):
-        try:
-            state = verify_checkpoint(step_dir)
-        except CheckpointError as err:
-            problems.append(str(err))
-            continue
-        return FinetuneBase("checkpoint", str(step_dir), run_name, state.step)
-    found = "; ".join(problems) or "no step-NNNNNNNN folders"
-    raise ConfigError(f"finetune.base: run {run_name!r} has no complete checkpoint ({found})")
+    try:
+        step_dir, state = newest_complete(step_dirs(root))
+    except CheckpointError as err:
+        raise ConfigError(
+            f"finetune.base: run {run_name!r} has no complete checkpoint ({err})"
+        ) from None
+    return FinetuneBase("checkpoint", str(step_dir), run_name, state.step)
 
 
 def base_shapes(base: FinetuneBase, tokenizer_vocab: int) -> tuple[dict[str, tuple], dict]:

@@ -231,6 +231,19 @@ def step_dirs(root: str | Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
+def newest_complete(candidates: Iterable[Path]) -> tuple[Path, TrainState]:
+    """The first of `candidates` (newest first) that passes `verify_checkpoint`, with its
+    state; CheckpointError naming every candidate's problem when none does. Candidates are
+    taken one at a time, so a generator can fetch each only when it is needed."""
+    problems = []
+    for directory in candidates:
+        try:
+            return Path(directory), verify_checkpoint(directory)
+        except CheckpointError as err:
+            problems.append(str(err))
+    raise CheckpointError("; ".join(problems) or "no step-NNNNNNNN folders")
+
+
 class LocalCheckpoints:
     """Checkpoints in a directory every rank can see (one machine, or a shared file
     system): used when training runs without Ray Train (in-process, torchrun).
