@@ -21,7 +21,6 @@ import json
 import math
 import os
 import resource
-import shutil
 import signal
 import sys
 import tempfile
@@ -378,7 +377,7 @@ def export_hf(
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from llamaray.model import Llama
-    from llamaray.model.formats import save_hf
+    from llamaray.model.formats import save_hf, write_hf_tokenizer
 
     full = get_model_state_dict(
         model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -390,7 +389,7 @@ def export_hf(
     plain.load_state_dict(full, assign=True)
     out = save_hf(plain, out_dir)
     if tokenizer and Path(tokenizer).is_file():
-        shutil.copyfile(tokenizer, out / "tokenizer.model")
+        write_hf_tokenizer(out, tokenizer, args.max_seq_len)
     return out
 
 

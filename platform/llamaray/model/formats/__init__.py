@@ -34,6 +34,7 @@ from llamaray.model.formats.hf import (
     HF_CONFIG,
     HF_INDEX,
     HF_SINGLE,
+    TOKENIZER_MODEL,
     _read_hf,
     _write_hf,
     args_from_hf_config,
@@ -42,6 +43,7 @@ from llamaray.model.formats.hf import (
     hf_to_meta_state_dict,
     hf_unpermute,
     meta_to_hf_state_dict,
+    write_hf_tokenizer,
 )
 from llamaray.model.formats.meta import (
     _META_SHARD_RE,
@@ -69,6 +71,7 @@ __all__ = [
     "meta_to_hf_state_dict",
     "save_hf",
     "save_meta",
+    "write_hf_tokenizer",
 ]
 
 CheckpointFormat = Literal["meta", "hf"]
@@ -207,9 +210,12 @@ def convert(
         save_meta(model, dst, num_shards=num_shards)
     else:
         save_hf(model, dst)
-    tokenizer = src / "tokenizer.model"
+    tokenizer = src / TOKENIZER_MODEL
     if tokenizer.is_file():
-        shutil.copy2(tokenizer, dst / "tokenizer.model")
+        if to == "hf":
+            write_hf_tokenizer(dst, tokenizer, model.args.max_seq_len)
+        else:
+            shutil.copy2(tokenizer, dst / TOKENIZER_MODEL)
     return dst
 
 

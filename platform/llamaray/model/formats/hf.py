@@ -26,6 +26,9 @@ from llamaray.model.args import ModelArgs
 HF_CONFIG = "config.json"
 HF_SINGLE = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"
+HF_SPECIAL_TOKENS = "special_tokens_map.json"
+TOKENIZER_MODEL = "tokenizer.model"
 _HF_SHARD_RE = re.compile(r"^model-\d+-of-\d+\.safetensors$")
 # Tensors old checkpoints carry that are derived, not learned: skipped on load.
 _HF_IGNORED_SUFFIX = "rotary_emb.inv_freq"
@@ -358,3 +361,31 @@ def _write_hf(
     save_file(hf_state, str(folder / HF_SINGLE), metadata={"format": "pt"})
     config = hf_config_from_args(args, dtype)
     (folder / HF_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def write_hf_tokenizer(folder: str | Path, tokenizer_model: str | Path, max_length: int) -> None:
+    """Copy a SentencePiece `tokenizer.model` into an HF folder with the two files that let
+    transformers' `AutoTokenizer.from_pretrained(folder)` read it as a Llama tokenizer that
+    adds bos and not eos, as Meta's converted checkpoints do.
+
+    The piece names are LLaMA's (`<unk>`, `<s>`, `</s>`: ids 0, 1, 2), which our trainer's
+    spec and Meta's tokenizer both use. transformers' tokenizer agrees with SentencePiece
+    except on text that starts with whitespace or holds a literal "▁" (tested)."""
+    import shutil
+
+    folder = Path(folder)
+    if Path(tokenizer_model).resolve() != (folder / TOKENIZER_MODEL).resolve():
+        shutil.copyfile(tokenizer_model, folder / TOKENIZER_MODEL)
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        **special,
+        "pad_token": None,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "legacy": True,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": max_length,
+    }
+    (folder / HF_TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    (folder / HF_SPECIAL_TOKENS).write_text(json.dumps(special, indent=2) + "\n")
