@@ -7,11 +7,11 @@ actor, a notebook or the lm-evaluation-harness adapter all score the same way.
     [LoglikelihoodResult(logprob=-1.83, is_greedy=True, n_tokens=2)]
 
 Tokenization of a (context, continuation) pair follows lm-evaluation-harness (HFLM's
-`_encode_pair`), so that our scorer and the harness see the same token ids: spaces at the
-end of the context move to the start of the continuation, the pair is encoded as one
-string, and the continuation is what follows the context's own encoding. Encoding the two
-separately would give the continuation a different first piece (SentencePiece's "▁word"
-versus "word") than the model saw in training.
+`_encode_pair`), so that our scorer and the harness see the same token ids: whitespace at
+the end of the context (spaces, newlines) moves to the start of the continuation, the pair
+is encoded as one string, and the continuation is what follows the context's own encoding.
+Encoding the two separately would give the continuation a different first piece
+(SentencePiece's "▁word" versus "word") than the model saw in training.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class LanguageModel:
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """(context ids with bos, continuation ids), split as lm-evaluation-harness does."""
-        n_spaces = len(context) - len(context.rstrip(" "))
+        n_spaces = len(context) - len(context.rstrip())
         if n_spaces:
             context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
         whole = self.tokenizer.encode(context + continuation, bos=True)
