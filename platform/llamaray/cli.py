@@ -6,6 +6,7 @@ llamaray train --config jobs/configs/demo.yaml train.steps=100
 llamaray convert ckpt/llama-7b out/llama-7b-hf --to hf
 llamaray generate --model runs/demo/model --prompt "def main("
 llamaray eval --config jobs/configs/demo.yaml --task jobs/tasks/stdlib-modules
+llamaray harness --model runs/demo/hf --tasks arc_easy   # lm-evaluation-harness
 llamaray plan --experiment llamaray-scaling --compute 1e21 --inference-tokens 1e12
 """
 
@@ -191,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     from llamaray.eval.cli import add_eval_parser  # imports no Ray or torch
 
     add_eval_parser(sub)
+    from llamaray.eval.harness_cli import add_harness_parser  # imports no torch or lm-eval
+
+    add_harness_parser(sub)
     from llamaray.orchestrate.finetune import add_finetune_parser  # imports no Ray or torch
 
     add_finetune_parser(sub)

@@ -3,6 +3,7 @@ the results in MLflow nested under the training run, equal to an in-process eval
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,54 @@ def test_evaluation_lands_under_the_training_run(trained, root, capsys):
     history = client.get_metric_history(training.info.run_id, "eval/stdlib-modules/acc")
     assert [(m.step, m.value) for m in history] == [(STEPS, local["eval/stdlib-modules/acc"])]
     assert client.get_run(training.info.run_id).info.status == "FINISHED"
+
+
+def test_harness_results_land_in_the_same_eval_run_and_agree_with_ours(
+    trained, root, capsys, monkeypatch, tmp_path
+):
+    """`llamaray harness --config` on the run's newest checkpoint: lm-evaluation-harness
+    reads jobs/tasks/stdlib-modules through its YAML twin, and its acc_norm is our
+    per-character accuracy on the same items."""
+    pytest.importorskip("lm_eval", reason="the harness extra (pip install '.[harness]')")
+    from llamaray.eval.lm import LanguageModel
+    from llamaray.eval.scoring import evaluate_task
+
+    cfg, result = trained
+    config_file = root / "evaluated.yaml"
+    config_file.write_text(cfg.to_yaml())
+    monkeypatch.chdir(TASKS.parents[1])  # the task YAML's data_files are repo-relative
+    for name, value in {"HF_HOME": str(tmp_path), "HF_DATASETS_OFFLINE": "1"}.items():
+        monkeypatch.setenv(name, value)
+    argv = ["harness", "--config", str(config_file), "--tasks", "stdlib_modules"]
+    argv += ["--include-path", str(TASKS / "harness"), "--limit", str(LIMIT)]
+    assert main(argv) == 0
+    assert "logged to MLflow run" in capsys.readouterr().out
+
+    client = MlflowClient(result.tracking_uri)
+    training = client.get_run(result.mlflow_run_id)
+    (run,) = client.search_runs(
+        [training.info.experiment_id],
+        filter_string=f"tags.`{PARENT_TAG}` = '{training.info.run_id}'",
+    )
+    assert run.info.run_name == f"evaluated-eval-step-{STEPS}"
+    assert run.data.tags[STEP_TAG] == str(STEPS)
+    logged = run.data.metrics
+
+    target = run_target(cfg)
+    model, tokenizer = target.load()
+    ours = evaluate_task(
+        LanguageModel(model, tokenizer), load_task(TASKS / "stdlib-modules"), limit=LIMIT
+    ).metrics
+    assert logged["eval/harness-stdlib_modules/acc_norm"] == pytest.approx(ours["acc"], abs=1e-4)
+    assert logged["eval/harness-stdlib_modules/acc"] == pytest.approx(ours["acc_raw"], abs=1e-4)
+    predictions = client.download_artifacts(
+        run.info.run_id, "predictions/harness-stdlib_modules.jsonl", str(tmp_path)
+    )
+    records = [json.loads(line) for line in Path(predictions).read_text().splitlines()]
+    assert [r["doc_id"] for r in records] == list(range(LIMIT))
+    assert all(len(r["responses"]) == 4 for r in records)  # a score per choice
+    history = client.get_metric_history(training.info.run_id, "eval/harness-stdlib_modules/acc")
+    assert [m.step for m in history] == [STEPS]
 
 
 def test_bad_eval_input_fails_before_ray_work(trained, root, capsys):

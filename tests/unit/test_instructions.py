@@ -357,9 +357,7 @@ def test_base_folder_and_architecture_are_checked(base_folder, tokenizer, tmp_pa
         resolve_base(finetune_config(tmp_path, tmp_path, data_file))
 
 
-def test_bad_data_fails_before_ray_with_file_and_line(
-    base_folder, tmp_path, capsys, monkeypatch
-):
+def test_bad_data_fails_before_ray_with_file_and_line(base_folder, tmp_path, capsys, monkeypatch):
     # Ray may already be up in this session (tests/ray runs first): watch the one place
     # the driver joins or starts a cluster instead of asking whether Ray is initialized.
     import llamaray.orchestrate.pretrain as pretrain_module
