@@ -39,14 +39,12 @@ def add_eval_parser(sub) -> None:
 
 def cmd_eval(opts: argparse.Namespace) -> int:
     """Everything is validated (config, tasks, checkpoint) before Ray starts."""
-    from llamaray.config import ConfigError, load_config
-    from llamaray.eval.checkpoint import corpus_dir_of, folder_target, run_target
+    from llamaray.config import ConfigError
+    from llamaray.eval.checkpoint import corpus_dir_of
     from llamaray.eval.config import EvalConfig
     from llamaray.eval.tasks import load_task
 
-    run_given = opts.config is not None or bool(opts.overrides)
-    if run_given == (opts.model is not None):
-        raise ConfigError("give either the training run (--config, overrides) or --model")
+    check_one_target(opts)
     try:
         eval_cfg = EvalConfig(
             tasks=opts.task,
@@ -62,29 +60,58 @@ def cmd_eval(opts: argparse.Namespace) -> int:
     except Exception as err:  # pydantic's ValidationError: one line per bad option
         raise ConfigError(f"invalid eval options: {err}") from None
     tasks = [load_task(Path(t)) for t in eval_cfg.tasks]
-    if opts.model:
-        target, run_cfg, corpus_dir = folder_target(opts.model, opts.tokenizer), None, None
-        if not tasks:
-            raise ConfigError("--model needs at least one --task (no corpus to score)")
-    else:
-        run_cfg = load_config(opts.config, opts.overrides)
-        target = run_target(run_cfg, eval_cfg.step)
-        corpus_dir = corpus_dir_of(run_cfg)
+    if opts.model and not tasks:
+        raise ConfigError("--model needs at least one --task (no corpus to score)")
+    run_cfg, target = load_target(opts, eval_cfg.step)
+    corpus_dir = corpus_dir_of(run_cfg) if run_cfg is not None else None
 
-    from llamaray.eval.runner import evaluate, log_evaluation
+    from llamaray.eval.runner import evaluate
     from llamaray.orchestrate.pretrain import ensure_ray
-    from llamaray.train.tracking import find_run, tracking_uri
 
     if opts.address:
         os.environ["RAY_ADDRESS"] = opts.address
     ensure_ray()
     result = evaluate(target, tasks, eval_cfg, corpus_dir)
-    if run_cfg is not None and run_cfg.tracking.enabled:
-        uri = tracking_uri(run_cfg.tracking.uri, run_cfg.output_dir)
-        experiment = run_cfg.tracking.experiment
-        parent = find_run(uri, experiment, run_cfg.name)
-        run_id = log_evaluation(uri, experiment, run_cfg.name, result, parent)
-        print(f"logged to MLflow run {run_id} ({uri}), under training run {parent}")
+    log_beside_run(run_cfg, result)
     for name, value in sorted(result.metrics().items()):
         print(f"{name:48} {value:.4f}")
     return 0
+
+
+# ---- shared with `llamaray harness` ---------------------------------------------------
+
+
+def check_one_target(opts: argparse.Namespace) -> None:
+    """A training run (--config and/or overrides) or a model folder (--model), not both."""
+    from llamaray.config import ConfigError
+
+    run_given = opts.config is not None or bool(opts.overrides)
+    if run_given == (opts.model is not None):
+        raise ConfigError("give either the training run (--config, overrides) or --model")
+
+
+def load_target(opts: argparse.Namespace, step: int | None):
+    """(run config or None, EvalTarget): the run's checkpoint at `step` (default: newest
+    complete) or the `--model` folder."""
+    from llamaray.config import load_config
+    from llamaray.eval.checkpoint import folder_target, run_target
+
+    if opts.model:
+        return None, folder_target(opts.model, opts.tokenizer)
+    run_cfg = load_config(opts.config, opts.overrides)
+    return run_cfg, run_target(run_cfg, step)
+
+
+def log_beside_run(run_cfg, result) -> None:
+    """Log `result` (an EvalResult) under the training run in MLflow, when there is a run
+    and it is tracked."""
+    if run_cfg is None or not run_cfg.tracking.enabled:
+        return
+    from llamaray.eval.runner import log_evaluation
+    from llamaray.train.tracking import find_run, tracking_uri
+
+    uri = tracking_uri(run_cfg.tracking.uri, run_cfg.output_dir)
+    experiment = run_cfg.tracking.experiment
+    parent = find_run(uri, experiment, run_cfg.name)
+    run_id = log_evaluation(uri, experiment, run_cfg.name, result, parent)
+    print(f"logged to MLflow run {run_id} ({uri}), under training run {parent}")

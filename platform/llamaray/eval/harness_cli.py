@@ -44,12 +44,10 @@ def add_harness_parser(sub) -> None:
 
 def cmd_harness(opts: argparse.Namespace) -> int:
     """Options, tasks and the checkpoint are checked before the model is loaded."""
-    from llamaray.config import ConfigError, load_config
-    from llamaray.eval.checkpoint import folder_target, run_target
+    from llamaray.config import ConfigError
+    from llamaray.eval.cli import check_one_target, load_target, log_beside_run
 
-    run_given = opts.config is not None or bool(opts.overrides)
-    if run_given == (opts.model is not None):
-        raise ConfigError("give either the training run (--config, overrides) or --model")
+    check_one_target(opts)
     if opts.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {opts.batch_size}")
     if opts.limit is not None and opts.limit <= 0:
@@ -65,11 +63,7 @@ def cmd_harness(opts: argparse.Namespace) -> int:
     except ImportError as err:
         raise ConfigError(str(err)) from None
     manager = harness.task_manager(tasks, opts.include_path)
-    if opts.model:
-        run_cfg, target = None, folder_target(opts.model, opts.tokenizer)
-    else:
-        run_cfg = load_config(opts.config, opts.overrides)
-        target = run_target(run_cfg, opts.step)
+    run_cfg, target = load_target(opts, opts.step)
     limit = int(opts.limit) if opts.limit is not None and opts.limit >= 1 else opts.limit
 
     lm = harness.HarnessLM(
@@ -83,16 +77,7 @@ def cmd_harness(opts: argparse.Namespace) -> int:
         Path(opts.output).parent.mkdir(parents=True, exist_ok=True)
         Path(opts.output).write_text(json.dumps(results, indent=2, default=str))
         print(f"wrote {opts.output}")
-    if run_cfg is not None and run_cfg.tracking.enabled:
-        from llamaray.eval.runner import log_evaluation
-        from llamaray.train.tracking import find_run, tracking_uri
-
-        uri = tracking_uri(run_cfg.tracking.uri, run_cfg.output_dir)
-        experiment = run_cfg.tracking.experiment
-        parent = find_run(uri, experiment, run_cfg.name)
-        result = harness.as_eval_result(results, target.step)
-        run_id = log_evaluation(uri, experiment, run_cfg.name, result, parent)
-        print(f"logged to MLflow run {run_id} ({uri}), under training run {parent}")
+    log_beside_run(run_cfg, harness.as_eval_result(results, target.step))
     for task, values in sorted(metrics.items()):
         for name, value in sorted(values.items()):
             print(f"{task + '/' + name:48} {value:.4f}")
