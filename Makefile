@@ -36,7 +36,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)  ## corpus -> tokenizer -> 2 FSDP workers on local Ray -> MLflow -> samples
 	$(PY) jobs/demo.py
 
-test: $(STAMP) browser  ## the whole suite (CPU, about 18 minutes on 2 cores)
+test: $(STAMP) browser  ## the whole suite (CPU, 27-30 minutes on 2 cores)
 	$(PY) -m pytest tests -q
 
 # The MLflow UI test drives a headless Chromium; Debian's package, installed where this
