@@ -18,13 +18,8 @@ def add_eval_parser(sub) -> None:
         "eval",
         help="evaluate a run's checkpoint on local tasks + held-out perplexity (Ray, MLflow)",
     )
-    p.add_argument("--config", default=None, help="the training run's YAML config")
-    p.add_argument("--model", default=None, help="an exported model folder instead of a run")
-    p.add_argument(
-        "--tokenizer", default=None, help="with --model: default <model>/tokenizer.model"
-    )
+    add_target_arguments(p)
     p.add_argument("--task", action="append", default=[], help="task folder; repeat for more")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     p.add_argument("--fewshot", type=int, default=None, help="shots (default: each task's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="items per task at most")
@@ -33,7 +28,6 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--cpus-per-worker", type=float, default=0.5)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--address", default=None, help="Ray cluster (default: RAY_ADDRESS/local)")
-    p.add_argument("overrides", nargs="*", help="key.path=value overrides of the run config")
     p.set_defaults(func=cmd_eval)
 
 
@@ -79,6 +73,17 @@ def cmd_eval(opts: argparse.Namespace) -> int:
 
 
 # ---- shared with `llamaray harness` ---------------------------------------------------
+
+
+def add_target_arguments(p: argparse.ArgumentParser) -> None:
+    """What to evaluate: a run (--config, --step, overrides) or a folder (--model)."""
+    p.add_argument("--config", default=None, help="the training run's YAML config")
+    p.add_argument("--model", default=None, help="an exported model folder instead of a run")
+    p.add_argument(
+        "--tokenizer", default=None, help="with --model: default <model>/tokenizer.model"
+    )
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides of the run config")
 
 
 def check_one_target(opts: argparse.Namespace) -> None:

@@ -17,20 +17,17 @@ from pathlib import Path
 
 
 def add_harness_parser(sub) -> None:
+    from llamaray.eval.cli import add_target_arguments
+
     p = sub.add_parser(
         "harness",
         help="lm-evaluation-harness tasks on a run's checkpoint or a model folder (MLflow)",
     )
-    p.add_argument("--config", default=None, help="the training run's YAML config")
-    p.add_argument("--model", default=None, help="an exported model folder instead of a run")
-    p.add_argument(
-        "--tokenizer", default=None, help="with --model: default <model>/tokenizer.model"
-    )
+    add_target_arguments(p)
     p.add_argument("--tasks", required=True, help="harness task names, comma-separated")
     p.add_argument(
         "--include-path", action="append", default=[], help="folder of task YAML; repeat"
     )
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     p.add_argument("--fewshot", type=int, default=None, help="shots (default: each task's)")
     p.add_argument("--limit", type=float, default=None, help="items per task (or a fraction)")
     p.add_argument("--seed", type=int, default=0, help="seeds the harness's shots")
@@ -38,7 +35,6 @@ def add_harness_parser(sub) -> None:
     p.add_argument("--device", default=None, help="default: cuda when present, else cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--output", default=None, help="write the harness's results as JSON here")
-    p.add_argument("overrides", nargs="*", help="key.path=value overrides of the run config")
     p.set_defaults(func=cmd_harness)
 
 
