@@ -123,13 +123,12 @@ def task_files(prose, tmp_path_factory) -> dict[str, Path]:
     (harness / "roll.jsonl").write_text("".join(json.dumps(d) + "\n" for d in long_docs))
     prompts = [{"prompt": " ".join(s.split()[:6]), "answer": s.split()[6]} for s in picked]
     (harness / "gen.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
-    data = {name: str(path) for name, path in [("mc", ours / "test.jsonl")]}
     (harness / "agree_mc.yaml").write_text(
         f"""task: agree_mc
 dataset_path: json
 dataset_kwargs:
   data_files:
-    test: {data["mc"]}
+    test: {ours / "test.jsonl"}
 test_split: test
 output_type: multiple_choice
 doc_to_text: "{{{{question}}}}"
