@@ -1,4 +1,11 @@
-"""Where Ray Train keeps a run's checkpoints: a local directory, or an `s3://bucket/prefix`.
+"""Storage: the one filesystem layer of llamaray (local paths and `s3://bucket/prefix`).
+
+Corpora, run outputs and checkpoints are all read and written through `filesystem`,
+`read_bytes`/`write_bytes`, `upload`/`download` and `local_copy` below, with one S3 client
+per environment and one retry policy. On a cluster whose nodes share no disk, whatever one
+process writes and another reads must be at an `s3://` location.
+
+Where Ray Train keeps a run's checkpoints: a local directory, or an `s3://bucket/prefix`.
 
 For S3 the driver builds one pyarrow `S3FileSystem` (`storage_location`) and hands it to
 Ray Train as `RunConfig(storage_filesystem=...)`. Ray Train pickles it into the controller
@@ -35,7 +42,11 @@ through `llamaray.data.read`): `ray job submit --runtime-env-json
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.fs
@@ -132,6 +143,157 @@ def _env_credentials() -> dict[str, str]:
     return env if "AWS_ACCESS_KEY_ID" in env and "AWS_SECRET_ACCESS_KEY" in env else {}
 
 
+# ------------------------------------------------------------------ one filesystem layer
+# Every read and write of a corpus, a run's outputs or a checkpoint goes through these, so a
+# path means the same thing to every process: a local path on one machine (or a shared
+# mount), `s3://bucket/prefix` on a cluster whose nodes share no disk.
+
+
+def filesystem(uri: str | os.PathLike) -> tuple[pyarrow.fs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or `s3://bucket/key`. S3 gets the one
+    `S3Storage` of this process's environment (endpoint, region, retries), made once.
+
+    >>> fs, path = filesystem("/tmp/x/../y")
+    >>> type(fs).__name__, path
+    ('LocalFileSystem', '/tmp/y')
+    """
+    uri = os.fspath(uri)
+    if is_s3(uri):
+        return _s3_from_env(*_s3_env()), uri[len("s3://") :].rstrip("/")
+    if "://" in uri:
+        raise ValueError(f"{uri}: only local paths and s3:// are supported")
+    return pyarrow.fs.LocalFileSystem(), str(Path(uri).resolve())
+
+
+def _s3_env() -> tuple:
+    env = os.environ
+    # The key id and profile are in the cache key only so a changed environment gets a new
+    # client (tests switch endpoints and credentials within one process).
+    return (
+        env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
+        env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
+        env.get("AWS_ACCESS_KEY_ID"),
+        env.get("AWS_PROFILE"),
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_from_env(endpoint, region, _key_id, _profile) -> S3Storage:
+    return S3Storage(endpoint, region)
+
+
+def join(uri: str | os.PathLike, *parts: str) -> str:
+    """`uri` with `parts` appended by "/" (S3 keys) or as path parts (local).
+
+    >>> join("s3://b/corpus/", "shards", "a.parquet")
+    's3://b/corpus/shards/a.parquet'
+    """
+    uri = os.fspath(uri)
+    if is_s3(uri):
+        return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
+    return str(Path(uri, *parts))
+
+
+def exists(uri: str | os.PathLike) -> bool:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+
+def read_bytes(uri: str | os.PathLike) -> bytes:
+    fs, path = filesystem(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{os.fspath(uri)} does not exist") from None
+
+
+def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
+    """Write one file whole; on S3 the object appears only once complete. Parent folders
+    are made as needed."""
+    fs, path = filesystem(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    if isinstance(fs, pyarrow.fs.LocalFileSystem):
+        # Write beside, then rename: a reader never sees half a file.
+        tmp = f"{path}.tmp-{os.getpid()}"
+        Path(tmp).write_bytes(data)
+        os.replace(tmp, path)
+        return
+    with fs.open_output_stream(path) as out:
+        out.write(data)
+
+
+def read_text(uri: str | os.PathLike) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_text(uri: str | os.PathLike, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def list_files(uri: str | os.PathLike) -> list[str]:
+    """Files under `uri` (recursively), as paths relative to it, sorted; [] when absent."""
+    fs, root = filesystem(uri)
+    selector = pyarrow.fs.FileSelector(root, recursive=True, allow_not_found=True)
+    infos = fs.get_file_info(selector)
+    return sorted(
+        i.path[len(root) :].lstrip("/") for i in infos if i.type == pyarrow.fs.FileType.File
+    )
+
+
+def delete_tree(uri: str | os.PathLike) -> None:
+    """Remove `uri` and everything under it; nothing happens when it is absent."""
+    fs, path = filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type == pyarrow.fs.FileType.Directory:
+        fs.delete_dir(path)
+    elif info.type == pyarrow.fs.FileType.File:
+        fs.delete_file(path)
+
+
+def upload(local: str | os.PathLike, uri: str | os.PathLike) -> None:
+    """A local file, or a folder with everything under it, to `uri` (local or S3), with
+    every object closed and checked (`upload_directory`)."""
+    local = Path(local)
+    if local.is_dir():
+        fs, path = filesystem(uri)
+        upload_directory(local, fs, path)
+    else:
+        write_bytes(uri, local.read_bytes())
+
+
+def download(uri: str | os.PathLike, local: str | os.PathLike) -> Path:
+    """A file, or a folder with everything under it, from `uri` to the local path `local`;
+    returns `local`. Raises FileNotFoundError naming `uri` when nothing is there."""
+    fs, path = filesystem(uri)
+    local = Path(local)
+    info = fs.get_file_info(path)
+    if info.type == pyarrow.fs.FileType.File:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_bytes(read_bytes(uri))
+        return local
+    if info.type != pyarrow.fs.FileType.Directory:
+        raise FileNotFoundError(f"{os.fspath(uri)} does not exist")
+    for relative in list_files(uri):
+        target = local / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with fs.open_input_stream(f"{path}/{relative}") as f, target.open("wb") as out:
+            while chunk := f.read(_CHUNK):
+                out.write(chunk)
+    return local
+
+
+@contextlib.contextmanager
+def local_copy(uri: str | os.PathLike) -> Iterator[Path]:
+    """A local path holding `uri`: the path itself when local, else a temporary download
+    removed on exit (for libraries that only open local files, such as SentencePiece)."""
+    if not is_s3(os.fspath(uri)):
+        yield Path(uri)
+        return
+    with tempfile.TemporaryDirectory(prefix="llamaray-fetch-") as tmp:
+        yield download(uri, Path(tmp) / os.fspath(uri).rstrip("/").rsplit("/", 1)[-1])
+
+
 def upload_checkpoint(checkpoint, checkpoint_dir_name: str):
     """`ray.train.report(..., checkpoint_upload_fn=upload_checkpoint)`: the checkpoint's
     local directory into the run's storage folder `checkpoint_dir_name`, raising if any
@@ -161,6 +323,8 @@ def upload_directory(local: str | Path, fs: pyarrow.fs.FileSystem, destination: 
     files = [p for p in local.rglob("*") if p.is_file()]
     for path in sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.as_posix())):
         key = f"{destination}/{path.relative_to(local).as_posix()}"
+        if isinstance(fs, pyarrow.fs.LocalFileSystem):  # S3 has no folders to make
+            fs.create_dir(key.rsplit("/", 1)[0], recursive=True)
         with path.open("rb") as source, fs.open_output_stream(key) as out:
             while chunk := source.read(_CHUNK):
                 out.write(chunk)

@@ -51,7 +51,7 @@ import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
 from llamaray.data.mixture import MixturePlan, mixed_order, plan_mixture, worker_rows
-from llamaray.data.read import _is_s3, _s3_path
+from llamaray.storage import filesystem
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "validation")
@@ -370,10 +370,7 @@ class CorpusRows:
 
 def _filesystem(corpus_dir: str) -> tuple[pafs.FileSystem, str]:
     """(pyarrow filesystem, root path in it) for a local directory or an s3:// prefix."""
-    if _is_s3(corpus_dir):
-        fs, key = _s3_path(corpus_dir.rstrip("/"))
-        return fs, key
-    return pafs.LocalFileSystem(), str(Path(corpus_dir).resolve())
+    return filesystem(corpus_dir)
 
 
 def _check_split(split: str) -> None:

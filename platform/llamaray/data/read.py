@@ -30,7 +30,6 @@ from __future__ import annotations
 import codecs
 import contextlib
 import fnmatch
-import functools
 import glob
 import json
 import os
@@ -428,29 +427,10 @@ def _is_s3(path: str) -> bool:
 
 
 def _s3_path(path: str):
-    """(pyarrow S3 filesystem, "bucket/key") for "s3://bucket/key"."""
-    env = os.environ
-    fs = _s3_filesystem(
-        env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
-        env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
-        env.get("AWS_ACCESS_KEY_ID"),
-        env.get("AWS_PROFILE"),
-    )
-    return fs, path[len("s3://") :]
+    """(the S3 filesystem of `llamaray.storage`, "bucket/key") for "s3://bucket/key"."""
+    from llamaray.storage import filesystem
 
-
-@functools.lru_cache(maxsize=8)
-def _s3_filesystem(endpoint: str | None, region: str | None, key_id: str | None, profile):
-    # FileSystem.from_uri does not read AWS_ENDPOINT_URL, so pass it explicitly; the key id
-    # and profile are in the cache key only so a changed environment gets a new client.
-    from pyarrow import fs as pafs
-
-    kwargs: dict[str, Any] = {}
-    if endpoint:
-        kwargs["endpoint_override"] = endpoint
-    if region:
-        kwargs["region"] = region
-    return pafs.S3FileSystem(**kwargs)
+    return filesystem(path)
 
 
 def _exists(path: str) -> bool:
