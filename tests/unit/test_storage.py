@@ -30,7 +30,7 @@ def test_write_read_list_and_delete(root):
 
 
 def test_a_missing_file_is_named(root):
-    with pytest.raises(FileNotFoundError, match="nope.txt"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.txt"):
         storage.read_bytes(storage.join(root, "nope.txt"))
     with pytest.raises(FileNotFoundError, match="nope"):
         storage.download(storage.join(root, "nope"), "/tmp/never-written")
