@@ -24,12 +24,8 @@ from pydantic import (
     model_validator,
 )
 
-from llamaray.data.instructions import (
-    DEFAULT_TEMPLATE,
-    DEFAULT_TEMPLATE_WITH_INPUT,
-    check_template,
-)
 from llamaray.model.args import PRESETS, ModelArgs, get_preset
+from llamaray.prompts import DEFAULT_TEMPLATE, DEFAULT_TEMPLATE_WITH_INPUT, check_template
 
 
 class ConfigError(ValueError):

@@ -30,7 +30,6 @@ and padded per micro-batch only to the longest example in it (`micro_batch`).
 from __future__ import annotations
 
 import json
-import string
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,16 +37,19 @@ from typing import Any, Protocol
 
 import numpy as np
 
+# The templates and their check belong to llamaray.prompts (shared with the config).
+from llamaray.prompts import (
+    DEFAULT_TEMPLATE,
+    DEFAULT_TEMPLATE_WITH_INPUT,
+    check_template,
+)
+
 IGNORE_INDEX = -100
 """Targets the loss skips; the same value as `llamaray.model.loss.IGNORE_INDEX`."""
 
 FIELDS = ("instruction", "input", "response")
 REQUIRED_FIELDS = ("instruction", "response")
 
-DEFAULT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
-DEFAULT_TEMPLATE_WITH_INPUT = (
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
 _MAX_ERRORS_SHOWN = 20
 
 
@@ -62,39 +64,6 @@ class Example:
     input: str = ""
     origin: str = ""
     """`file:line` it came from, for messages."""
-
-
-def template_fields(template: str) -> set[str]:
-    """The `{name}` placeholders of a template (ValueError if it does not parse)."""
-    try:
-        return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-    except ValueError as err:
-        raise ValueError(f"{template!r} is not a valid template: {err}") from None
-
-
-def check_template(template: str, required: Sequence[str]) -> None:
-    """ValueError unless `template`'s placeholders are exactly `required` (each once or more).
-
-    Literal braces are written doubled, as in `str.format`: `{{` and `}}`.
-    """
-    names = template_fields(template)
-    if "" in names:
-        raise ValueError("positional placeholder {} is not allowed; name the field")
-    missing = [n for n in required if n not in names]
-    unknown = sorted(names - set(required))
-    problems = []
-    if missing:
-        problems.append("has no " + ", ".join("{" + n + "}" for n in missing))
-    if unknown:
-        problems.append(
-            "has unknown placeholder(s) "
-            + ", ".join("{" + n + "}" for n in unknown)
-            + " (allowed: "
-            + ", ".join("{" + n + "}" for n in required)
-            + "; write literal braces as {{ }})"
-        )
-    if problems:
-        raise ValueError("; ".join(problems))
 
 
 @dataclass(frozen=True)
