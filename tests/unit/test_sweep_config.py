@@ -12,11 +12,13 @@ from llamaray.cli import main
 from llamaray.config import ConfigError, load_config
 from llamaray.model.args import get_preset
 from llamaray.orchestrate.sweep_config import (
+    DEFAULT_CONCURRENCY,
     default_batch_tokens,
     load_sweep_config,
     planned_trials,
     resolve_asha,
     resolve_space,
+    sweep_concurrency,
     trial_concurrency,
     trial_config,
 )
@@ -215,3 +217,23 @@ def test_cli_prints_the_planned_trials_and_rejects_bad_fields(capsys):
     assert yaml.safe_load(out)["sweep"]["lr"]["values"] == [1e-3, 3e-3]
     assert main(["sweep", *BASE, "sweep.batch_tokens=[100]"]) == 2
     assert "sweep.batch_tokens: 100 is not a positive multiple" in capsys.readouterr().err
+
+
+def test_concurrency_of_an_autoscaling_cluster_that_starts_empty():
+    """A cluster scaled from zero has no CPUs at start: the sweep config, else the cluster's
+    configured maximum, else a stated default decides, never the empty cluster."""
+    run = load_config(None, [*BASE, "train.num_workers=2", "train.cpus_per_worker=1"])
+    empty = {"memory": 1e9}  # the head of such a cluster: no CPUs
+    n, how = sweep_concurrency(run, 6, 3, empty, None)
+    assert (n, how) == (3, "3 at a time (sweep.max_concurrent_trials)")
+    n, how = sweep_concurrency(run, 6, None, empty, {"CPU": 8.0})
+    assert n == 4 and "configured maximum" in how
+    n, how = sweep_concurrency(run, 3, None, empty, {"CPU": 64.0})
+    assert n == 3  # never more than there are trials
+    n, how = sweep_concurrency(run, 6, None, empty, None)
+    assert n == DEFAULT_CONCURRENCY == 1
+    assert "sweep.max_concurrent_trials" in how and "no maximum size" in how
+    n, how = sweep_concurrency(run, 6, None, {"CPU": 4.0}, None)  # a fixed cluster
+    assert n == 2 and "nodes up now" in how
+    n, how = sweep_concurrency(run, 6, None, empty, {"CPU": 1.0})
+    assert n == 1 and "even the cluster's configured maximum" in how

@@ -126,11 +126,8 @@ def run_sweep(run: RunConfig, sweep: SweepConfig) -> SweepResult:
             storage_filesystem=storage_fs,
         )
     else:
-        concurrency = sweep.max_concurrent_trials or _fitting_concurrency(run, space, ray)
-        _say(
-            f"sweep {run.name}: {space.n_trials} trial(s), {concurrency} at a time; "
-            + _describe(space, asha)
-        )
+        concurrency = _concurrency(run, sweep, space, ray)
+        _say(f"sweep {run.name}: {space.n_trials} trial(s); " + _describe(space, asha))
         tuner = tune.Tuner(
             trainable,
             param_space=space.param_space(),
@@ -164,14 +161,28 @@ def run_sweep(run: RunConfig, sweep: SweepConfig) -> SweepResult:
     return report_sweep(run, outcomes, uri, parent_id, corpus, resumed)
 
 
-def _fitting_concurrency(run: RunConfig, space: SearchSpace, ray) -> int:
-    from llamaray.orchestrate.sweep_config import trial_concurrency, uses_gpu
+def _concurrency(run: RunConfig, sweep: SweepConfig, space: SearchSpace, ray) -> int:
+    """Trials at once (`sweep_config.sweep_concurrency`), said on the console."""
+    from llamaray.orchestrate.sweep_config import sweep_concurrency
 
-    cluster = ray.cluster_resources()
-    trials, warning = trial_concurrency(cluster, run, uses_gpu(run, cluster), space.n_trials)
-    if warning:
-        _say(f"warning: {warning}")
+    now = ray.cluster_resources() if not sweep.max_concurrent_trials else {}
+    maximum = None if sweep.max_concurrent_trials else configured_maximum()
+    trials, how = sweep_concurrency(run, space.n_trials, sweep.max_concurrent_trials, now, maximum)
+    _say(f"sweep {run.name}: {how}")
     return trials
+
+
+def configured_maximum() -> dict[str, float] | None:
+    """The resources the cluster may grow to, as its autoscaler publishes them in the GCS
+    (the cluster config Ray Data also reads: node groups x their max count); None when no
+    autoscaler published one (a fixed cluster, a local one) or this Ray cannot say."""
+    try:
+        from ray._private.state import state
+
+        found = state.get_max_resources_from_cluster_config()
+    except Exception:  # a private API of Ray: its absence must not stop a sweep
+        return None
+    return {k: float(v) for k, v in found.items()} if found else None
 
 
 def _describe(space: SearchSpace, asha) -> str:

@@ -102,7 +102,9 @@ class SweepConfig(_Section):
     max_concurrent_trials: int | None = Field(
         None,
         gt=0,
-        description="Trials running at once; None: as many as the cluster's CPUs (GPUs) fit.",
+        description="Trials running at once; None: as many as fit in the cluster's configured "
+        "maximum (published by its autoscaler), else in the nodes up now, else 1. Set it on "
+        "an autoscaling cluster that starts with no worker nodes.",
     )
 
 
@@ -272,7 +274,7 @@ def planned_trials(space: SearchSpace) -> list[dict]:
 
     >>> run, sweep = load_sweep_config(None, ["model.preset=debug", "train.seq_len=32",
     ...     "train.eval_every=10", "train.steps=40", "sweep.batch_tokens=[512]",
-    ...     "sweep.lr.values=[1e-3, 3e-3]"])
+    ...     "sweep.lr.values=[1e-3, 3e-3]", "sweep.num_samples=1"])
     >>> planned_trials(resolve_space(run, sweep))
     [{'lr': 0.001, 'batch_tokens': 512}, {'lr': 0.003, 'batch_tokens': 512}]
     """
@@ -376,6 +378,57 @@ def trial_concurrency(
     if fits < 1:
         return 1, f"the cluster has {limit}: trials wait until nodes are added"
     return min(fits, n_trials), None
+
+
+DEFAULT_CONCURRENCY = 1
+"""Trials at once when nothing says more: no `sweep.max_concurrent_trials`, no maximum size
+published by the cluster's autoscaler, and no room for a trial on the nodes up now."""
+
+
+def sweep_concurrency(
+    run: RunConfig,
+    n_trials: int,
+    configured: int | None,
+    now: dict[str, float],
+    maximum: dict[str, float] | None,
+) -> tuple[int, str]:
+    """(trials at once, a line saying where that number comes from), in this order:
+    `sweep.max_concurrent_trials`; else what fits in the cluster's configured maximum
+    (`maximum`, the resources its autoscaler may reach, None when unknown); else what fits
+    in the resources up `now`, when at least one trial does (a cluster of fixed size);
+    else `DEFAULT_CONCURRENCY`. An autoscaling cluster that starts from zero nodes has
+    nothing up now, so `now` alone would always say one trial.
+
+    >>> from llamaray.config import load_config
+    >>> run = load_config(None, ["train.seq_len=512", "train.num_workers=2"])
+    >>> sweep_concurrency(run, 6, None, {}, {"CPU": 64.0})[0]
+    6
+    >>> sweep_concurrency(run, 6, None, {}, None)[0]
+    1
+    """
+    if configured:
+        return configured, f"{configured} at a time (sweep.max_concurrent_trials)"
+    if maximum:
+        trials, warning = trial_concurrency(maximum, run, uses_gpu(run, maximum), n_trials)
+        if warning is None:
+            return trials, f"{trials} at a time, sized from the cluster's configured maximum"
+        return DEFAULT_CONCURRENCY, (
+            f"even the cluster's configured maximum cannot hold one trial "
+            f"({warning.removeprefix('the cluster has ').split(':')[0]}): running "
+            f"{DEFAULT_CONCURRENCY} at a time; trials wait for resources that may never come, "
+            "lower train.num_workers or train.cpus_per_worker"
+        )
+    trials, warning = trial_concurrency(now, run, uses_gpu(run, now), n_trials)
+    if warning is None:
+        return trials, (
+            f"{trials} at a time, sized from the nodes up now (the cluster publishes no "
+            "maximum size; set sweep.max_concurrent_trials if it can add nodes)"
+        )
+    return DEFAULT_CONCURRENCY, (
+        f"the nodes up now cannot hold one trial ({warning.split(':')[0]}) and the cluster "
+        f"publishes no maximum size (an autoscaling cluster may start with no nodes): running "
+        f"{DEFAULT_CONCURRENCY} trial at a time; set sweep.max_concurrent_trials to run more"
+    )
 
 
 def uses_gpu(run: RunConfig, cluster: dict[str, float]) -> bool:
