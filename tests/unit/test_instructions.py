@@ -458,3 +458,51 @@ def test_finetune_from_a_checkpoint_and_resume(in_process, base_folder, data_fil
     expected = {r["step"]: r["loss"] for r in straight.reports if r["step"]}
     for report in launcher.reports[1:] + launcher_b.reports:
         assert report["loss"] == expected[report["step"]], report["step"]  # bit for bit
+
+
+def test_base_train_file_and_tokenizer_on_s3_load_on_the_rank(
+    in_process, base_folder, data_file, tmp_path, s3_client
+):
+    """No shared disk: the base (a run name under S3 storage, a step folder or a model
+    folder by URI), the instruction file and the tokenizer are all read from S3; a rank
+    fetches the base onto its own disk and gets exactly the weights that were saved."""
+    from llamaray import storage
+    from llamaray.eval.checkpoint import load_dcp_model
+    from llamaray.train.base_weights import load_base_weights
+
+    (_first, _launcher, _data), root = in_process
+    s3_client.create_bucket(Bucket="ft-base")
+    step_dir = root / "checkpoints" / "sft" / "step-00000008"
+    step_uri = "s3://ft-base/checkpoints/sft/step-00000008"
+    storage.upload(step_dir, step_uri)
+    storage.upload(base_folder, "s3://ft-base/models/base")
+    storage.upload(data_file, "s3://ft-base/data/train.jsonl")
+    on_s3 = [
+        "storage=s3://ft-base/checkpoints",
+        "finetune.tokenizer=s3://ft-base/models/base/tokenizer.model",
+    ]
+    cfg = finetune_config(tmp_path, "sft", "s3://ft-base/data/train.jsonl", *on_s3)
+    plan = prepare_finetune(cfg)  # the run name, found under the S3 storage
+    assert (plan.base.kind, plan.base.path, plan.base.run_name) == ("checkpoint", step_uri, "sft")
+    assert plan.base.step == 8 and plan.tokenizer_path == on_s3[1].split("=", 1)[1]
+    assert plan.instructions()["tokenizer_path"].startswith("s3://")
+    assert len(plan.data.train) + len(plan.data.validation) == 40
+    assert resolve_base(finetune_config(tmp_path, step_uri, data_file, *on_s3)).step == 8
+    folder = resolve_base(finetune_config(tmp_path, "s3://ft-base/models/base", data_file))
+    assert (folder.kind, folder.path) == ("folder", "s3://ft-base/models/base")
+    assert check_architecture(cfg, folder, 512) == 512
+
+    model = Llama(cfg.model.args(512))
+    load_base_weights(model, plan.base.spec())
+    expected = load_dcp_model(step_dir, cfg).state_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+    load_base_weights(model, folder.spec())
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, Llama.from_pretrained(base_folder).state_dict()[name]), name
+
+    # A truncated object in S3 is found from its size alone, before anything is fetched.
+    shard = next(n for n in storage.list_files(step_uri) if n.endswith(".distcp"))
+    s3_client.put_object(Bucket="ft-base", Key=f"checkpoints/sft/step-00000008/{shard}", Body=b"x")
+    with pytest.raises(ConfigError, match="truncated"):
+        resolve_base(finetune_config(tmp_path, step_uri, data_file, *on_s3))

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from llamaray import storage
 from llamaray.config import ConfigError, RunConfig
 from llamaray.data.instructions import EncodedInstructions
 
@@ -68,81 +69,107 @@ class FinetuneBase:
 
 
 def resolve_base(cfg: RunConfig) -> FinetuneBase:
-    """`finetune.base` as a concrete, verified checkpoint folder or model folder.
+    """`finetune.base` as a concrete, verified checkpoint folder or model folder, by URI
+    (a local path, or `s3://`): the ranks fetch it onto their own nodes.
 
-    An existing path is taken as a path: a step folder (`train_state.json`), a run's
-    checkpoint folder holding step folders (the newest complete one), or a Meta / Hugging
-    Face folder. Anything else is a run name, looked up under `cfg.storage_path`.
+    An existing path (local or `s3://`) is taken as a path: a step folder
+    (`train_state.json`), a run's checkpoint folder holding step folders (the newest
+    complete one), or a Meta / Hugging Face folder. Anything else is a run name, looked up
+    under `cfg.storage_path` (local or S3).
     """
-    from llamaray.storage import storage_location
+    from llamaray.train.stored_checkpoints import step_folders
 
     given = cfg.finetune.base
+    if storage.is_s3(given):
+        uri = given.rstrip("/")
+        if not storage.list_files(uri):
+            raise ConfigError(f"finetune.base: nothing under {uri}")
+        return _base_at(uri, uri.rsplit("/", 1)[-1])
     path = Path(given).expanduser()
     if path.is_dir():
-        path = path.resolve()
-        if (path / "train_state.json").is_file() or (path / ".metadata").is_file():
-            return _verified(path, path.parent.name)
-        from llamaray.train.checkpoint import step_dirs
-
-        if step_dirs(path):
-            return _newest_complete(path, path.name)
-        from llamaray.model.formats import detect_format
-
-        try:
-            detect_format(path)
-        except (FileNotFoundError, ValueError) as err:
-            raise ConfigError(
-                f"finetune.base: {path} is neither a checkpoint (train_state.json, "
-                f"step-NNNNNNNN folders) nor a model folder: {err}"
-            ) from None
-        return FinetuneBase("folder", str(path), None)
+        return _base_at(str(path.resolve()), path.resolve().name)
     if "/" in given or given.startswith("."):
         raise ConfigError(f"finetune.base: {given} does not exist")
-    storage, fs = storage_location(cfg.storage_path)
-    if fs is not None:
-        raise ConfigError(
-            f"finetune.base: run {given!r} keeps its checkpoints on S3 ({cfg.storage_path}); "
-            "finetuning from S3 is not supported yet: copy its step folder to a local or "
-            "shared path and name that folder"
-        )
-    root = Path(storage) / given
-    if not root.is_dir():
+    root = storage.join(cfg.storage_path, given)
+    if not step_folders(root):
         raise ConfigError(
             f"finetune.base: {given!r} is not a folder, and no run of that name has "
-            f"checkpoints under {storage}"
+            f"checkpoints under {cfg.storage_path}"
         )
     return _newest_complete(root, given)
 
 
-def _verified(step_dir: Path, run_name: str) -> FinetuneBase:
-    from llamaray.train.checkpoint import CheckpointError, verify_checkpoint
+def _base_at(uri: str, name: str) -> FinetuneBase:
+    """The base at an existing folder `uri` named `name`: a step folder (its run is the
+    parent folder), a run's folder of step folders, or a model folder."""
+    from llamaray.train.stored_checkpoints import is_step_folder, step_folders
+
+    if is_step_folder(uri):
+        return _verified(uri, _parent_name(uri))
+    if step_folders(uri):
+        return _newest_complete(uri, name)
+    try:
+        folder_format(uri)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(
+            f"finetune.base: {uri} is neither a checkpoint (train_state.json, "
+            f"step-NNNNNNNN folders) nor a model folder: {err}"
+        ) from None
+    return FinetuneBase("folder", uri, None)
+
+
+def _parent_name(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 2)[-2] if storage.is_s3(uri) else Path(uri).parent.name
+
+
+def folder_format(uri: str) -> str:
+    """ "meta" or "hf" for a model folder, local or in S3 (`formats.detect_format`'s rule)."""
+    if not storage.is_s3(uri):
+        from llamaray.model.formats import detect_format
+
+        return detect_format(uri)
+    from llamaray.model.formats import HF_CONFIG, META_PARAMS
+
+    has_meta = storage.exists(storage.join(uri, META_PARAMS))
+    has_hf = storage.exists(storage.join(uri, HF_CONFIG))
+    if has_meta == has_hf:
+        what = "both" if has_meta else "neither"
+        raise ValueError(f"{uri} holds {what} of {META_PARAMS} and {HF_CONFIG}")
+    return "meta" if has_meta else "hf"
+
+
+def _verified(uri: str, run_name: str) -> FinetuneBase:
+    from llamaray.train.checkpoint import CheckpointError
+    from llamaray.train.stored_checkpoints import verify_stored
 
     try:
-        state = verify_checkpoint(step_dir)
+        state = verify_stored(uri)
     except CheckpointError as err:
         raise ConfigError(f"finetune.base: incomplete checkpoint: {err}") from None
-    return FinetuneBase("checkpoint", str(step_dir), run_name, state.step)
+    return FinetuneBase("checkpoint", uri, run_name, state.step)
 
 
-def _newest_complete(root: Path, run_name: str) -> FinetuneBase:
-    from llamaray.train.checkpoint import CheckpointError, newest_complete, step_dirs
+def _newest_complete(root: str, run_name: str) -> FinetuneBase:
+    from llamaray.train.checkpoint import CheckpointError
+    from llamaray.train.stored_checkpoints import newest_stored
 
     try:
-        step_dir, state = newest_complete(step_dirs(root))
+        uri, state = newest_stored(root)
     except CheckpointError as err:
         raise ConfigError(
             f"finetune.base: run {run_name!r} has no complete checkpoint ({err})"
         ) from None
-    return FinetuneBase("checkpoint", str(step_dir), run_name, state.step)
+    return FinetuneBase("checkpoint", uri, run_name, state.step)
 
 
 def base_shapes(base: FinetuneBase, tokenizer_vocab: int) -> tuple[dict[str, tuple], dict]:
     """(tensor name -> shape, architecture settings that shapes do not show) of the base,
-    read without loading its weights."""
+    read without loading its weights (from storage: DCP's metadata, or the folder's
+    config.json / params.json)."""
     if base.kind == "checkpoint":
-        from torch.distributed.checkpoint import FileSystemReader
+        from llamaray.train.stored_checkpoints import model_metadata
 
-        metadata = FileSystemReader(base.path).read_metadata().state_dict_metadata
+        metadata = model_metadata(base.path).state_dict_metadata
         shapes = {
             k.removeprefix("model."): tuple(v.size)
             for k, v in metadata.items()
@@ -150,16 +177,18 @@ def base_shapes(base: FinetuneBase, tokenizer_vocab: int) -> tuple[dict[str, tup
         }
         return shapes, {}
     from llamaray.model.formats import (
+        HF_CONFIG,
+        META_PARAMS,
         args_from_hf_config,
         args_from_meta_params,
-        detect_format,
     )
 
-    folder = Path(base.path)
-    if detect_format(folder) == "hf":
-        args = args_from_hf_config(json.loads((folder / "config.json").read_text()))
+    if folder_format(base.path) == "hf":
+        args = args_from_hf_config(
+            json.loads(storage.read_text(storage.join(base.path, HF_CONFIG)))
+        )
     else:
-        params = json.loads((folder / "params.json").read_text())
+        params = json.loads(storage.read_text(storage.join(base.path, META_PARAMS)))
         args = args_from_meta_params(params, vocab_rows=tokenizer_vocab)
     return _shapes_of(args), {"norm_eps": args.norm_eps, "rope_theta": args.rope_theta}
 
@@ -213,17 +242,19 @@ def check_architecture(cfg: RunConfig, base: FinetuneBase, tokenizer_vocab: int)
 # ----------------------------------------------------------------------- the tokenizer
 
 
-def base_tokenizer(cfg: RunConfig, base: FinetuneBase, uri: str | None) -> Path:
-    """`finetune.tokenizer`; else a model folder's tokenizer.model; else the tokenizer the
-    base run logged to MLflow (downloaded into this run's directory)."""
+def base_tokenizer(cfg: RunConfig, base: FinetuneBase, uri: str | None) -> str:
+    """The URI (local path or `s3://`) of `finetune.tokenizer`; else a model folder's
+    tokenizer.model; else the tokenizer the base run logged to MLflow, put into this run's
+    storage folder (`<storage>/<name>/base-tokenizer/`) so that the workers, on nodes of
+    their own, read it from there (the exported model carries it)."""
     given = cfg.finetune.tokenizer
     if given:
-        if not Path(given).is_file():
+        if not storage.exists(given):
             raise ConfigError(f"finetune.tokenizer: {given} does not exist")
-        return Path(given).resolve()
+        return given if storage.is_s3(given) else str(Path(given).resolve())
     if base.kind == "folder":
-        path = Path(base.path) / "tokenizer.model"
-        if not path.is_file():
+        path = storage.join(base.path, "tokenizer.model")
+        if not storage.exists(path):
             raise ConfigError(f"finetune.tokenizer: {base.path} has no tokenizer.model; set it")
         return path
     from llamaray.train.tracking import find_run
@@ -235,6 +266,8 @@ def base_tokenizer(cfg: RunConfig, base: FinetuneBase, uri: str | None) -> Path:
             f"experiment {cfg.tracking.experiment!r} to take its tokenizer from; set "
             "finetune.tokenizer to its tokenizer.model"
         )
+    import tempfile
+
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
@@ -246,9 +279,18 @@ def base_tokenizer(cfg: RunConfig, base: FinetuneBase, uri: str | None) -> Path:
             f"finetune.tokenizer: the base run {base.run_name!r} logged no tokenizer; set "
             "finetune.tokenizer to its tokenizer.model"
         )
-    target = Path(cfg.output_dir).resolve() / cfg.name / "base-tokenizer"
-    target.mkdir(parents=True, exist_ok=True)
-    return Path(client.download_artifacts(run_id, logged[0], str(target)))
+    target = storage.join(cfg.storage_path, cfg.name, "base-tokenizer", "tokenizer.model")
+    with tempfile.TemporaryDirectory(prefix="llamaray-tokenizer-") as tmp:
+        storage.upload(client.download_artifacts(run_id, logged[0], tmp), target)
+    return target
+
+
+def load_tokenizer(uri: str):
+    """A `Tokenizer` from a local path or S3 (its model bytes travel when pickled)."""
+    from llamaray.tokenizer import Tokenizer
+
+    with storage.local_copy(uri) as local:
+        return Tokenizer(local)
 
 
 # ------------------------------------------------------------------------ the examples
@@ -268,9 +310,18 @@ def read_instructions(cfg: RunConfig) -> tuple[list, list]:
     from llamaray.data.instructions import read_examples, split_examples
 
     ft = cfg.finetune
-    examples = read_examples(ft.train_file)
+
+    def read(uri: str) -> list:
+        # Read here, on the driver, and shipped encoded in the WorkerSpec: a local file is
+        # needed only where the driver runs; s3:// is fetched.
+        if not storage.is_s3(uri):
+            return read_examples(uri)
+        with storage.local_copy(uri) as local:
+            return read_examples(local)
+
+    examples = read(ft.train_file)
     if ft.validation_file:
-        return examples, read_examples(ft.validation_file)
+        return examples, read(ft.validation_file)
     if len(examples) < 2:
         raise ConfigError(f"finetune.train_file: {ft.train_file} has too few examples to split")
     return split_examples(examples, ft.validation_fraction, cfg.train.seed)
@@ -355,7 +406,8 @@ def open_finetune_tracking(cfg: RunConfig, plan: FinetunePlan) -> tuple[str, str
         "dropped": {"train": data.train.dropped, "validation": data.validation.dropped},
     }
     client.log_dict(run_id, summary, "data/instructions.json")
-    client.log_artifact(run_id, str(plan.tokenizer_path), "tokenizer")
+    with storage.local_copy(plan.tokenizer_path) as local:
+        client.log_artifact(run_id, str(local), "tokenizer")
     return run_id, parent
 
 
@@ -367,7 +419,8 @@ class FinetunePlan:
     """What the driver checked and prepared before any Ray work."""
 
     base: FinetuneBase
-    tokenizer_path: Path
+    tokenizer_path: str
+    """A local path or s3:// URI every node can read."""
     vocab_size: int
     """The base's embedding rows."""
     data: InstructionData
@@ -379,14 +432,13 @@ class FinetunePlan:
             "train": self.data.train.to_dict(),
             "validation": self.data.validation.to_dict(),
             "vocab_size": self.vocab_size,
-            "tokenizer_path": str(self.tokenizer_path),
+            "tokenizer_path": self.tokenizer_path,
         }
 
 
 def prepare_finetune(cfg: RunConfig) -> FinetunePlan:
     """Everything checked and encoded, with no Ray: the data first (bad lines are the usual
     mistake), then the base, its tokenizer and architecture."""
-    from llamaray.tokenizer import Tokenizer
     from llamaray.train.tracking import tracking_uri
 
     if cfg.finetune is None:
@@ -399,10 +451,25 @@ def prepare_finetune(cfg: RunConfig) -> FinetunePlan:
     _say(f"base: {base.describe()}")
     uri = tracking_uri(cfg.tracking.uri, cfg.output_dir) if cfg.tracking.enabled else None
     tokenizer_path = base_tokenizer(cfg, base, uri)
-    tokenizer = Tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path)
     vocab = check_architecture(cfg, base, tokenizer.vocab_size)
     data = encode_instructions(cfg, examples, tokenizer)
     return FinetunePlan(base, tokenizer_path, vocab, data, uri)
+
+
+def require_finetune_shared_state(cfg: RunConfig, plan: FinetunePlan) -> None:
+    """ConfigError on a cluster whose nodes share no disk when what the ranks read or write
+    is on the driver's disk: the storage (checkpoints, the export), the base and its
+    tokenizer, and the tracking store the ranks log to (`placement`). The instruction files
+    are read here, on the driver, and need not be shared."""
+    from llamaray.orchestrate.placement import require_shared_state, shared_filesystem_opted
+
+    paths = {
+        "storage": cfg.storage_path,
+        "finetune.base": plan.base.path,
+        "finetune.tokenizer": plan.tokenizer_path,
+    }
+    require_shared_state(paths, plan.tracking_uri, shared_filesystem_opted(cfg))
 
 
 def finetune(cfg: RunConfig, callbacks: Sequence = ()):
@@ -416,6 +483,7 @@ def finetune(cfg: RunConfig, callbacks: Sequence = ()):
 
     plan = prepare_finetune(cfg)
     ensure_ray()
+    require_finetune_shared_state(cfg, plan)  # seconds after joining, before any work
     run_id = None
     if plan.tracking_uri:
         run_id, parent = open_finetune_tracking(cfg, plan)

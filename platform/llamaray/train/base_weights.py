@@ -8,7 +8,12 @@ Two kinds of base, as the driver resolved them (`orchestrate.finetune.resolve_ba
 - `folder`: a Meta or Hugging Face model folder. Rank 0 reads the full weights and they are
   broadcast tensor by tensor, each rank keeping its shard
   (`set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True)`): only one
-  process holds the whole model in memory, and only rank 0's node needs to see the folder.
+  process holds the whole model in memory, and only rank 0 reads the folder.
+
+The base's `path` is a URI: a local path (one machine, or a shared file system) or
+`s3://`, which each rank that reads it fetches onto its own node's disk (a checkpoint is
+checked in full there, digests included), since ranks run on nodes that share no disk
+with the driver that resolved the base.
 
 Collective: every rank calls it, after `build_parallel_model`. No Ray.
 
@@ -34,17 +39,22 @@ BASE_KINDS = ("checkpoint", "folder")
 
 def load_base_weights(model: torch.nn.Module, base: dict) -> None:
     """Replace the (freshly initialized) weights of `model` with the base's."""
+    from llamaray import storage
+    from llamaray.train.stored_checkpoints import fetched
+
     kind, path = base["kind"], base["path"]
     if kind == "checkpoint":
         state = {"model": get_model_state_dict(model)}
-        dcp.load(state, checkpoint_id=str(path))  # reads only the keys asked for
+        with fetched(path) as local:
+            dcp.load(state, checkpoint_id=str(local))  # reads only the keys asked for
         set_model_state_dict(model, state["model"])
     elif kind == "folder":
         full: dict[str, torch.Tensor] = {}
         if dist.get_rank() == 0:
             from llamaray.model.formats import load_pretrained
 
-            full = load_pretrained(Path(path), dtype=torch.float32).state_dict()
+            with storage.local_copy(path) as local:
+                full = load_pretrained(Path(local), dtype=torch.float32).state_dict()
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         set_model_state_dict(model, full, options=options)
     else:
