@@ -173,6 +173,12 @@ class TrainConfig(_Section):
         "fp32", description="bf16: FSDP mixed precision on GPU, autocast on CPU."
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    accelerator_type: str | None = Field(
+        None,
+        description="GPU type every worker must run on, as Ray names it (A100, H100; "
+        "Ray Train's ScalingConfig.accelerator_type): one run never mixes node types. "
+        "None: any GPU.",
+    )
     seed: int = 0
     log_every: int = Field(10, gt=0, description="Steps between progress lines and metrics.")
     eval_every: int = Field(0, ge=0, description="Steps between validation passes; 0: at end.")

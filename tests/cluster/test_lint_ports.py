@@ -259,6 +259,19 @@ def test_fixed_versions_pass(lint, tmp_path, capsys):
                     - {IpProtocol: tcp, FromPort: 22, ToPort: 22, CidrIp: 203.0.113.7/32}
                     - {IpProtocol: tcp, FromPort: 443, ToPort: 443, CidrIp: 0.0.0.0/0}
             ---
+            apiVersion: networking.k8s.io/v1
+            kind: NetworkPolicy
+            metadata: {name: operator-to-dashboard}
+            spec:
+              podSelector: {matchLabels: {ray.io/is-ray-node: "yes"}}
+              policyTypes: [Ingress]
+              ingress:
+                - from: [{podSelector: {}}]
+                - from:
+                    - namespaceSelector:
+                        matchLabels: {kubernetes.io/metadata.name: kuberay-system}
+                  ports: [{protocol: TCP, port: 8265}]
+            ---
             cluster_name: ok
             provider: {type: aws}
             available_node_types:

@@ -241,7 +241,10 @@ def launch(
         train_loop_config=asdict(spec),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.train.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+            num_workers=cfg.train.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker=resources,
+            accelerator_type=cfg.train.accelerator_type,
         ),
         run_config=ray.train.RunConfig(
             name=cfg.name,
