@@ -282,7 +282,8 @@ def test_aws_gpu_nodes_for_multi_node_fsdp(cluster_dir):
     )
     # NCCL finds the AMI's aws-ofi-nccl and libfabric, mounted above.
     (start,) = [c for c in config["worker_start_ray_commands"] if "ray start" in c]
-    assert re.search(r"LD_LIBRARY_PATH=/opt/amazon/ofi-nccl/lib:/opt/amazon/efa/lib:", start)
+    libs = "/opt/amazon/ofi-nccl/lib/x86_64-linux-gnu:/opt/amazon/ofi-nccl/lib:/opt/amazon/efa/lib:"
+    assert f"export LD_LIBRARY_PATH={libs}" in start
 
     # The placement group: aws-prereqs.yaml makes a cluster one and names it in an output.
     prereqs = load(cluster_dir / "aws-prereqs.yaml")
@@ -299,7 +300,7 @@ def test_aws_gpu_nodes_for_multi_node_fsdp(cluster_dir):
     # The image for KubeRay carries EFA's user space and puts it on the library path.
     dockerfile = (cluster_dir / "Dockerfile").read_text()
     assert "efa_installer.sh -y --skip-kmod --skip-limit-conf --no-verify" in dockerfile
-    assert re.search(r"^ENV LD_LIBRARY_PATH=/opt/amazon/ofi-nccl/lib:", dockerfile, re.M)
+    assert re.search(rf"^ENV LD_LIBRARY_PATH={libs}", dockerfile, re.M)
 
 
 # ---------------------------------------------------------------------------------------
