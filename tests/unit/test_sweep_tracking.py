@@ -5,8 +5,10 @@ end-of-sweep report on the parent and its children."""
 from __future__ import annotations
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
+from llamaray import storage
 from llamaray.config import ConfigError, load_config
 from llamaray.orchestrate.sweep import open_parent, report_sweep
 from llamaray.orchestrate.sweep_config import load_sweep_config, resolve_space
@@ -91,7 +93,7 @@ def test_report_marks_children_and_fills_the_parent(sweep, tmp_path):
     best = load_config(result.best_yaml)
     assert best.name == "sw-best" and best.optimizer.lr == 1e-3
     assert best.data.corpus == str(tmp_path / "corpus")
-    assert result.best_yaml == tmp_path / "sweeps" / "sw" / "best.yaml"
+    assert result.best_yaml == str(tmp_path / "sweeps" / "sw" / "best.yaml")
 
 
 def test_no_finished_trial_fails_the_sweep_run(sweep, tmp_path):
@@ -102,3 +104,24 @@ def test_no_finished_trial_fails_the_sweep_run(sweep, tmp_path):
     assert result.best is None and result.best_yaml is None
     assert MlflowClient(uri).get_run(parent).info.status == "FAILED"
     assert not (tmp_path / "sweeps" / "sw" / "best.yaml").exists()
+
+
+def test_report_goes_to_an_s3_output_dir(sweep, tmp_path, s3_client):
+    """On a cluster the sweep driver's disk is nobody's: with output_dir on S3 the summary,
+    the plot and best.yaml land there (and in MLflow), nothing under the driver's folder."""
+    run, cfg, uri = sweep
+    s3_client.create_bucket(Bucket="sweep-out")
+    run = run.model_copy(update={"output_dir": "s3://sweep-out/runs"})
+    parent = open_parent(run, cfg, resolve_space(run, cfg), uri)
+    child, _ = open_run(uri, "llamaray", "sw-t_0", parent_run_id=parent)
+    outcomes = [TrialOutcome("t_0", "sw-t_0", 1e-3, 512, 8, 8, 4.5, "finished", None, child)]
+    result = report_sweep(run, outcomes, uri, parent, "s3://sweep-out/corpus", resumed=False)
+    assert result.best_yaml == "s3://sweep-out/runs/sweeps/sw/best.yaml"
+    listed = s3_client.list_objects_v2(Bucket="sweep-out")["Contents"]
+    keys = {o["Key"] for o in listed if not o["Key"].endswith("/")}  # not pyarrow's folders
+    assert keys == {
+        f"runs/sweeps/sw/{n}" for n in ("summary.csv", "summary.md", "loss_vs_lr.png", "best.yaml")
+    }
+    best = yaml.safe_load(storage.read_text(result.best_yaml))
+    assert best["name"] == "sw-best" and best["data"]["corpus"] == "s3://sweep-out/corpus"
+    assert not (tmp_path / "sweeps").exists()

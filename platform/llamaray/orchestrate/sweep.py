@@ -22,10 +22,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from llamaray import storage
 from llamaray.config import ConfigError, RunConfig
 from llamaray.orchestrate.sweep_config import (
     SearchSpace,
@@ -64,9 +67,10 @@ class SweepResult:
     name: str
     outcomes: list[TrialOutcome]
     best: TrialOutcome | None
-    best_yaml: Path | None
-    """`<output_dir>/sweeps/<name>/best.yaml`: `llamaray train --config` it."""
-    out_dir: Path
+    best_yaml: str | None
+    """`<output_dir>/sweeps/<name>/best.yaml` (a local path or s3://; also in MLflow):
+    `llamaray train --config` it."""
+    out_dir: str
     tracking_uri: str
     parent_run_id: str
     resumed: bool
@@ -88,6 +92,7 @@ def run_sweep(run: RunConfig, sweep: SweepConfig) -> SweepResult:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    from llamaray.orchestrate.placement import require_run_shared_state
     from llamaray.orchestrate.pretrain import corpus_for, ensure_ray
     from llamaray.orchestrate.sweep_tune import ProgressLines, run_trial
     from llamaray.storage import storage_location
@@ -95,6 +100,9 @@ def run_sweep(run: RunConfig, sweep: SweepConfig) -> SweepResult:
 
     space, asha = resolve_space(run, sweep), resolve_asha(run, sweep)
     ensure_ray()
+    # Trials run on any node: their corpus, checkpoints, Tune's experiment state and the
+    # tracking store must be where every node reads them (s3://, an MLflow server).
+    require_run_shared_state(run)
     corpus = corpus_for(run)  # once, here: trials never prepare the corpus concurrently
     uri = _absolute_sqlite(tracking_uri(run.tracking.uri, run.output_dir))
     parent_id = open_parent(run, sweep, space, uri)
@@ -339,13 +347,17 @@ def report_sweep(
         elif o.status == FAILED:
             client.set_terminated(o.mlflow_run_id, "FAILED")
 
-    out_dir = Path(run.output_dir).resolve() / "sweeps" / run.name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "summary.csv").write_text(summary_csv(outcomes))
-    (out_dir / "summary.md").write_text(summary_markdown(outcomes))
-    loss_vs_lr_png(outcomes, out_dir / "loss_vs_lr.png", f"sweep {run.name}: validation loss")
+    # Written here, logged to MLflow, and put under output_dir through the storage layer
+    # (local or s3://): this driver may be on a node the user never logs into.
+    root = run.output_dir if storage.is_s3(run.output_dir) else Path(run.output_dir).resolve()
+    out_dir = storage.join(root, "sweeps", run.name)
+    tmp = Path(tempfile.mkdtemp(prefix="llamaray-sweep-"))
+    (tmp / "summary.csv").write_text(summary_csv(outcomes))
+    (tmp / "summary.md").write_text(summary_markdown(outcomes))
+    loss_vs_lr_png(outcomes, tmp / "loss_vs_lr.png", f"sweep {run.name}: validation loss")
     for name in ("summary.csv", "summary.md", "loss_vs_lr.png"):
-        client.log_artifact(parent_id, str(out_dir / name))
+        client.log_artifact(parent_id, str(tmp / name))
+        storage.upload(tmp / name, storage.join(out_dir, name))
 
     counts = {s: sum(o.status == s for o in outcomes) for s in {o.status for o in outcomes}}
     for status, n in counts.items():
@@ -353,15 +365,17 @@ def report_sweep(
     best = best_trial(outcomes)
     best_yaml = None
     if best is not None:
-        best_yaml = out_dir / "best.yaml"
-        best_yaml.write_text(best_config(run, run.name, best, corpus).to_yaml())
-        client.log_artifact(parent_id, str(best_yaml))
+        best_yaml = storage.join(out_dir, "best.yaml")
+        (tmp / "best.yaml").write_text(best_config(run, run.name, best, corpus).to_yaml())
+        client.log_artifact(parent_id, str(tmp / "best.yaml"))
+        storage.upload(tmp / "best.yaml", best_yaml)
         client.log_metric(parent_id, "best_val_loss", best.val_loss)
         client.log_metric(parent_id, "best_lr", best.lr)
         client.log_metric(parent_id, "best_batch_tokens", best.batch_tokens)
         client.set_tag(parent_id, "llamaray.sweep.best_trial", best.name)
         if best.mlflow_run_id:
             client.set_tag(parent_id, "llamaray.sweep.best_run_id", best.mlflow_run_id)
+    shutil.rmtree(tmp, ignore_errors=True)
     client.set_terminated(parent_id, "FINISHED" if best is not None else "FAILED")
     return SweepResult(run.name, outcomes, best, best_yaml, out_dir, uri, parent_id, resumed)
 
