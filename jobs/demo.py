@@ -31,15 +31,28 @@ def main(argv: list[str]) -> int:
         print(err, file=sys.stderr)
         return 2
 
+    from llamaray import storage
     from llamaray.model import Llama
     from llamaray.model.generation import SamplingConfig, generate_text
-    from llamaray.orchestrate.pretrain import pretrain
+    from llamaray.orchestrate.pretrain import TrainingStopped, pretrain
     from llamaray.tokenizer import Tokenizer
 
-    result = pretrain(cfg)
-    model_dir = result.run_dir / "hf"
-    model = Llama.from_pretrained(model_dir)
-    tokenizer = Tokenizer(model_dir / "tokenizer.model")
+    try:
+        result = pretrain(cfg)
+    except ConfigError as err:  # one line, e.g. local paths on a multi-node cluster
+        print(err, file=sys.stderr)
+        return 2
+    except TrainingStopped as err:
+        print(f"training stopped: {err}", file=sys.stderr)
+        return 1
+    if result.model_uri is None:
+        print(result.paused or "no model was exported (tracking.export_hf=false)")
+        return 0
+    # The model is in the run's storage (a local folder, or S3 on a cluster): read it back
+    # from there, never from the disk of the node that trained it.
+    with storage.local_copy(result.model_uri) as model_dir:
+        model = Llama.from_pretrained(model_dir)
+        tokenizer = Tokenizer(Path(model_dir) / "tokenizer.model")
     sampling = SamplingConfig(max_new_tokens=48, temperature=0.7, top_p=0.9, seed=cfg.train.seed)
     for prompt, text in zip(
         PROMPTS, generate_text(model, tokenizer, list(PROMPTS), sampling), strict=True
@@ -48,7 +61,7 @@ def main(argv: list[str]) -> int:
     print(
         f"validation loss {result.metrics.get('val_loss', float('nan')):.4f} at step {result.step}"
     )
-    print(f"model (Hugging Face format): {model_dir}")
+    print(f"model (Hugging Face format): {result.model_uri}")
     print(f"MLflow run {result.mlflow_run_id}: `make mlflow-ui`, then open http://127.0.0.1:5000")
     return 0
 

@@ -37,6 +37,8 @@ def main(argv: list[str]) -> int:
         print(f"training stopped: {err}", file=sys.stderr)
         return 1
     print(f"run {result.name}: step {result.step}, metrics {_short(result.metrics)}")
+    if result.model_uri:
+        print(f"model (Hugging Face format): {result.model_uri}")
     return 0
 
 

@@ -6,7 +6,7 @@ llamaray train --config jobs/configs/demo.yaml train.steps=100
 llamaray convert ckpt/llama-7b out/llama-7b-hf --to hf
 llamaray generate --model runs/demo/model --prompt "def main("
 llamaray eval --config jobs/configs/demo.yaml --task jobs/tasks/stdlib-modules
-llamaray harness --model runs/demo/hf --tasks arc_easy   # lm-evaluation-harness
+llamaray harness --model runs/checkpoints/demo/hf --tasks arc_easy   # lm-evaluation-harness
 llamaray plan --experiment llamaray-scaling --compute 1e21 --inference-tokens 1e12
 """
 
@@ -78,7 +78,7 @@ def cmd_train(opts: argparse.Namespace) -> int:
     except TrainingStopped as err:
         print(f"training stopped: {err}", file=sys.stderr)
         return 1
-    print(f"step {out.step} of run {out.name}; outputs in {out.run_dir}")
+    print(f"step {out.step} of run {out.name}; outputs in {out.run_uri}")
     return 0
 
 

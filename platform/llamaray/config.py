@@ -290,11 +290,22 @@ class RunConfig(_Section):
     faults, and finetune (instruction finetuning of a base model; None: pretraining)."""
 
     name: str = Field("llamaray", description="Run name: relaunching a name resumes it.")
-    output_dir: str = Field("runs", description="Local outputs: corpus, exported model, MLflow.")
+    output_dir: str = Field(
+        "runs",
+        description="Where data.prepare writes the corpus (path or s3://), and the default "
+        "home of storage and the SQLite tracking store.",
+    )
     storage: str | None = Field(
         None,
-        description="Checkpoints and Ray Train state (path or s3://); "
-        "None: <output_dir>/checkpoints.",
+        description="The run's storage (path or s3://): checkpoints, Ray Train state and the "
+        "exported model under <storage>/<name>/; None: <output_dir>/checkpoints.",
+    )
+    shared_filesystem: bool = Field(
+        False,
+        description="Every node of the Ray cluster mounts the same file system at the same "
+        "path (NFS, EFS, Lustre): local output_dir, storage, data.corpus and a SQLite "
+        "tracking store are then allowed on a multi-node cluster. Env: "
+        "LLAMARAY_SHARED_FILESYSTEM=1.",
     )
     model: ModelConfig = Field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
@@ -392,7 +403,11 @@ class RunConfig(_Section):
     def storage_path(self) -> str:
         """Where Ray Train keeps runs' checkpoints (under `<storage_path>/<name>/`): `storage`,
         or `<output_dir>/checkpoints` made absolute."""
-        return self.storage or str(Path(self.output_dir).resolve() / "checkpoints")
+        if self.storage:
+            return self.storage
+        if self.output_dir.startswith("s3://"):
+            return self.output_dir.rstrip("/") + "/checkpoints"
+        return str(Path(self.output_dir).resolve() / "checkpoints")
 
     @property
     def peak_lr(self) -> float:

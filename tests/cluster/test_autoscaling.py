@@ -70,6 +70,7 @@ def test_training_job_scales_workers_up_then_down(fake_cluster, repo, tmp_path):
             "train.seq_len=64", "train.batch_tokens=512", "train.micro_batch_size=4",
             "train.num_workers=2", "train.cpus_per_worker=1", "train.log_every=1",
             "train.checkpoint_every=0", "train.eval_every=0", "tracking.enabled=false",
+            "shared_filesystem=true",  # fake nodes share this machine's disk
         ]  # fmt: skip
         began = time.monotonic()
         done = subprocess.run(job, env=env, cwd=repo, capture_output=True, text=True, timeout=240)

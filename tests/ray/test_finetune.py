@@ -102,7 +102,7 @@ def test_finetune_lowers_heldout_response_loss_under_the_base_run(base, instruct
 
     # The finetune keeps its own checkpoints, and its exported model is the finetuned one.
     assert (root / "checkpoints" / "sft" / f"step-{STEPS:08d}").is_dir()
-    exported = Llama.from_pretrained(result.run_dir / "hf")
+    exported = Llama.from_pretrained(result.model_uri)
     assert exported.args.vocab_size == 512
 
 

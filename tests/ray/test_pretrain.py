@@ -34,7 +34,7 @@ def test_loss_falls_and_run_is_tracked(reference, root):
     assert run.data.params["train.steps"] == str(STEPS)
     assert run.data.params["model.preset"] == "debug"
     exported_params = sum(
-        p.numel() for p in Llama.from_pretrained(reference.run_dir / "hf").parameters()
+        p.numel() for p in Llama.from_pretrained(reference.model_uri).parameters()
     )
     assert run.data.params["derived.n_params"] == str(exported_params)
     for key in ("lr", "grad_norm", "tokens_per_s", "memory_gb", "val_loss"):
@@ -45,7 +45,7 @@ def test_loss_falls_and_run_is_tracked(reference, root):
     assert {"model/config.json", "model/tokenizer.model"} <= model_files
 
     # The exported model is the trained one: it scores held-out text like the run said.
-    exported = Llama.from_pretrained(reference.run_dir / "hf")
+    exported = Llama.from_pretrained(reference.model_uri)
     assert all(torch.isfinite(p).all() for p in exported.parameters())
 
 
@@ -88,7 +88,7 @@ def test_killed_worker_is_replaced_and_run_completes(reference, root):
         )
     )
     assert result.step == STEPS
-    assert (root / "killed" / ".faults" / "killed-rank1-step3").exists()
+    assert (root / "checkpoints" / "killed" / ".faults" / "killed-rank1-step3").exists()
     losses = history(result)
     # Step 3 ran, the worker died before its checkpoint; the group resumed from step 2.
     assert len(losses[3]) == 2 and losses[3][0] == losses[3][1]
@@ -101,7 +101,7 @@ def test_nan_steps_are_skipped_and_parameters_stay_finite(root):
     losses = history(result)
     assert math.isnan(losses[2][0]) and math.isnan(losses[4][0])
     assert all(math.isfinite(losses[s][0]) for s in (1, 3, 5, 6))
-    exported = Llama.from_pretrained(result.run_dir / "hf")
+    exported = Llama.from_pretrained(result.model_uri)
     assert all(torch.isfinite(p).all() for p in exported.parameters())
 
 

@@ -250,6 +250,13 @@ def test_checkpoints_on_s3_and_relaunch_resumes_from_them(s3, root, reference):
     assert counts(second) == [1] * STEPS  # 1..4 by the first launch, 5..6 by the second
     assert history(second) == history(reference)  # bit for bit
     assert history(second, "rows_crc") == history(reference, "rows_crc")
+    # The exported model is in the run's storage, not on rank 0's disk.
+    assert second.model_uri == f"s3://{BUCKET}/plain/on-s3/hf"
+    listed = s3.list_objects_v2(Bucket=BUCKET, Prefix="plain/on-s3/hf/")["Contents"]
+    assert {"config.json", "model.safetensors", "tokenizer.model"} <= {
+        o["Key"].rsplit("/", 1)[-1] for o in listed
+    }
+    assert not (root / "on-s3").exists() and not (root / "checkpoints" / "on-s3").exists()
 
 
 def test_upload_directory_raises_where_copy_files_does_not(s3, faulty, tmp_path):

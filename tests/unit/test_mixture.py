@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import json
+import math
 from itertools import islice
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,6 +11,7 @@ import pytest
 from llamaray.data.mixture import (
     MixturePlan,
     mixed_order,
+    mixture_weights,
     plan_mixture,
     source_draws,
     worker_rows,
@@ -212,3 +216,164 @@ def test_worker_rows_errors_name_the_argument():
     with pytest.raises(ValueError, match="start_step"):
         worker_rows(order, 0, 4, 8, start_step=13)
     assert list(worker_rows(order, 0, 4, 8, start_step=12)) == []
+
+
+# ------------------------------------------- the weights: one rule, planned once, streamed
+
+
+def test_weights_default_to_the_paper_and_leave_other_sources_out_with_a_warning():
+    weights, warnings = mixture_weights(None, {"c4": 10, "github": 5, "prose": 7})
+    assert weights == {"c4": PAPER_MIXTURE["c4"].proportion,
+                       "github": PAPER_MIXTURE["github"].proportion, "prose": 0.0}  # fmt: skip
+    assert len(warnings) == 1 and "prose" in warnings[0] and "data.proportions" in warnings[0]
+
+
+def test_weights_of_a_corpus_outside_the_paper_follow_its_rows():
+    assert mixture_weights(None, {"prose": 30, "code": 10}) == ({"prose": 30.0, "code": 10.0}, [])
+
+
+def test_a_paper_source_with_no_rows_is_left_out():
+    weights, warnings = mixture_weights(None, {"c4": 10, "arxiv": 0})
+    assert weights == {"c4": PAPER_MIXTURE["c4"].proportion, "arxiv": 0.0}
+    assert warnings == ["source arxiv has no training rows; left out of the mixture"]
+
+
+def test_configured_weights_are_kept_and_an_empty_weighted_source_is_an_error():
+    assert mixture_weights({"prose": 2}, {"prose": 5, "c4": 3}) == ({"prose": 2.0, "c4": 0.0}, [])
+    with pytest.raises(ValueError, match=r"data\.proportions: source\(s\) c4 have no training"):
+        mixture_weights({"c4": 1.0}, {"prose": 5, "c4": 0})
+    with pytest.raises(ValueError, match="no training rows in any source"):
+        mixture_weights(None, {"prose": 0})
+
+
+CORPUS_SEQ = 16
+VOCAB = 512
+STEPS = 4
+
+
+def write_corpus(root: Path, train_rows: dict[str, int], tokenizer: bool = False) -> Path:
+    """A prepared corpus (prepare.py's layout, tokenizer path relative to the corpus) of
+    random tokens; with a real SentencePiece tokenizer of VOCAB pieces if `tokenizer`."""
+    from test_feed import write_shard
+
+    from llamaray.data.sample_text import write_stdlib_sample
+    from llamaray.tokenizer import train_tokenizer
+
+    if tokenizer:
+        text = list(write_stdlib_sample(root / "text", 200_000).values())
+        train_tokenizer(text, root / "tokenizer", vocab_size=VOCAB)
+    rng = np.random.default_rng(0)
+    width = CORPUS_SEQ + 1
+    sources = {}
+    for name, n_train in train_rows.items():
+        splits = {}
+        for split, n in (("train", n_train), ("validation", 8)):
+            rel = f"shards/source={name}/split={split}/part-0.parquet"
+            write_shard(root / rel, rng.integers(0, VOCAB, (n, width)), False, width)
+            splits[split] = {"documents": n, "tokens": n * width, "rows": n,
+                             "packed_tokens": n * width, "files": [rel]}  # fmt: skip
+        sources[name] = {"paths": [], "kept": n_train, "dropped": {}, "documents_in": n_train,
+                         "splits": splits}  # fmt: skip
+    manifest = {
+        "name": "mixture", "config": {}, "config_hash": "0",
+        "tokenizer": {"path": "tokenizer/tokenizer.model", "vocab_size": VOCAB},
+        "seq_len": CORPUS_SEQ, "row_tokens": width, "sources": sources,
+        "skipped_steps": {}, "quarantine": "quarantine.jsonl",
+    }  # fmt: skip
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def run_config(root: Path, *overrides: str):
+    from llamaray.config import load_config
+
+    return load_config(
+        None,
+        [
+            "name=mixture",
+            f"output_dir={root}",
+            f"storage={root / 'storage'}",
+            "model.preset=debug",
+            "tracking.enabled=false",
+            "data.eval_rows=4",
+            f"train.steps={STEPS}",
+            f"train.seq_len={CORPUS_SEQ}",
+            f"train.batch_tokens={4 * CORPUS_SEQ}",
+            "train.micro_batch_size=2",
+            "train.num_workers=1",
+            "train.device=cpu",
+            "train.checkpoint_every=2",
+            *overrides,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def prose_corpus(tmp_path_factory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("prose"), {"prose": 40}, tokenizer=True)
+
+
+def test_a_corpus_outside_the_paper_trains_end_to_end(prose_corpus, tmp_path):
+    """The driver weighs a prose-only corpus by rows; the worker must train on that plan
+    (it used to replan from the raw data.proportions and fail: no paper source)."""
+    import torch
+
+    from llamaray.data.feed import CorpusRows
+    from llamaray.model import Llama
+    from llamaray.orchestrate.pretrain import plan_data, run_uri
+    from llamaray.storage import local_copy
+    from llamaray.train.worker import (
+        LocalLauncher,
+        WorkerSpec,
+        ensure_process_group,
+        model_uri,
+        run_worker,
+    )
+
+    ensure_process_group()  # one gloo rank, never destroyed (see tests/unit/test_checkpoint.py)
+    cfg = run_config(tmp_path)
+    assert cfg.data.proportions is None
+    weights, plan = plan_data(cfg, CorpusRows.open(str(prose_corpus)).manifest)
+    assert weights == {"prose": 40.0} and plan.source("prose").rows_drawn == plan.total_rows
+    spec = WorkerSpec(cfg.model_dump(), str(prose_corpus), run_uri(cfg), proportions=weights)
+    result = run_worker(spec, LocalLauncher(tmp_path / "checkpoints"))
+    assert (result.step, result.stopped) == (STEPS, None)
+    assert math.isfinite(result.last["loss"]) and math.isfinite(result.last["val_loss"])
+
+    # The export is in the run's storage, with the corpus tokenizer (a relative path) beside it.
+    exported = model_uri(run_uri(cfg))
+    assert exported == str(tmp_path / "storage" / "mixture" / "hf")
+    with local_copy(exported) as folder:
+        assert (Path(folder) / "tokenizer.model").read_bytes() == (
+            prose_corpus / "tokenizer" / "tokenizer.model"
+        ).read_bytes()
+        model = Llama.from_pretrained(folder)
+    assert model.args.vocab_size == VOCAB
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not (tmp_path / "mixture").exists()  # nothing under output_dir/<name>
+
+
+@pytest.fixture(scope="module")
+def mixed_corpus(tmp_path_factory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("mixed"), {"c4": 30, "prose": 50, "books": 20})
+
+
+@pytest.mark.parametrize("proportions", [None, {"c4": 1.0, "prose": 3.0}, {"c4": 1.0}])
+def test_the_worker_streams_the_plan_the_driver_logged(proportions, mixed_corpus):
+    from llamaray.data.feed import CorpusRows
+    from llamaray.orchestrate.pretrain import plan_data
+    from llamaray.train.feeds import CorpusFeed
+
+    corpus = mixed_corpus
+    overrides = [f"data.proportions={json.dumps(proportions)}"] if proportions else []
+    cfg = run_config(corpus, *overrides)
+    weights, plan = plan_data(cfg, CorpusRows.open(str(corpus)).manifest)
+    for given in (weights, None):  # from the driver, or the same rule with no driver
+        feed = CorpusFeed(cfg, str(corpus), given)
+        assert feed.stream.plan == plan
+        assert np.array_equal(feed.stream.order, mixed_order(plan))
+    drawn = {s.name: s.rows_drawn for s in plan.sources}
+    if proportions is None:
+        assert drawn["prose"] == 0 and drawn["c4"] > 0 and drawn["books"] > 0
+    else:
+        assert all(drawn[n] == 0 for n in drawn if n not in proportions)

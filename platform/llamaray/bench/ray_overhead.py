@@ -199,11 +199,9 @@ def run_ray(opts: argparse.Namespace, name: str, corpus: str) -> dict:
 
 
 def _weights(cfg: RunConfig) -> dict[str, float]:
-    from llamaray.orchestrate.pretrain import mixture_weights, read_manifest
+    from llamaray.orchestrate.pretrain import plan_data, read_manifest
 
-    manifest = read_manifest(cfg.data.corpus)
-    rows = {n: s["splits"]["train"]["rows"] for n, s in manifest["sources"].items()}
-    return mixture_weights(cfg.data.proportions, rows)
+    return plan_data(cfg, read_manifest(cfg.data.corpus))[0]
 
 
 def _summary(setup: str, name: str, run_dir: Path, wall: float, opts) -> dict:

@@ -104,6 +104,51 @@ class MixturePlan:
         }
 
 
+def mixture_weights(
+    configured: Mapping[str, float] | None, rows: Mapping[str, int]
+) -> tuple[dict[str, float], list[str]]:
+    """The sampling weight of every source of a corpus: the one rule for it. The driver
+    applies it once, logs the plan it gives and passes the weights to every worker
+    (`WorkerSpec.proportions`), so what is trained is what was planned.
+
+    `configured` (`data.proportions`) when given, else the paper's table 1; when no source
+    is in the table (a corpus of only `prose`, say), every source is weighed by its
+    training rows. A source with no training rows is left out (with a warning) when its
+    weight comes from the default; a configured weight for it is an error, since that
+    mixture could not be realized. Returns (weights for every source of `rows`, warnings).
+    Raises ValueError naming `data.proportions`.
+
+    >>> mixture_weights(None, {"prose": 30, "code": 10})
+    ({'prose': 30.0, 'code': 10.0}, [])
+    >>> mixture_weights(None, {"c4": 5, "prose": 10})[0]
+    {'c4': 0.15, 'prose': 0.0}
+    """
+    if configured is not None:
+        empty = [n for n, w in configured.items() if w > 0 and rows.get(n, 0) == 0]
+        if empty:
+            raise ValueError(
+                f"data.proportions: source(s) {', '.join(empty)} have no training rows"
+            )
+        return {n: float(configured.get(n, 0.0)) for n in rows}, []
+    warnings = []
+    weights = {n: PAPER_MIXTURE[n].proportion if n in PAPER_MIXTURE else 0.0 for n in rows}
+    outside = [n for n in rows if n not in PAPER_MIXTURE]
+    if not any(weights.values()):
+        weights = {n: float(r) for n, r in rows.items()}
+    elif outside:
+        warnings.append(
+            f"source(s) {', '.join(outside)} are not in the paper's table 1 and get no "
+            "weight; set data.proportions to include them"
+        )
+    for name, n_rows in rows.items():
+        if n_rows == 0 and weights[name] > 0:
+            warnings.append(f"source {name} has no training rows; left out of the mixture")
+            weights[name] = 0.0
+    if not any(weights.values()):
+        raise ValueError("data.proportions: the corpus has no training rows in any source")
+    return weights, warnings
+
+
 def plan_mixture(
     rows_per_source: Mapping[str, int],
     token_budget: int,

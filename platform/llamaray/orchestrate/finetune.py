@@ -478,7 +478,7 @@ def finetune(cfg: RunConfig, callbacks: Sequence = ()):
 
     >>> finetune(load_config("jobs/configs/finetune-demo.yaml"))  # doctest: +SKIP
     """
-    from llamaray.orchestrate.pretrain import ensure_ray, launch
+    from llamaray.orchestrate.pretrain import ensure_ray, launch, run_uri
     from llamaray.train.worker import WorkerSpec
 
     plan = prepare_finetune(cfg)
@@ -488,11 +488,10 @@ def finetune(cfg: RunConfig, callbacks: Sequence = ()):
     if plan.tracking_uri:
         run_id, parent = open_finetune_tracking(cfg, plan)
         _say(f"MLflow run {run_id}" + (f", a child of {parent}" if parent else ""))
-    run_dir = Path(cfg.output_dir).resolve() / cfg.name
     spec = WorkerSpec(
         cfg.model_dump(),
         corpus_dir="",
-        run_dir=str(run_dir),
+        run_dir=run_uri(cfg),
         tracking_uri=plan.tracking_uri,
         mlflow_run_id=run_id,
         base=plan.base.spec(),
@@ -534,5 +533,5 @@ def cmd_finetune(opts: argparse.Namespace) -> int:
         return 1
     val = out.metrics.get("val_loss")
     shown = f", held-out response loss {val:.4f}" if isinstance(val, float) else ""
-    print(f"step {out.step} of finetune {out.name}{shown}; outputs in {out.run_dir}")
+    print(f"step {out.step} of finetune {out.name}{shown}; outputs in {out.run_uri}")
     return 0

@@ -1,11 +1,16 @@
 """The pretraining driver: corpus -> tracking -> Ray Train -> outcome.
 
 Runs where `llamaray train` or `ray job submit -- python jobs/pretrain.py` runs: it
-prepares the corpus unless one is named (reusing a prepared one whose config is
-unchanged), plans the mixture, opens the MLflow run, then hands the workers to Ray Train's
-`TorchTrainer` with a fixed run name so that relaunching the name resumes it, and
-`FailureConfig(max_failures)` so a dead worker is replaced and the group resumes from the
-newest complete checkpoint.
+joins the cluster and checks that the run's shared state can be shared there
+(`placement`), prepares the corpus unless one is named (reusing a prepared one whose
+config is unchanged), plans the mixture once (the workers stream that plan), opens the
+MLflow run, then hands the workers to Ray Train's `TorchTrainer` with a fixed run name so
+that relaunching the name resumes it, and `FailureConfig(max_failures)` so a dead worker is
+replaced and the group resumes from the newest complete checkpoint.
+
+Everything a run leaves for later is in its storage folder `<storage_path>/<name>/`
+(checkpoints, the exported model in `hf/`) or in MLflow; the driver reads nothing that a
+worker wrote to its own disk.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from llamaray.config import RunConfig
-from llamaray.train.worker import WorkerSpec
+from llamaray import storage
+from llamaray.config import ConfigError, RunConfig
+from llamaray.data.mixture import MixturePlan
+from llamaray.train.worker import WorkerSpec, model_uri
 
 
 class TrainingStopped(RuntimeError):
@@ -33,7 +40,12 @@ class PretrainResult:
     step: int
     metrics: dict
     checkpoint: str | None
-    run_dir: Path
+    run_uri: str
+    """The run's folder in its storage (`<storage_path>/<name>`, a local path or s3://)."""
+    model_uri: str | None
+    """The exported model (Hugging Face format, tokenizer beside it) in the run's storage:
+    `<run_uri>/hf`; None when the run did not finish or `tracking.export_hf` is off.
+    Read it anywhere with `llamaray.storage.local_copy`."""
     tracking_uri: str | None
     mlflow_run_id: str | None
     paused: str | None = None
@@ -52,8 +64,14 @@ def ensure_ray() -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
 
 
+def run_uri(cfg: RunConfig) -> str:
+    """The run's folder in its storage: `<storage_path>/<name>` (Ray Train's run folder)."""
+    return storage.join(cfg.storage_path, cfg.name)
+
+
 def corpus_for(cfg: RunConfig) -> str:
-    """The run's corpus directory: `data.corpus`, or `data.prepare` prepared (or reused)."""
+    """The run's corpus location: `data.corpus`, or `data.prepare` prepared (or reused)
+    under `output_dir` (a local path or s3://)."""
     if cfg.data.corpus:
         return cfg.data.corpus
     from llamaray.data.prepare import MANIFEST, prepare_corpus
@@ -61,15 +79,17 @@ def corpus_for(cfg: RunConfig) -> str:
     prep = cfg.data.prepare.model_copy(
         update={"seq_len": cfg.train.seq_len, "output_dir": cfg.output_dir}
     )
-    out = Path(prep.output_dir).resolve() / prep.name
-    manifest = out / MANIFEST
+    root = prep.output_dir if storage.is_s3(prep.output_dir) else Path(prep.output_dir).resolve()
+    out = storage.join(root, prep.name)
+    manifest = storage.join(out, MANIFEST)
     expected = hashlib.sha256(prep.model_dump_json().encode()).hexdigest()[:16]
-    if manifest.is_file() and json.loads(manifest.read_text()).get("config_hash") == expected:
+    prepared = storage.exists(manifest) and json.loads(storage.read_text(manifest))
+    if prepared and prepared.get("config_hash") == expected:
         _say(f"corpus {out} is prepared with this config; reusing it")
-        return str(out)
+        return out
     _say(f"preparing corpus {prep.name} into {out}")
     prepare_corpus(prep)
-    return str(out)
+    return out
 
 
 def read_manifest(corpus_dir: str) -> dict:
@@ -99,49 +119,32 @@ def check_corpus(cfg: RunConfig, manifest: dict, corpus_dir: str) -> None:
             f"(it has {', '.join(sorted(names))})"
         )
     if problems:
-        from llamaray.config import ConfigError
-
         raise ConfigError("run does not fit its corpus:\n" + "\n".join(f"  {p}" for p in problems))
 
 
-def mixture_weights(configured: dict[str, float] | None, rows: dict[str, int]) -> dict[str, float]:
-    """The sampling weight of every corpus source: the configured ones, else the paper's
-    table 1. A source that ended with no training rows (everything filtered) is left out
-    with a warning when its weight comes from the paper; a configured weight for it is an
-    error, since the mixture asked for could not be realized."""
-    from llamaray.config import ConfigError
-    from llamaray.data.sources import PAPER_MIXTURE
+def plan_data(cfg: RunConfig, manifest: dict) -> tuple[dict[str, float], MixturePlan]:
+    """The run's mixture, decided once: the sampling weights (`mixture.mixture_weights`)
+    that go to every worker in `WorkerSpec.proportions`, and the plan they give, which is
+    the one the workers stream (`MixedStream` plans with the same weights)."""
+    from llamaray.data.mixture import mixture_weights, plan_mixture
 
-    if configured is not None:
-        empty = [n for n, w in configured.items() if w > 0 and rows.get(n, 0) == 0]
-        if empty:
-            raise ConfigError(
-                f"data.proportions: source(s) {', '.join(empty)} have no training rows"
-            )
-        return {n: float(configured.get(n, 0.0)) for n in rows}
-    weights = {n: PAPER_MIXTURE[n].proportion if n in PAPER_MIXTURE else 0.0 for n in rows}
-    if not any(weights.values()):
-        # No paper source in the corpus (the demo's `prose`): weigh sources by their rows.
-        weights = {n: float(r) for n, r in rows.items()}
-    outside = [n for n in rows if n not in PAPER_MIXTURE]
-    if outside and any(weights.values()):
-        _say(
-            f"warning: source(s) {', '.join(outside)} are not in the paper's table 1 and get no "
-            "weight; set data.proportions to include them"
-        )
-    for name, n_rows in rows.items():
-        if n_rows == 0 and weights[name] > 0:
-            _say(f"warning: source {name} has no training rows; left out of the mixture")
-            weights[name] = 0.0
-    if not any(weights.values()):
-        raise ConfigError("the corpus has no training rows in any source")
-    return weights
+    rows = {n: s["splits"]["train"]["rows"] for n, s in manifest["sources"].items()}
+    token_budget = cfg.train.steps * cfg.batch_tokens
+    try:
+        weights, warnings = mixture_weights(cfg.data.proportions, rows)
+        plan = plan_mixture(rows, token_budget, cfg.train.seq_len, weights, cfg.train.seed)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    for warning in warnings:
+        _say(f"warning: {warning}")
+    return weights, plan
 
 
 def open_tracking(cfg: RunConfig, corpus_dir: str, manifest: dict, plan: dict | None):
     """Open or find the run's MLflow run and record config, manifest, plan and tokenizer."""
     from mlflow.tracking import MlflowClient
 
+    from llamaray.train.feeds import tokenizer_uri
     from llamaray.train.tracking import flatten, open_run, tracking_uri
 
     uri = tracking_uri(cfg.tracking.uri, cfg.output_dir)
@@ -170,9 +173,10 @@ def open_tracking(cfg: RunConfig, corpus_dir: str, manifest: dict, plan: dict | 
     if plan is not None:
         client.log_dict(run_id, plan, "data/mixture.json")
     client.set_tag(run_id, "llamaray.corpus", corpus_dir)
-    tokenizer = Path(manifest["tokenizer"]["path"])
-    if tokenizer.is_file():
-        client.log_artifact(run_id, str(tokenizer), "tokenizer")
+    tokenizer = tokenizer_uri(corpus_dir, manifest)
+    if tokenizer and storage.exists(tokenizer):
+        with storage.local_copy(tokenizer) as local:
+            client.log_artifact(run_id, str(local), "tokenizer")
     return uri, run_id
 
 
@@ -192,16 +196,14 @@ def pretrain(cfg: RunConfig, callbacks: Sequence = ()) -> PretrainResult:
     `callbacks` are Ray Train callbacks, e.g. Tune's `TuneReportCallback` when a sweep
     trial runs this.
     """
-    from llamaray.data.mixture import plan_mixture
+    from llamaray.orchestrate.placement import require_run_shared_state
 
     ensure_ray()
+    require_run_shared_state(cfg)  # seconds after joining, before any work
     corpus_dir = corpus_for(cfg)
     manifest = read_manifest(corpus_dir)
     check_corpus(cfg, manifest, corpus_dir)
-    rows = {n: s["splits"]["train"]["rows"] for n, s in manifest["sources"].items()}
-    weights = mixture_weights(cfg.data.proportions, rows)
-    token_budget = cfg.train.steps * cfg.batch_tokens
-    plan = plan_mixture(rows, token_budget, cfg.train.seq_len, weights, cfg.train.seed)
+    weights, plan = plan_data(cfg, manifest)
     _say("mixture: " + ", ".join(
         f"{s.name} {s.realized_proportion:.1%} ({s.epochs:.2f} epochs)" for s in plan.sources
     ))  # fmt: skip
@@ -209,8 +211,7 @@ def pretrain(cfg: RunConfig, callbacks: Sequence = ()) -> PretrainResult:
     uri = run_id = None
     if cfg.tracking.enabled:
         uri, run_id = open_tracking(cfg, corpus_dir, manifest, plan.to_dict())
-    run_dir = Path(cfg.output_dir).resolve() / cfg.name
-    spec = WorkerSpec(cfg.model_dump(), corpus_dir, str(run_dir), uri, run_id, weights)
+    spec = WorkerSpec(cfg.model_dump(), corpus_dir, run_uri(cfg), uri, run_id, weights)
     return launch(cfg, spec, callbacks=callbacks)
 
 
@@ -234,8 +235,8 @@ def launch(
     use_gpu = cfg.train.device == "cuda" or (cfg.train.device == "auto" and _cluster_has_gpus())
     resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
     # s3:// gets our S3 filesystem (endpoint, region, retries, credentials: llamaray.storage).
-    storage, storage_fs = storage_location(cfg.storage_path)
-    shown = cfg.storage_path.rstrip("/") if storage_fs is not None else storage
+    location, location_fs = storage_location(cfg.storage_path)
+    shown = cfg.storage_path.rstrip("/") if location_fs is not None else location
     trainer = TorchTrainer(
         train_loop or train_loop_per_worker,
         train_loop_config=asdict(spec),
@@ -248,8 +249,8 @@ def launch(
         ),
         run_config=ray.train.RunConfig(
             name=cfg.name,
-            storage_path=storage,
-            storage_filesystem=storage_fs,
+            storage_path=location,
+            storage_filesystem=location_fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             callbacks=list(callbacks),
@@ -272,12 +273,16 @@ def launch(
         raise
     metrics = dict(result.metrics or {})
     stopped = metrics.get("stopped") or ""
+    step = int(metrics.get("step", 0))
+    exported = model_uri(spec.run_dir)
+    finished = not stopped and step == cfg.train.steps and cfg.tracking.export_hf
     out = PretrainResult(
         cfg.name,
-        int(metrics.get("step", 0)),
+        step,
         metrics,
         result.checkpoint.path if result.checkpoint else None,
-        Path(spec.run_dir),
+        spec.run_dir,
+        exported if finished and storage.exists(exported) else None,
         uri,
         run_id,
     )

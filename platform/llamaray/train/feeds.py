@@ -12,9 +12,9 @@ Both are pure functions of (data, seed, step, rank, data-parallel size): a run r
 step t reads exactly what an uninterrupted run would, which is all a checkpoint needs to
 record about the data. No Ray import.
 
-    >>> feed = open_feed(cfg, spec)  # doctest: +SKIP
+    >>> feed = open_feed(cfg, corpus_dir, None, proportions)  # doctest: +SKIP
     >>> batches = feed.batches(dp_rank=0, dp=2, start_step=0)  # doctest: +SKIP
-    >>> next(batches).micro_batches  # arrays of rows, or (inputs, targets) pairs
+    >>> next(batches).micro_batches  # rows, or (inputs, targets) pairs  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import math
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -52,7 +53,8 @@ class TrainingFeed(Protocol):
     vocab_size: int
     """The tokenizer's size: the model's vocabulary unless model.vocab_size says otherwise."""
     tokenizer_path: str | None
-    """tokenizer.model, copied beside the exported model."""
+    """tokenizer.model (a local path or s3:// URI: fetch it with `storage.local_copy`),
+    copied beside the exported model."""
 
     def batches(self, dp_rank: int, dp: int, start_step: int) -> Iterator[StepBatch]:
         """This rank's batches from `start_step` on; has `close()`."""
@@ -65,21 +67,44 @@ class TrainingFeed(Protocol):
         """One line for the start of the run."""
 
 
-def open_feed(cfg: RunConfig, corpus_dir: str, instructions: dict | None) -> TrainingFeed:
-    """`InstructionFeed` when the run finetunes (`cfg.finetune`), else `CorpusFeed`."""
+def open_feed(
+    cfg: RunConfig,
+    corpus_dir: str,
+    instructions: dict | None,
+    proportions: dict[str, float] | None = None,
+) -> TrainingFeed:
+    """`InstructionFeed` when the run finetunes (`cfg.finetune`), else `CorpusFeed` with the
+    sampling weights the driver resolved (`WorkerSpec.proportions`)."""
     if cfg.finetune is not None:
         if instructions is None:
             raise ValueError("a finetuning run needs its encoded instructions in the WorkerSpec")
         return InstructionFeed(cfg, instructions)
-    return CorpusFeed(cfg, corpus_dir)
+    return CorpusFeed(cfg, corpus_dir, proportions)
+
+
+def tokenizer_uri(corpus_dir: str, manifest: dict) -> str | None:
+    """The corpus tokenizer's location: the manifest's `tokenizer.path`, which is relative
+    to the corpus (older corpora: absolute), joined onto `corpus_dir` (local or s3://)."""
+    from llamaray.storage import is_s3, join
+
+    path = manifest.get("tokenizer", {}).get("path")
+    if not path:
+        return None
+    if is_s3(path) or Path(path).is_absolute():
+        return path
+    return join(corpus_dir, path)
 
 
 class CorpusFeed:
     """Pretraining: rows of the corpus mixture (`MixedStream`), `rows_per_step / dp` per
-    rank per step, and the first `data.eval_rows` held-out rows of every source."""
+    rank per step, and the first `data.eval_rows` held-out rows of every source.
 
-    def __init__(self, cfg: RunConfig, corpus_dir: str):
-        from llamaray.data.feed import CorpusRows
+    `proportions` are the weights the driver planned with (`mixture.mixture_weights`);
+    a run with no driver (in-process, torchrun) applies the same rule here."""
+
+    def __init__(self, cfg: RunConfig, corpus_dir: str, proportions: dict[str, float] | None):
+        from llamaray.data.feed import CorpusRows, MixedStream
+        from llamaray.data.mixture import mixture_weights
 
         self.cfg = cfg
         self.corpus = CorpusRows.open(corpus_dir)
@@ -88,24 +113,27 @@ class CorpusFeed:
                 f"train.seq_len={cfg.train.seq_len} but the corpus {corpus_dir} was packed for "
                 f"seq_len={self.corpus.seq_len}"
             )
-        tokenizer = self.corpus.manifest["tokenizer"]
-        self.vocab_size = int(tokenizer["vocab_size"])
-        self.tokenizer_path = tokenizer.get("path")
+        manifest = self.corpus.manifest
+        self.vocab_size = int(manifest["tokenizer"]["vocab_size"])
+        self.tokenizer_path = tokenizer_uri(corpus_dir, manifest)
+        if proportions is None:
+            proportions, _ = mixture_weights(
+                cfg.data.proportions, self.corpus.rows_per_source("train")
+            )
+        self.stream = MixedStream(
+            self.corpus,
+            token_budget=cfg.train.steps * cfg.batch_tokens,
+            proportions=proportions,
+            seed=cfg.train.seed,
+        )
 
     def describe(self) -> str:
         return f"corpus {self.corpus.corpus_dir} ({', '.join(self.corpus.source_names)})"
 
     def batches(self, dp_rank: int, dp: int, start_step: int) -> Iterator[StepBatch]:
-        from llamaray.data.feed import MixedStream, Prefetcher
+        from llamaray.data.feed import Prefetcher
 
-        cfg = self.cfg
-        stream = MixedStream(
-            self.corpus,
-            token_budget=cfg.train.steps * cfg.batch_tokens,
-            proportions=cfg.data.proportions,
-            seed=cfg.train.seed,
-        )
-        rows = stream.batches(dp_rank, dp, cfg.rows_per_step, start_step=start_step)
+        rows = self.stream.batches(dp_rank, dp, self.cfg.rows_per_step, start_step=start_step)
         return Prefetcher(self._steps(rows))
 
     def _steps(self, rows_per_step: Iterator[np.ndarray]) -> Iterator[StepBatch]:

@@ -21,11 +21,23 @@ PARENT_TAG = "mlflow.parentRunId"
 
 
 def tracking_uri(configured: str | None, output_dir: str | Path) -> str:
-    """The config's URI, else $MLFLOW_TRACKING_URI, else a SQLite file under output_dir."""
+    """The config's URI, else $MLFLOW_TRACKING_URI, else a SQLite file under output_dir.
+
+    The SQLite default is one machine's file: on a cluster whose nodes share no disk the
+    driver refuses it (`orchestrate.placement`). An `output_dir` on S3 has no such file, so
+    there a URI must be given."""
     if configured:
         return configured
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
+    if "://" in os.fspath(output_dir):
+        from llamaray.config import ConfigError
+
+        raise ConfigError(
+            f"tracking.uri: output_dir {output_dir} is not a local folder, so the default "
+            "SQLite store cannot live there; set tracking.uri (or MLFLOW_TRACKING_URI) to an "
+            "MLflow server, e.g. http://<mlflow-server>:5000"
+        )
     return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
 
 

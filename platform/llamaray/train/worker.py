@@ -65,11 +65,14 @@ class WorkerSpec:
     """`RunConfig.model_dump()`."""
     corpus_dir: str
     run_dir: str
-    """Local outputs of rank 0: the exported model, fault-injection markers."""
+    """The run's folder in its storage, `<storage_path>/<name>` (a local path or s3://):
+    the exported model goes to `hf/` in it, fault-injection markers to `.faults/`. Read and
+    written through `llamaray.storage` only, so every node (and the driver) sees the same."""
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None
     proportions: dict[str, float] | None = None
-    """Sampling weights as the driver resolved them (`mixture_weights`)."""
+    """Sampling weights as the driver resolved and planned them (`mixture.mixture_weights`);
+    None: the worker applies the same rule (runs with no driver)."""
     base: dict | None = None
     """Finetuning: the weights to start from, `{"kind": "checkpoint" | "folder", "path"}`."""
     instructions: dict | None = None
@@ -90,8 +93,8 @@ class WorkerResult:
 def config_hash(cfg: RunConfig) -> str:
     """Hash of what decides the trajectory (not run control such as stop_at_step)."""
     keep = cfg.model_dump(exclude={"train": {"stop_at_step", "log_every", "max_failures"}})
-    keep.pop("faults", None)
-    keep.pop("tracking", None)
+    for key in ("faults", "tracking", "shared_filesystem"):
+        keep.pop(key, None)
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -170,7 +173,7 @@ def run_worker(spec: WorkerSpec, launcher: Launcher) -> WorkerResult:
         torch.set_num_threads(max(1, math.floor(t.cpus_per_worker)))
     torch.manual_seed(t.seed)
 
-    feed = open_feed(cfg, spec.corpus_dir, spec.instructions)
+    feed = open_feed(cfg, spec.corpus_dir, spec.instructions, spec.proportions)
     args = cfg.model.args(feed.vocab_size)
     model, mesh = build_parallel_model(cfg, args, device)
     opt = cfg.optimizer
@@ -295,16 +298,13 @@ def run_worker(spec: WorkerSpec, launcher: Launcher) -> WorkerResult:
                 launcher.save_checkpoint(model, optimizer, state, report)
             elif log_now:
                 launcher.report(last | {"stopped": ""})
-            _maybe_kill(cfg, rank, state.step, Path(spec.run_dir))
+            _maybe_kill(cfg, rank, state.step, spec.run_dir)
             if stopped:
                 say(f"stopping: {stopped}")
                 break
         complete = stopped is None and state.step == t.steps
         if complete and cfg.tracking.export_hf:
-            tokenizer = feed.tokenizer_path
-            export_dir = export_hf(model, args, Path(spec.run_dir) / "hf", rank, tokenizer)
-            if tracker and export_dir:
-                tracker.artifact(export_dir, "model")
+            publish_model(model, args, rank, feed.tokenizer_path, spec.run_dir, tracker)
         if tracker:
             _log_curve(tracker, history, cfg.name)
     except BaseException:
@@ -369,11 +369,45 @@ def _as_tensors(batch):
     return torch.from_numpy(batch)
 
 
+def model_uri(run_dir: str) -> str:
+    """Where a run's exported model (Hugging Face format) lives in its storage."""
+    from llamaray.storage import join
+
+    return join(run_dir, "hf")
+
+
+def publish_model(
+    model: torch.nn.Module,
+    args: ModelArgs,
+    rank: int,
+    tokenizer: str | None,
+    run_dir: str,
+    tracker=None,
+) -> str | None:
+    """Export the model (collective) and, on rank 0, put the folder into the run's storage
+    at `model_uri(run_dir)` (replacing an earlier export) and into MLflow as `model`. The
+    folder is written to a temporary directory on rank 0's node and removed after: nothing
+    is left on a disk only that node has. Returns the model's URI on rank 0, else None."""
+    from llamaray import storage
+
+    with tempfile.TemporaryDirectory(prefix="llamaray-export-") as tmp:
+        folder = export_hf(model, args, Path(tmp) / "hf", rank, tokenizer)
+        if folder is None:
+            return None
+        target = model_uri(run_dir)
+        storage.delete_tree(target)
+        storage.upload(folder, target)
+        if tracker:
+            tracker.artifact(folder, "model")
+    return target
+
+
 def export_hf(
     model: torch.nn.Module, args: ModelArgs, out_dir: Path, rank: int, tokenizer: str | None = None
 ) -> Path | None:
     """Gather the full weights (collective) and write them in Hugging Face format on rank 0,
-    with the tokenizer beside them so the folder is self-contained."""
+    with the tokenizer (a local path or s3:// URI) beside them so the folder is
+    self-contained."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from llamaray.model import Llama
@@ -388,20 +422,33 @@ def export_hf(
         plain = Llama(args)
     plain.load_state_dict(full, assign=True)
     out = save_hf(plain, out_dir)
-    if tokenizer and Path(tokenizer).is_file():
-        write_hf_tokenizer(out, tokenizer, args.max_seq_len)
+    if tokenizer:
+        from llamaray import storage
+
+        if storage.exists(tokenizer):
+            with storage.local_copy(tokenizer) as local:
+                write_hf_tokenizer(out, local, args.max_seq_len)
     return out
 
 
-def _maybe_kill(cfg: RunConfig, rank: int, step: int, run_dir: Path) -> None:
+def fault_marker(run_dir: str, rank: int, step: int) -> str:
+    """Where `faults.kill_*` records that it fired, in the run's storage: a replacement
+    worker on another node must see it too."""
+    from llamaray.storage import join
+
+    return join(run_dir, ".faults", f"killed-rank{rank}-step{step}")
+
+
+def _maybe_kill(cfg: RunConfig, rank: int, step: int, run_dir: str) -> None:
+    from llamaray import storage
+
     f = cfg.faults
     if f.kill_rank != rank or f.kill_at_step != step:
         return
-    marker = run_dir / ".faults" / f"killed-rank{rank}-step{step}"
-    if marker.exists():  # once per run name: the restarted worker must get past this step
+    marker = fault_marker(run_dir, rank, step)
+    if storage.exists(marker):  # once per run name: the restarted worker must get past it
         return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.touch()
+    storage.write_text(marker, f"killed at step {step}\n")
     print(f"[fault] killing rank {rank} at step {step}", file=sys.stderr, flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
 
