@@ -3,7 +3,7 @@ tasks and held-out perplexity, over Ray, into MLflow beside the training run.
 
     llamaray eval --config jobs/configs/demo.yaml --task jobs/tasks/stdlib-modules
     llamaray eval --config jobs/configs/demo.yaml --step 200 --fewshot 3 --workers 2
-    llamaray eval --model runs/demo/hf --task jobs/tasks/stdlib-modules
+    llamaray eval --model runs/checkpoints/demo/hf --task jobs/tasks/stdlib-modules
 """
 
 from __future__ import annotations
@@ -105,6 +105,21 @@ def load_target(opts: argparse.Namespace, step: int | None):
         return None, folder_target(opts.model, opts.tokenizer)
     run_cfg = load_config(opts.config, opts.overrides)
     return run_cfg, run_target(run_cfg, step)
+
+
+def require_target_shared(run_cfg, target) -> None:
+    """ConfigError (one line) on a cluster whose nodes share no disk when the Scorer actors,
+    on nodes of their own, could not read the checkpoint or model and its tokenizer. The
+    tasks, the corpus (perplexity rows) and MLflow are read and written by this driver
+    only, so they may stay local."""
+    from llamaray.orchestrate.placement import require_shared_state, shared_filesystem_opted
+
+    if run_cfg is not None:
+        corpus = "data.corpus" if run_cfg.data.corpus else "output_dir"  # holds the tokenizer
+        paths = {"storage": run_cfg.storage_path, corpus: target.tokenizer_path}
+    else:
+        paths = {"--model": target.model_dir, "--tokenizer": target.tokenizer_path}
+    require_shared_state(paths, None, shared_filesystem_opted(run_cfg))
 
 
 def log_beside_run(run_cfg, result) -> None:

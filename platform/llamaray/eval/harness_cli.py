@@ -1,7 +1,7 @@
 """`llamaray harness`: lm-evaluation-harness tasks on a training run's checkpoint (results
 into MLflow beside the run, as `llamaray eval` does) or on an exported model folder.
 
-    llamaray harness --model runs/demo/hf --tasks arc_easy,hellaswag --fewshot 0
+    llamaray harness --model runs/checkpoints/demo/hf --tasks arc_easy,hellaswag --fewshot 0
     llamaray harness --config jobs/configs/demo.yaml --tasks my_task --include-path tasks/
     llamaray harness --config jobs/configs/demo.yaml --step 200 --tasks my_task --output r.json
 
