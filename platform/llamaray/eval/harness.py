@@ -3,11 +3,11 @@
 same way.
 
     >>> import lm_eval, llamaray.eval.harness  # doctest: +SKIP  (registers "llamaray")
-    >>> lm_eval.simple_evaluate(model="llamaray", model_args="pretrained=runs/demo/hf",
+    >>> lm_eval.simple_evaluate(model="llamaray", model_args="pretrained=runs/checkpoints/demo/hf",
     ...                         tasks=["arc_easy"])  # doctest: +SKIP
 
-or from the shell, `llamaray harness --model runs/demo/hf --tasks arc_easy` (a folder), or
-`llamaray harness --config jobs/configs/demo.yaml --tasks arc_easy` (a training run's
+or from the shell, `llamaray harness --model runs/checkpoints/demo/hf --tasks arc_easy` (a
+folder), or `llamaray harness --config jobs/configs/demo.yaml --tasks arc_easy` (a training run's
 newest complete checkpoint, results into MLflow under the run as `llamaray eval` does).
 
 The harness's tasks fetch their data from the Hugging Face Hub unless it is cached

@@ -2,7 +2,7 @@
 loaded model. Pure torch and our tokenizer (no Ray, no torch.distributed), so one Ray
 actor, a notebook or the lm-evaluation-harness adapter all score the same way.
 
-    >>> lm = LanguageModel.from_pretrained("runs/demo/hf")  # doctest: +SKIP
+    >>> lm = LanguageModel.from_pretrained("runs/checkpoints/demo/hf")  # doctest: +SKIP
     >>> lm.loglikelihood([("Question: 2+2?\\nAnswer:", " 4")])  # doctest: +SKIP
     [LoglikelihoodResult(logprob=-1.83, is_greedy=True, n_tokens=2)]
 
