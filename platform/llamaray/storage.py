@@ -185,6 +185,21 @@ def _s3_from_env(endpoint, region, _key_id, _profile) -> S3Storage:
 def join(uri: str | os.PathLike, *parts: str) -> str:
     """`uri` with `parts` appended by "/" (S3 keys) or as path parts (local).
 
+S3_ENDPOINT_VARIABLES = (
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ENDPOINT_URL",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+)
+
+
+def s3_endpoint_env() -> dict[str, str]:
+    """The S3 endpoint and region variables set in this process, for the `runtime_env` of
+    Ray actors and tasks a driver starts, so they reach the same S3 as the driver. No
+    credentials: a runtime_env is visible in the cluster's job records."""
+    return {k: os.environ[k] for k in S3_ENDPOINT_VARIABLES if os.environ.get(k)}
+
+
     >>> join("s3://b/corpus/", "shards", "a.parquet")
     's3://b/corpus/shards/a.parquet'
     """

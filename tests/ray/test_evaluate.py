@@ -141,3 +141,41 @@ def test_bad_eval_input_fails_before_ray_work(trained, root, capsys):
     assert "no task.yaml" in capsys.readouterr().err
     assert main(["eval", "--config", str(config_file), "--workers", "0"]) == 2
     assert "num_workers" in capsys.readouterr().err
+
+
+def test_checkpoint_corpus_and_tokenizer_on_s3_are_read_by_the_actors(trained, root, s3_client):
+    """No shared disk: with the run's storage and corpus on S3 the driver passes only
+    s3:// URIs (it downloads no checkpoint), each Scorer actor fetches the checkpoint and
+    tokenizer onto its own node, and the numbers equal those from the local copy."""
+    from llamaray import storage
+
+    cfg, _ = trained
+    s3_client.create_bucket(Bucket="eval-run")
+    storage.upload(root / "checkpoints" / cfg.name, f"s3://eval-run/ckpt/{cfg.name}")
+    corpus = "s3://eval-run/corpus"
+    storage.upload(corpus_dir_of(cfg), corpus)
+    manifest = json.loads(storage.read_text(f"{corpus}/manifest.json"))
+    tokenizer = manifest["tokenizer"]["path"]
+    if Path(tokenizer).is_absolute():  # corpora written before paths were relative
+        manifest["tokenizer"]["path"] = str(Path(tokenizer).relative_to(corpus_dir_of(cfg)))
+        storage.write_text(f"{corpus}/manifest.json", json.dumps(manifest))
+    on_s3 = cfg.model_copy(
+        update={
+            "storage": "s3://eval-run/ckpt",
+            "data": cfg.data.model_copy(update={"corpus": corpus}),
+        }
+    )
+
+    target = run_target(on_s3)
+    assert target.checkpoint_dir == f"s3://eval-run/ckpt/{cfg.name}/step-{STEPS:08d}"
+    assert target.tokenizer_path.startswith(corpus + "/") and target.step == STEPS
+    tasks = [load_task(TASKS / "stdlib-modules")]
+    opts = EvalConfig(limit=LIMIT, perplexity_rows=8, num_workers=2, cpus_per_worker=0.5)
+    remote = evaluate(target, tasks, opts, corpus).metrics()
+    local_target = run_target(cfg)
+    local = evaluate(
+        local_target, tasks, opts, corpus_dir_of(cfg), scorers=[Scorer(local_target, 8)]
+    ).metrics()
+    assert set(remote) == set(local) and "ppl/prose/bits_per_byte" in remote
+    for name, value in local.items():
+        assert remote[name] == pytest.approx(value, abs=1e-5), name

@@ -5,31 +5,37 @@ A training checkpoint holds DCP shards of the model and optimizer written by any
 of ranks; DCP reads just the model's tensors into an unsharded model here, with no
 process group. The architecture is the run's config; the vocabulary size is read from
 the checkpoint's own embedding table, and the tokenizer is the run's corpus tokenizer.
+
+No node shares a disk with another: the driver only finds and checks what to evaluate in
+the run's storage (local, or `s3://`) and passes URIs on; each process that loads the
+model (a `Scorer` actor on whichever node Ray placed it) fetches the checkpoint, the model
+folder and the tokenizer onto its own disk (`EvalTarget.load`).
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from llamaray import storage
 from llamaray.config import RunConfig
 from llamaray.model import Llama
 from llamaray.tokenizer import Tokenizer
-from llamaray.train.checkpoint import STEP_DIR, CheckpointError, newest_complete, step_dirs
+from llamaray.train.checkpoint import CheckpointError
 
 MODEL_PREFIX = "model."
 
 
 @dataclass
 class EvalTarget:
-    """Where the weights come from, as plain data (it travels to Ray actors)."""
+    """Where the weights come from, as plain data (it travels to Ray actors): URIs that
+    every node can open (a local path on one machine, `s3://` on a cluster)."""
 
     checkpoint_dir: str | None
-    """A local, verified step folder; None: `model_dir`."""
+    """A step folder whose completeness the driver checked; None: `model_dir`."""
     model_dir: str | None
     tokenizer_path: str
     step: int | None
@@ -37,11 +43,26 @@ class EvalTarget:
     """`RunConfig.model_dump()` of the training run (the architecture)."""
 
     def load(self, device: str = "cpu") -> tuple[Llama, Tokenizer]:
-        tokenizer = Tokenizer(self.tokenizer_path)
+        """The model and tokenizer, fetched onto this process's node when in S3."""
+        from llamaray.train.stored_checkpoints import fetched
+
+        tokenizer = load_tokenizer(self.tokenizer_path)
         if self.model_dir:
-            return Llama.from_pretrained(self.model_dir, device=device), tokenizer
+            with storage.local_copy(self.model_dir) as folder:
+                return Llama.from_pretrained(folder, device=device), tokenizer
         cfg = RunConfig.model_validate(self.config)
-        return load_dcp_model(Path(self.checkpoint_dir), cfg, device), tokenizer
+        with fetched(self.checkpoint_dir) as step_dir:
+            return load_dcp_model(step_dir, cfg, device), tokenizer
+
+
+def load_tokenizer(uri: str) -> Tokenizer:
+    """A tokenizer.model from a local path or S3. One from S3 keeps its URI as its name
+    (the harness's request cache keys on it), not the temporary copy's path."""
+    with storage.local_copy(uri) as local:
+        tokenizer = Tokenizer(local)
+    if storage.is_s3(uri):
+        tokenizer.path = uri  # a str: Path would fold the // of s3://
+    return tokenizer
 
 
 def load_dcp_model(step_dir: Path, cfg: RunConfig, device: str = "cpu") -> Llama:
@@ -64,81 +85,60 @@ def load_dcp_model(step_dir: Path, cfg: RunConfig, device: str = "cpu") -> Llama
 
 
 def run_target(cfg: RunConfig, step: int | None = None) -> EvalTarget:
-    """The newest complete checkpoint of run `cfg.name` (or the one at `step`), fetched to
-    local disk when the run's storage is S3, and the run's tokenizer."""
-    from llamaray.storage import storage_location
+    """The newest complete checkpoint of run `cfg.name` (or the one at `step`) in the run's
+    storage, and the run's tokenizer, as URIs; nothing is downloaded here."""
+    from llamaray.train.stored_checkpoints import newest_stored, step_folders, verify_stored
 
-    storage, fs = storage_location(cfg.storage_path)
-    run_root = f"{storage.rstrip('/')}/{cfg.name}"
-    candidates = _step_folders(run_root, fs)
+    run_root = storage.join(cfg.storage_path, cfg.name)
+    candidates = step_folders(run_root)
     if not candidates:
         raise FileNotFoundError(f"run {cfg.name!r} has no checkpoints under {run_root}")
-    if step is not None:
-        candidates = [(s, p) for s, p in candidates if s == step]
-        if not candidates:
-            raise FileNotFoundError(f"run {cfg.name!r} has no checkpoint at step {step}")
-    # Newest first; on S3 each candidate is downloaded only when the newer ones failed.
-    local = (Path(path) if fs is None else _download(path, fs) for _, path in candidates)
     try:
-        step_dir, state = newest_complete(local)
+        if step is None:
+            uri, state = newest_stored(run_root)
+        else:
+            found = [u for s, u in candidates if s == step]
+            if not found:
+                raise FileNotFoundError(f"run {cfg.name!r} has no checkpoint at step {step}")
+            uri, state = found[0], verify_stored(found[0])
     except CheckpointError as err:
         raise CheckpointError(f"no complete checkpoint of {cfg.name!r}: {err}") from None
-    return EvalTarget(str(step_dir), None, _tokenizer_of(cfg), state.step, cfg.model_dump())
+    return EvalTarget(uri, None, _tokenizer_of(cfg), state.step, cfg.model_dump())
 
 
 def folder_target(model_dir: str | Path, tokenizer: str | Path | None = None) -> EvalTarget:
-    """An exported Meta or Hugging Face folder (with its tokenizer.model unless given)."""
-    tokenizer_path = Path(tokenizer or Path(model_dir) / "tokenizer.model")
-    if not tokenizer_path.is_file():
+    """An exported Meta or Hugging Face folder, local or `s3://` (with its tokenizer.model
+    unless given)."""
+    model_dir = os.fspath(model_dir)
+    if not storage.is_s3(model_dir):
+        model_dir = str(Path(model_dir).resolve())
+    tokenizer_path = (
+        os.fspath(tokenizer) if tokenizer else storage.join(model_dir, "tokenizer.model")
+    )
+    if not storage.exists(tokenizer_path):
         raise FileNotFoundError(f"no tokenizer at {tokenizer_path}; pass --tokenizer")
-    return EvalTarget(None, str(model_dir), str(tokenizer_path), None)
+    return EvalTarget(None, model_dir, tokenizer_path, None)
 
 
 def corpus_dir_of(cfg: RunConfig) -> str:
     """The run's prepared corpus: `data.corpus`, or where `data.prepare` put it."""
     if cfg.data.corpus:
         return cfg.data.corpus
-    out = Path(cfg.output_dir).resolve() / cfg.data.prepare.name
-    if not (out / "manifest.json").is_file():
+    out = storage.join(cfg.output_dir, cfg.data.prepare.name)
+    if not storage.is_s3(out):
+        out = str(Path(out).resolve())
+    if not storage.exists(storage.join(out, "manifest.json")):
         raise FileNotFoundError(f"the run's corpus {out} is not prepared (no manifest.json)")
-    return str(out)
+    return out
 
 
 def _tokenizer_of(cfg: RunConfig) -> str:
+    """The URI of the run's corpus tokenizer (the manifest's path, relative to the corpus)."""
     from llamaray.data.feed import CorpusRows
+    from llamaray.train.feeds import tokenizer_uri
 
-    path = CorpusRows.open(corpus_dir_of(cfg)).manifest["tokenizer"]["path"]
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"the run's tokenizer {path} is missing")
-    return path
-
-
-def _step_folders(root: str, fs) -> list[tuple[int, str]]:
-    """(step, path) of the run's step folders, newest first, local or on S3."""
-    if fs is None:
-        return [(_step_of(p.name), str(p)) for p in step_dirs(root)]
-    import pyarrow.fs
-
-    infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
-    found = [
-        (int(m.group(1)), i.path)
-        for i in infos
-        if i.type == pyarrow.fs.FileType.Directory and (m := STEP_DIR.match(i.base_name))
-    ]
-    return sorted(found, reverse=True)
-
-
-def _step_of(name: str) -> int:
-    return int(STEP_DIR.match(name).group(1))
-
-
-def _download(path: str, fs) -> Path:
-    import pyarrow.fs
-
-    target = Path(tempfile.mkdtemp(prefix="llamaray-eval-"))
-    try:
-        pyarrow.fs.copy_files(path, str(target), source_filesystem=fs)
-    except Exception:
-        shutil.rmtree(target, ignore_errors=True)
-        raise
-    return target
+    corpus = corpus_dir_of(cfg)
+    uri = tokenizer_uri(corpus, CorpusRows.open(corpus).manifest)
+    if not uri or not storage.exists(uri):
+        raise FileNotFoundError(f"the run's tokenizer {uri} is missing")
+    return uri

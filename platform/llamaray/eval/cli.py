@@ -65,6 +65,7 @@ def cmd_eval(opts: argparse.Namespace) -> int:
     if opts.address:
         os.environ["RAY_ADDRESS"] = opts.address
     ensure_ray()
+    require_target_shared(run_cfg, target)
     result = evaluate(target, tasks, eval_cfg, corpus_dir)
     log_beside_run(run_cfg, result)
     for name, value in sorted(result.metrics().items()):

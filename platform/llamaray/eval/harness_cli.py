@@ -34,7 +34,9 @@ def add_harness_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default=None, help="default: cuda when present, else cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    p.add_argument("--output", default=None, help="write the harness's results as JSON here")
+    p.add_argument(
+        "--output", default=None, help="write the harness's results as JSON here (path or s3://)"
+    )
     p.set_defaults(func=cmd_harness)
 
 
@@ -69,9 +71,10 @@ def cmd_harness(opts: argparse.Namespace) -> int:
         lm, tasks, manager=manager, num_fewshot=opts.fewshot, limit=limit, seed=opts.seed
     )
     metrics = harness.harness_metrics(results)
-    if opts.output:
-        Path(opts.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(opts.output).write_text(json.dumps(results, indent=2, default=str))
+    if opts.output:  # a local path, or s3:// to keep it past a `ray job submit` driver
+        from llamaray.storage import write_text
+
+        write_text(opts.output, json.dumps(results, indent=2, default=str))
         print(f"wrote {opts.output}")
     log_beside_run(run_cfg, harness.as_eval_result(results, target.step))
     for task, values in sorted(metrics.items()):

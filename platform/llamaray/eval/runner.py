@@ -66,11 +66,20 @@ class Scorer:
 
 
 def ray_scorers(target: EvalTarget, opts: EvalConfig) -> list:
-    """`opts.num_workers` Scorer actors: one GPU each on a GPU cluster, else fractional CPUs."""
+    """`opts.num_workers` Scorer actors: one GPU each on a GPU cluster, else fractional CPUs.
+    Each loads the model on its own node (`EvalTarget.load`), with the S3 endpoint and
+    region this driver resolved (credentials come from each node's own AWS chain)."""
     import ray
 
+    from llamaray.storage import s3_endpoint_env
+
     gpu = ray.cluster_resources().get("GPU", 0) > 0
-    actor = ray.remote(Scorer).options(num_cpus=opts.cpus_per_worker, num_gpus=1 if gpu else 0)
+    env = s3_endpoint_env()
+    actor = ray.remote(Scorer).options(
+        num_cpus=opts.cpus_per_worker,
+        num_gpus=1 if gpu else 0,
+        runtime_env={"env_vars": env} if env else None,
+    )
     return [
         actor.remote(target, opts.batch_size, "cuda" if gpu else "cpu")
         for _ in range(opts.num_workers)
