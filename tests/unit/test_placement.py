@@ -66,9 +66,9 @@ def test_one_machine_keeps_local_defaults():
 def test_multi_node_cluster_stops_local_defaults_in_one_line(nodes):
     problem = shared_state_problem(LOCAL, SQLITE, nodes, "head")
     assert problem is not None and "\n" not in problem
-    for setting in ("output_dir=s3://", "storage=s3://", "MLFLOW_TRACKING_URI=http://"):
+    for setting in ("output_dir=s3://", "storage=s3://", "tracking.uri=http://"):
         assert setting in problem, setting
-    assert "tracking.uri" in problem and "(now runs)" in problem and SQLITE in problem
+    assert "MLFLOW_TRACKING_URI" in problem and "(now runs)" in problem and SQLITE in problem
     assert "shared_filesystem=true" in problem and SHARED_FILESYSTEM_ENV in problem
 
 

@@ -78,7 +78,7 @@ def shared_state_problem(
         if value and is_local_path(value)
     ]
     if tracking_uri and is_local_tracking(tracking_uri):
-        fixes.append(f"tracking.uri or MLFLOW_TRACKING_URI={TRACKING_HINT} (now {tracking_uri})")
+        fixes.append(f"tracking.uri={TRACKING_HINT} (or MLFLOW_TRACKING_URI; now {tracking_uri})")
     if not fixes:
         return None
     return (
