@@ -101,7 +101,7 @@ class CorpusConfig(_Section):
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     seq_len: int = Field(2048, gt=0, description="Rows are seq_len + 1 tokens.")
     validation_fraction: float = Field(
-        0.01, ge=0, lt=0.5, description="Documents held out per source (by hash of origin)."
+        0.01, ge=0, lt=0.5, description="Documents held out per source (by hash of the text)."
     )
     strict: bool = Field(False, description="Fail at the first bad record, naming file:line.")
     dedup: DedupConfig = Field(default_factory=DedupConfig)
@@ -109,7 +109,18 @@ class CorpusConfig(_Section):
         default_factory=list,
         description="Licenses accepted besides the paper's MIT/BSD/Apache (e.g. PSF-2.0).",
     )
-    tokenize_actors: int = Field(1, gt=0, description="Tokenizer actor pool size.")
+    tokenize_actors: int | None = Field(
+        None,
+        gt=0,
+        description="Tokenizer actor pool size; None: grows with the cluster's CPUs. Packing "
+        "is per actor, so only 1 gives the same shards on every run.",
+    )
+    tokenizer_sample_bytes: int = Field(
+        1_000_000_000,
+        gt=0,
+        description="Most text the tokenizer trains on (a seeded random sample of the cleaned "
+        "documents, gathered on the driver); the manifest says when a sample was taken.",
+    )
     seed: int = 0
 
     @field_validator("sources")

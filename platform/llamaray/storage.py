@@ -46,6 +46,7 @@ import contextlib
 import functools
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -147,6 +148,8 @@ def _env_credentials() -> dict[str, str]:
 # Every read and write of a corpus, a run's outputs or a checkpoint goes through these, so a
 # path means the same thing to every process: a local path on one machine (or a shared
 # mount), `s3://bucket/prefix` on a cluster whose nodes share no disk.
+# Bytes travel as they are: pyarrow's streams default to compression="detect", which
+# would gzip a `.gz` object a second time on write (and unzip it on read) on S3 only.
 
 
 def filesystem(uri: str | os.PathLike) -> tuple[pyarrow.fs.FileSystem, str]:
@@ -182,9 +185,6 @@ def _s3_from_env(endpoint, region, _key_id, _profile) -> S3Storage:
     return S3Storage(endpoint, region)
 
 
-def join(uri: str | os.PathLike, *parts: str) -> str:
-    """`uri` with `parts` appended by "/" (S3 keys) or as path parts (local).
-
 S3_ENDPOINT_VARIABLES = (
     "AWS_ENDPOINT_URL_S3",
     "AWS_ENDPOINT_URL",
@@ -199,6 +199,9 @@ def s3_endpoint_env() -> dict[str, str]:
     credentials: a runtime_env is visible in the cluster's job records."""
     return {k: os.environ[k] for k in S3_ENDPOINT_VARIABLES if os.environ.get(k)}
 
+
+def join(uri: str | os.PathLike, *parts: str) -> str:
+    """`uri` with `parts` appended by "/" (S3 keys) or as path parts (local).
 
     >>> join("s3://b/corpus/", "shards", "a.parquet")
     's3://b/corpus/shards/a.parquet'
@@ -217,7 +220,7 @@ def exists(uri: str | os.PathLike) -> bool:
 def read_bytes(uri: str | os.PathLike) -> bytes:
     fs, path = filesystem(uri)
     try:
-        with fs.open_input_stream(path) as f:
+        with fs.open_input_stream(path, compression=None) as f:
             return f.read()
     except FileNotFoundError:
         raise FileNotFoundError(f"{os.fspath(uri)} does not exist") from None
@@ -226,15 +229,20 @@ def read_bytes(uri: str | os.PathLike) -> bytes:
 def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
     """Write one file whole; on S3 the object appears only once complete. Parent folders
     are made as needed."""
-    fs, path = filesystem(uri)
+    put_bytes(*filesystem(uri), data)
+
+
+def put_bytes(fs: pyarrow.fs.FileSystem, path: str, data: bytes) -> None:
+    """`write_bytes` on a filesystem already resolved: for a Ray task given the driver's
+    (`filesystem(uri)` pickles with its S3 settings, so the task needs none of its own)."""
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     if isinstance(fs, pyarrow.fs.LocalFileSystem):
         # Write beside, then rename: a reader never sees half a file.
-        tmp = f"{path}.tmp-{os.getpid()}"
+        tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
         Path(tmp).write_bytes(data)
         os.replace(tmp, path)
         return
-    with fs.open_output_stream(path) as out:
+    with fs.open_output_stream(path, compression=None) as out:
         out.write(data)
 
 
@@ -292,7 +300,8 @@ def download(uri: str | os.PathLike, local: str | os.PathLike) -> Path:
     for relative in list_files(uri):
         target = local / relative
         target.parent.mkdir(parents=True, exist_ok=True)
-        with fs.open_input_stream(f"{path}/{relative}") as f, target.open("wb") as out:
+        source = fs.open_input_stream(f"{path}/{relative}", compression=None)
+        with source as f, target.open("wb") as out:
             while chunk := f.read(_CHUNK):
                 out.write(chunk)
     return local
@@ -340,7 +349,7 @@ def upload_directory(local: str | Path, fs: pyarrow.fs.FileSystem, destination: 
         key = f"{destination}/{path.relative_to(local).as_posix()}"
         if isinstance(fs, pyarrow.fs.LocalFileSystem):  # S3 has no folders to make
             fs.create_dir(key.rsplit("/", 1)[0], recursive=True)
-        with path.open("rb") as source, fs.open_output_stream(key) as out:
+        with path.open("rb") as source, fs.open_output_stream(key, compression=None) as out:
             while chunk := source.read(_CHUNK):
                 out.write(chunk)
         sizes[key] = path.stat().st_size

@@ -316,6 +316,25 @@ class Tokenizer:
         self.path = Path(path)
         self._load(spm.SentencePieceProcessor(model_file=str(self.path)))
 
+    @classmethod
+    def from_bytes(cls, model: bytes, path: str | Path = "<bytes>") -> Tokenizer:
+        """A tokenizer from the bytes of a ``tokenizer.model`` (a serialized model proto);
+        ``path`` names where they came from, for messages."""
+        tok = cls.__new__(cls)
+        tok.path = Path(path)
+        tok._load(spm.SentencePieceProcessor(model_proto=model))
+        return tok
+
+    @classmethod
+    def open(cls, uri: str | Path) -> Tokenizer:
+        """A ``tokenizer.model`` at a local path or ``s3://`` URI (read through
+        `llamaray.storage`; SentencePiece itself opens only local files)."""
+        if not str(uri).startswith("s3://"):
+            return cls(uri)
+        from llamaray.storage import read_bytes
+
+        return cls.from_bytes(read_bytes(uri), uri)
+
     def _load(self, sp: spm.SentencePieceProcessor) -> None:
         self._sp = sp
         self._sp_continued: spm.SentencePieceProcessor | None = None

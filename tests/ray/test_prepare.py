@@ -1,16 +1,21 @@
-"""`prepare_corpus` end to end on the shared local Ray cluster, with bad input planted."""
+"""`prepare_corpus` end to end on the shared local Ray cluster, with bad input planted;
+the same input prepared from S3 into S3 (moto's server) must give the same corpus."""
 
 from __future__ import annotations
 
 import gzip
 import json
+import shutil
 
 import numpy as np
 import pytest
 
+from llamaray import storage
 from llamaray.config import CorpusConfig, load_config
+from llamaray.data.feed import CorpusRows, tokenizer_location
 from llamaray.data.prepare import heldout, load_rows, prepare_corpus
 from llamaray.data.sample_text import write_stdlib_sample
+from llamaray.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.ray
 
@@ -50,27 +55,45 @@ def corpus(tmp_path_factory):
         "c4": len(c4) + 2,
         "prose": len(prose_lines) + 1 + 1,  # + the missing file
     }
-    cfg = load_config(
+    manifest = prepare_corpus(config(str(root), str(root / "out")))
+    return manifest, expected_in, root / "out" / "t", root
+
+
+INPUTS = ("github.jsonl", "c4.jsonl", "prose.jsonl.gz")
+
+
+def config(inputs: str, output_dir: str) -> CorpusConfig:
+    """The test corpus's config, its raw files under `inputs` (a folder or s3:// prefix)."""
+    at = lambda name: storage.join(inputs, name)  # noqa: E731
+    return load_config(
         None,
         [
-            f"output_dir={root / 'out'}",
+            f"output_dir={output_dir}",
             "name=t",
-            f"sources.github=[{root / 'github.jsonl'}]",
-            f"sources.c4=[{root / 'c4.jsonl'}]",
-            f"sources.prose=[{root / 'prose.jsonl.gz'}, {root / 'missing.jsonl'}]",
+            f"sources.github=[{at('github.jsonl')}]",
+            f"sources.c4=[{at('c4.jsonl')}]",
+            f"sources.prose=[{at('prose.jsonl.gz')}, {at('missing.jsonl')}]",
             "tokenizer.vocab_size=600",
+            # Less than the cleaned text (~0.5 MB): the tokenizer trains on a sample.
+            "tokenizer_sample_bytes=300000",
             "seq_len=32",
             "validation_fraction=0.1",
             "tokenize_actors=1",
         ],
         schema=CorpusConfig,
     )
-    manifest = prepare_corpus(cfg)
-    return manifest, expected_in, root / "out" / "t"
+
+
+def quarantine_lines(corpus: str, manifest: dict) -> list[str]:
+    return [
+        line
+        for entry in manifest["quarantine"]["files"]
+        for line in storage.read_text(storage.join(corpus, entry["path"])).splitlines()
+    ]
 
 
 def test_every_record_is_accounted_for(corpus):
-    manifest, expected_in, _ = corpus
+    manifest, expected_in, _, _ = corpus
     for name, n_in in expected_in.items():
         s = manifest["sources"][name]
         assert s["documents_in"] == n_in, name
@@ -80,7 +103,7 @@ def test_every_record_is_accounted_for(corpus):
 
 
 def test_drop_reasons_per_source(corpus):
-    manifest, _, out = corpus
+    manifest, _, out, _ = corpus
     src = manifest["sources"]
     assert src["github"]["dropped"].get("github_license") == 1
     assert (
@@ -93,16 +116,20 @@ def test_drop_reasons_per_source(corpus):
     assert src["c4"]["dropped"].get("missing_text") == 1
     assert src["prose"]["dropped"].get("empty") == 1
     assert src["prose"]["dropped"].get("missing_file") == 1
-    quarantined = (out / manifest["quarantine"]).read_text().splitlines()
+    quarantined = quarantine_lines(str(out), manifest)
     total_dropped = sum(sum(s["dropped"].values()) for s in src.values())
-    assert len(quarantined) == total_dropped
+    assert len(quarantined) == total_dropped == manifest["quarantine"]["records"]
+    assert sum(f["records"] for f in manifest["quarantine"]["files"]) == total_dropped
+    # Written by the tasks, into the corpus: nothing else is in its quarantine folder.
+    listed = {f"quarantine/{p}" for p in storage.list_files(out / "quarantine")}
+    assert listed == {f["path"] for f in manifest["quarantine"]["files"]}
     first = json.loads(quarantined[0])
     assert {"origin", "reason", "source", "excerpt"} <= set(first)
     assert any(json.loads(q)["origin"].endswith("missing.jsonl:0") for q in quarantined)
 
 
 def test_shards_hold_packed_rows_of_the_vocabulary(corpus):
-    manifest, _, out = corpus
+    manifest, _, out, _ = corpus
     vocab = manifest["tokenizer"]["vocab_size"]
     for name, s in manifest["sources"].items():
         rows = load_rows(out, name, "train")
@@ -124,3 +151,84 @@ def test_heldout_split_is_deterministic_and_near_the_fraction():
     assert picked == [heldout(o, 0.1, 0) for o in origins]
     assert 0.09 < np.mean(picked) < 0.11
     assert picked != [heldout(o, 0.1, 1) for o in origins]
+
+
+def test_manifest_paths_are_relative_and_shards_are_what_the_tasks_wrote(corpus):
+    manifest, _, out, _ = corpus
+    without_config = {k: v for k, v in manifest.items() if k != "config"}
+    assert str(out) not in json.dumps(without_config)
+    assert manifest["tokenizer"]["path"] == "tokenizer/tokenizer.model"
+    files = [
+        f for s in manifest["sources"].values() for split in s["splits"].values()
+        for f in split["files"]
+    ]  # fmt: skip
+    assert files and all(not f.startswith("/") and "://" not in f for f in files)
+    assert {f"shards/{p}" for p in storage.list_files(out / "shards")} == set(files)
+    # The same input gives the same file names (content digests) on every run.
+    for name, s in manifest["sources"].items():
+        for split, entry in s["splits"].items():
+            prefix = f"shards/source={name}/split={split}/"
+            assert all(f.startswith(prefix) and f.endswith(".parquet") for f in entry["files"])
+            assert entry["files"] == sorted(entry["files"])
+
+
+def test_the_tokenizer_trained_on_a_bounded_sample(corpus):
+    manifest, _, _, _ = corpus
+    trained = manifest["tokenizer"]["trained_on"]
+    assert trained["sampled"] is True
+    assert trained["limit_bytes"] == 300_000 < trained["corpus_bytes"]
+    assert 0 < trained["bytes"] < trained["corpus_bytes"]
+    assert trained["fraction"] == pytest.approx(300_000 / trained["corpus_bytes"])
+    kept = sum(s["kept"] for s in manifest["sources"].values())
+    assert 0 < trained["documents"] < kept
+
+
+def test_a_copied_corpus_opens_with_its_tokenizer(corpus, tmp_path):
+    manifest, _, out, _ = corpus
+    copy = tmp_path / "moved" / "t"
+    shutil.copytree(out, copy)
+    rows = CorpusRows.open(copy)
+    location = tokenizer_location(copy, rows.manifest)
+    assert location == str(copy / "tokenizer" / "tokenizer.model") == rows.tokenizer_uri
+    tok = Tokenizer.open(location)
+    assert tok.vocab_size == manifest["tokenizer"]["vocab_size"]
+    n = manifest["sources"]["c4"]["splits"]["train"]["rows"]
+    assert np.array_equal(rows.rows("c4", np.arange(n)), load_rows(out, "c4", "train"))
+    # An absolute path (a manifest written before paths were relative) is kept as it is.
+    old = dict(rows.manifest, tokenizer={"path": str(out / "tokenizer" / "tokenizer.model")})
+    assert tokenizer_location(copy, old) == str(out / "tokenizer" / "tokenizer.model")
+
+
+def test_prepare_from_s3_into_s3_gives_the_same_corpus(corpus, s3_client):
+    local, _, _, root = corpus
+    bucket = "prepare-s3"
+    s3_client.create_bucket(Bucket=bucket)
+    for name in INPUTS:
+        storage.upload(root / name, f"s3://{bucket}/raw/{name}")
+    manifest = prepare_corpus(config(f"s3://{bucket}/raw", f"s3://{bucket}/corpora"))
+    out = f"s3://{bucket}/corpora/t"
+
+    for name, s in local["sources"].items():
+        got = manifest["sources"][name]
+        for key in ("documents_in", "kept", "dropped"):
+            assert got[key] == s[key], (name, key)
+        for split in ("train", "validation"):
+            assert got["splits"][split] == s["splits"][split], (name, split)
+            assert np.array_equal(
+                load_rows(out, name, split), load_rows(root / "out" / "t", name, split)
+            ), (name, split)
+    assert manifest["tokenizer"]["trained_on"] == local["tokenizer"]["trained_on"]
+    # Everything is in the bucket, found through the manifest's relative paths.
+    assert "s3://" not in json.dumps({k: v for k, v in manifest.items() if k != "config"}).replace(
+        f"s3://{bucket}/raw/", ""
+    )
+    lines = quarantine_lines(out, manifest)
+    assert len(lines) == manifest["quarantine"]["records"] == local["quarantine"]["records"]
+    assert any(json.loads(q)["origin"] == f"s3://{bucket}/raw/missing.jsonl:0" for q in lines)
+    rows = CorpusRows.open(out)
+    assert rows.tokenizer_uri == f"{out}/tokenizer/tokenizer.model"
+    tok = Tokenizer.open(rows.tokenizer_uri)
+    assert tok.vocab_size == 600
+    local_tok = Tokenizer.open(tokenizer_location(root / "out" / "t", local))
+    pieces = [tok.id_to_piece(i) for i in range(tok.vocab_size)]
+    assert pieces == [local_tok.id_to_piece(i) for i in range(local_tok.vocab_size)]

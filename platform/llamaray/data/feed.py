@@ -51,7 +51,7 @@ import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
 from llamaray.data.mixture import MixturePlan, mixed_order, plan_mixture, worker_rows
-from llamaray.storage import filesystem
+from llamaray.storage import filesystem, join
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "validation")
@@ -160,6 +160,11 @@ class CorpusRows:
     def row_tokens(self) -> int:
         """Tokens per row: `seq_len + 1` (the extra one is the last target)."""
         return int(self._manifest["row_tokens"])
+
+    @property
+    def tokenizer_uri(self) -> str:
+        """The corpus's tokenizer.model, local path or `s3://` URI (`tokenizer_location`)."""
+        return tokenizer_location(self.corpus_dir, self._manifest)
 
     @property
     def source_names(self) -> tuple[str, ...]:
@@ -366,6 +371,21 @@ class CorpusRows:
             _path, (old, _pf) = self._handles.popitem(last=False)
             old.close()
         return pf
+
+
+def tokenizer_location(corpus_dir: str | Path, manifest: Mapping[str, Any]) -> str:
+    """Where the corpus's tokenizer.model is: the manifest's `tokenizer.path` relative to
+    `corpus_dir` (a local path or `s3://` prefix), so a corpus that was copied or moved
+    still finds its tokenizer. An absolute path or URI (manifests written before paths
+    were relative) is returned as it is. Load it with `Tokenizer.open`.
+
+    >>> tokenizer_location("s3://b/corpus", {"tokenizer": {"path": "tokenizer/tokenizer.model"}})
+    's3://b/corpus/tokenizer/tokenizer.model'
+    """
+    path = str(manifest["tokenizer"]["path"])
+    if "://" in path or posixpath.isabs(path) or Path(path).is_absolute():
+        return path
+    return join(str(corpus_dir), *path.replace("\\", "/").split("/"))
 
 
 def _filesystem(corpus_dir: str) -> tuple[pafs.FileSystem, str]:

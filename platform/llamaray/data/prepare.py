@@ -3,14 +3,26 @@
     read (JSONL/Parquet/text, gz/zst, local or s3://; bad records become rejections)
     -> clean per source (CCNet line dedup within each block, then the source's rules)
     -> exact + near-duplicate removal across the whole corpus
-    -> [tokenizer trained on the cleaned text, unless one is given]
-    -> tokenize in an actor pool, hold out documents per source by a hash of their origin
+    -> [tokenizer trained on a bounded sample of the cleaned text, unless one is given]
+    -> tokenize in an actor pool, hold out documents per source by a hash of their text
     -> pack into rows of seq_len + 1 tokens within each block
-    -> Parquet shards partitioned by source and split, a quarantine file, a manifest.
+    -> Parquet shards partitioned by source and split, quarantine files, a manifest.
 
 Every input record ends as exactly one of: a kept document or a rejection with a reason,
 so the manifest's documents in = kept + dropped by reason, per source. Tokens lost to
 packing (the unfinished row at the end of each block) are counted too.
+
+Where things go. The corpus is `<output_dir>/<name>`, a local path or `s3://bucket/prefix`
+(`corpus_location`), and everything lands there, written by the process that makes it:
+the built-in sample (`sample/`, by the driver, before the read tasks need it), the
+quarantine (`quarantine/*.jsonl`, by the task holding each block's rejections), the
+tokenizer (`tokenizer/tokenizer.model`, by the driver that trained it), the shards
+(`shards/source=<s>/split=<t>/<digest>.parquet`, by the task holding each block's rows)
+and `manifest.json`. The write tasks return what they wrote (path, source, split, rows) and
+the manifest is built from those records, never from a listing; every path in it is
+relative to the corpus, so a corpus can be copied or moved and still opens. Only bounded
+amounts reach the driver: counts, these records, and the tokenizer's training sample
+(`tokenizer_sample_bytes`; the manifest's `tokenizer.trained_on` says how it was taken).
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ import hashlib
 import itertools
 import json
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -30,13 +43,28 @@ from llamaray.config import CorpusConfig
 from llamaray.data.clean import DEDUPLICATORS, clean_document
 from llamaray.data.clean.commoncrawl import skipped_steps
 from llamaray.data.packing import Packer
-from llamaray.data.read import QuarantineWriter, from_row, read_corpus, to_row
+from llamaray.data.read import from_row, quarantine_line, read_corpus, to_row
 from llamaray.data.records import Document
+from llamaray.storage import (
+    delete_tree,
+    filesystem,
+    is_s3,
+    join,
+    put_bytes,
+    read_bytes,
+    read_text,
+    upload,
+    write_bytes,
+    write_text,
+)
 from llamaray.tokenizer import Tokenizer, train_tokenizer
 
+# The corpus's layout, every path relative to `<output_dir>/<name>` (local or s3://).
 MANIFEST = "manifest.json"
-QUARANTINE = "quarantine.jsonl"
+QUARANTINE_DIR = "quarantine"
 SHARDS = "shards"
+SAMPLE = "sample"
+TOKENIZER = "tokenizer/tokenizer.model"
 # Trainers read rows in a shuffled mixture order, one row group at a time (`data.feed`):
 # 64 rows (512 KiB at seq_len 2048) keeps a random read small without a huge footer.
 ROW_GROUP_ROWS = 64
@@ -79,11 +107,13 @@ def clean_block(batch: dict, options: dict | None = None) -> dict:
 # ---------------------------------------------------------------------------- tokenize
 
 
-def heldout(origin: str, fraction: float, seed: int) -> bool:
-    """Deterministic per-document split: the same document is held out in every run."""
+def heldout(key: str, fraction: float, seed: int) -> bool:
+    """Deterministic per-document split, keyed by the document's text: the same document
+    is held out in every run, wherever its file is stored (a key holding the file's path
+    would move documents between splits when the raw data moves to S3)."""
     if fraction <= 0:
         return False
-    digest = hashlib.blake2b(f"{seed}:{origin}".encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2**64 < fraction
 
 
@@ -109,8 +139,8 @@ class TokenizePack:
         values = np.fromiter(itertools.chain.from_iterable(ids), np.int32, count=lengths.sum())
         starts = np.concatenate(([0], np.cumsum(lengths)))
         groups: dict[tuple[str, str], list[int]] = defaultdict(list)
-        for i, (source, origin) in enumerate(zip(batch["source"], batch["origin"], strict=True)):
-            split = "validation" if heldout(str(origin), self.fraction, self.seed) else "train"
+        for i, (source, text) in enumerate(zip(batch["source"], texts, strict=True)):
+            split = "validation" if heldout(text, self.fraction, self.seed) else "train"
             groups[(str(source), split)].append(i)
         kinds, sources, splits, n_docs, n_tokens, rows = [], [], [], [], [], []
         for key, members in sorted(groups.items()):
@@ -151,6 +181,14 @@ def of_kind(table: pa.Table, kind: str) -> pa.Table:
 # ---------------------------------------------------------------------------- pipeline
 
 
+def corpus_location(cfg: CorpusConfig) -> str:
+    """Where `cfg` puts its corpus: `<output_dir>/<name>`, a local path made absolute or an
+    `s3://` URI."""
+    if is_s3(cfg.output_dir):
+        return join(cfg.output_dir, cfg.name)
+    return str(Path(cfg.output_dir).resolve() / cfg.name)
+
+
 def prepare_corpus(cfg: CorpusConfig) -> dict:
     """Run the pipeline on the running Ray cluster; return the manifest (also written)."""
     import ray.data
@@ -170,9 +208,15 @@ def prepare_corpus(cfg: CorpusConfig) -> dict:
 
 
 def _run(cfg: CorpusConfig) -> dict:
+    from ray.data.expressions import col
+
     start = time.perf_counter()
-    out = Path(cfg.output_dir).resolve() / cfg.name
-    out.mkdir(parents=True, exist_ok=True)
+    out = corpus_location(cfg)
+    # The driver's filesystem goes to every write task: it pickles with the S3 settings the
+    # driver resolved (storage.S3Storage), so the nodes need none of their own.
+    fs, root = filesystem(out)
+    for stale in (SHARDS, QUARANTINE_DIR):  # a re-run must not leave files of the last one
+        delete_tree(join(out, stale))
     sources = cfg.sources or _demo_sources(cfg, out)
     licenses = list(cfg.github_extra_licenses)
     if not cfg.sources and "PSF-2.0" not in licenses:
@@ -194,41 +238,58 @@ def _run(cfg: CorpusConfig) -> dict:
     ds = ds.materialize()
 
     counts = _count_outcomes(ds)
-    n_rejected = _write_quarantine(ds, out / QUARANTINE)
-    _say(f"cleaned and deduplicated: {n_rejected} record(s) rejected, see {out / QUARANTINE}")
-    docs = ds.filter(lambda r: r["kind"] == "doc").select_columns(["source", "origin", "text"])
+    quarantine = _write_quarantine(ds, fs, root)
+    _say(
+        f"cleaned and deduplicated: {quarantine['records']} record(s) rejected, see "
+        f"{join(out, QUARANTINE_DIR)}"
+    )
+    # An Arrow predicate, not a Python function called on every row.
+    docs = ds.filter(expr=col("kind") == "doc").select_columns(["source", "origin", "text"])
 
-    tokenizer = _tokenizer(cfg, docs, out)
+    tokenizer, tokenizer_entry = _tokenizer(cfg, docs, out)
     packed = docs.map_batches(
         TokenizePack,
         fn_constructor_kwargs={
-            "tokenizer": tokenizer,
+            "tokenizer": tokenizer,  # pickles with its model bytes, not a local path
             "validation_fraction": cfg.validation_fraction,
             "seed": cfg.seed,
             "seq_len": cfg.seq_len,
         },
-        concurrency=cfg.tokenize_actors,
+        compute=_actor_pool(cfg.tokenize_actors),
         batch_format="numpy",
     ).materialize()
     stats = packed.map_batches(of_kind, fn_args=("stats",), batch_format="pyarrow")
     token_counts = _sum_tokens(stats)
-    shards = out / SHARDS
-    packed.map_batches(of_kind, fn_args=("row",), batch_format="pyarrow").select_columns(
-        ["source", "split", "tokens"]
-    ).write_parquet(str(shards), partition_cols=["source", "split"], row_group_size=ROW_GROUP_ROWS)
-    manifest = _manifest(cfg, sources, counts, token_counts, shards, tokenizer, out)
+    shard_records = packed.map_batches(
+        write_shards, fn_kwargs={"fs": fs, "root": root}, batch_format="pyarrow", batch_size=None
+    ).take_all()
+    manifest = _manifest(cfg, sources, out, counts, token_counts, shard_records, tokenizer_entry)
+    manifest["quarantine"] = quarantine
     manifest["elapsed_s"] = round(time.perf_counter() - start, 2)
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    write_text(join(out, MANIFEST), json.dumps(manifest, indent=2))
     _say(_summary(manifest))
-    _say(f"manifest: {out / MANIFEST}")
+    _say(f"manifest: {join(out, MANIFEST)}")
     return manifest
 
 
-def _demo_sources(cfg: CorpusConfig, out: Path) -> dict[str, list[str]]:
+def _actor_pool(size: int | None):
+    """The tokenize actor pool: `size` actors, or (None) from 1 up to the cluster's CPUs; an
+    autoscaling cluster with no CPUs yet gets a pool Ray Data grows as nodes join."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    if size:
+        return ActorPoolStrategy(size=size)
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    return ActorPoolStrategy(min_size=1, max_size=cpus if cpus >= 1 else None)
+
+
+def _demo_sources(cfg: CorpusConfig, out: str) -> dict[str, list[str]]:
     from llamaray.data.sample_text import write_stdlib_sample
 
     _say("no sources configured: building the standard-library sample (code as github)")
-    sample = write_stdlib_sample(out / "sample", int(cfg.sample_mb * 1e6), cfg.seed)
+    # Written into the output, where the read tasks on any node find it.
+    sample = write_stdlib_sample(join(out, SAMPLE), int(cfg.sample_mb * 1e6), cfg.seed)
     # Code gets the GitHub rules; its PSF license is accepted for the sample (see _run).
     return {"github": [str(sample["code"])], "prose": [str(sample["prose"])]}
 
@@ -248,26 +309,148 @@ def _count_outcomes(ds) -> dict[str, dict]:
     return dict(counts)
 
 
-def _write_quarantine(ds, path: Path) -> int:
-    path.unlink(missing_ok=True)
-    with QuarantineWriter(path) as writer:
-        for row in ds.filter(lambda r: r["kind"] == "rejected").iter_rows():
-            writer.write(from_row(row))
-        return writer.count
+# ------------------------------------------------------------------------ write tasks
+# Each runs in a Ray task on whichever node holds its block, writes straight to the output
+# (local path or S3) and returns a small record of what it wrote; the manifest is built
+# from these records, never from a listing.
+
+_RECORD = pa.schema(
+    [("path", pa.string()), ("source", pa.string()), ("split", pa.string()), ("rows", pa.int64())]
+)
 
 
-def _tokenizer(cfg: CorpusConfig, docs, out: Path) -> Tokenizer:
+def _digest(*parts: bytes) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h.hexdigest()
+
+
+def write_quarantine_block(batch: pa.Table, fs, root: str) -> pa.Table:
+    """The rejections of one block -> `quarantine/<digest>.jsonl`; returns its record
+    (path relative to the corpus, rows = records). Named by content: a retried task
+    rewrites the same file."""
+    rejected = of_kind(batch, "rejected")
+    if not rejected.num_rows:
+        return _RECORD.empty_table()
+    data = "".join(quarantine_line(from_row(r)) for r in rejected.to_pylist()).encode()
+    relative = f"{QUARANTINE_DIR}/{_digest(data)}.jsonl"
+    put_bytes(fs, f"{root}/{relative}", data)
+    return pa.Table.from_pylist(
+        [{"path": relative, "source": "", "split": "", "rows": rejected.num_rows}], _RECORD
+    )
+
+
+def _write_quarantine(ds, fs, root: str) -> dict:
+    records = ds.map_batches(
+        write_quarantine_block,
+        fn_kwargs={"fs": fs, "root": root},
+        batch_format="pyarrow",
+        batch_size=None,
+    ).take_all()
+    files = sorted(({"path": r["path"], "records": r["rows"]} for r in records), key=_by_path)
+    return {"records": sum(f["records"] for f in files), "files": files}
+
+
+def _by_path(entry: dict) -> str:
+    return entry["path"]
+
+
+def write_shards(batch: pa.Table, fs, root: str) -> pa.Table:
+    """The packed rows of one block -> one Parquet file per (source, split) at
+    `shards/source=<s>/split=<t>/<digest>.parquet` (row groups of `ROW_GROUP_ROWS` rows);
+    returns a record per file (path relative to the corpus, source, split, rows). Named by
+    content, so the same input gives the same files, and a retried task the same file."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    rows = of_kind(batch, "row")
+    records = []
+    keys = zip(rows["source"].to_pylist(), rows["split"].to_pylist(), strict=True)
+    for source, split in sorted(set(keys)):
+        mask = pc.and_(pc.equal(rows["source"], source), pc.equal(rows["split"], split))
+        part = rows.filter(mask).select(["tokens"])
+        tokens = part["tokens"].combine_chunks().flatten()
+        name = _digest(source.encode(), split.encode(), np.asarray(tokens).tobytes())
+        relative = f"{SHARDS}/source={source}/split={split}/{name}.parquet"
+        sink = pa.BufferOutputStream()
+        pq.write_table(part, sink, row_group_size=ROW_GROUP_ROWS)
+        put_bytes(fs, f"{root}/{relative}", sink.getvalue().to_pybytes())
+        records.append({"path": relative, "source": source, "split": split, "rows": len(part)})
+    return pa.Table.from_pylist(records, _RECORD)
+
+
+# -------------------------------------------------------------------------- tokenizer
+
+
+def _text_bytes(batch: pa.Table) -> pa.Table:
+    import pyarrow.compute as pc
+
+    return pa.table({"bytes": pc.binary_length(batch["text"]).cast(pa.int64())})
+
+
+def _tokenizer(cfg: CorpusConfig, docs, out: str) -> tuple[Tokenizer, dict]:
+    """The corpus's tokenizer, saved at `tokenizer/tokenizer.model` in the corpus, and its
+    manifest entry. A given one (`tokenizer.path`, local or s3://) is copied in, so the
+    corpus is whole wherever it is moved; otherwise one is trained on the driver on a
+    seeded random sample of at most `tokenizer_sample_bytes` of the cleaned text."""
+    target = join(out, TOKENIZER)
     if cfg.tokenizer.path:
-        return Tokenizer(cfg.tokenizer.path)
-    text_file = out / "tokenizer" / "train.txt"
-    text_file.parent.mkdir(parents=True, exist_ok=True)
-    with text_file.open("w", encoding="utf-8") as f:
-        for row in docs.iter_rows():
-            f.write(row["text"] + "\n")
-    _say(f"training a {cfg.tokenizer.vocab_size}-piece tokenizer on the cleaned text")
-    tokenizer = train_tokenizer([text_file], out / "tokenizer", vocab_size=cfg.tokenizer.vocab_size)
-    text_file.unlink()
-    return tokenizer
+        model = read_bytes(cfg.tokenizer.path)
+        write_bytes(target, model)
+        tokenizer = Tokenizer.from_bytes(model, target)
+        entry = {"copied_from": cfg.tokenizer.path}
+    else:
+        tokenizer, entry = _train_tokenizer(cfg, docs, out)
+    return tokenizer, {"path": TOKENIZER, "vocab_size": tokenizer.vocab_size, **entry}
+
+
+def _train_tokenizer(cfg: CorpusConfig, docs, out: str) -> tuple[Tokenizer, dict]:
+    total = int(docs.map_batches(_text_bytes, batch_format="pyarrow").sum("bytes") or 0)
+    limit = cfg.tokenizer_sample_bytes
+    fraction = min(1.0, limit / total) if total else 1.0
+    # Only a bounded sample crosses to the driver: random_sample with a seed keeps the same
+    # rows on every run of the same input.
+    sample = docs if fraction >= 1.0 else docs.random_sample(fraction, seed=cfg.seed)
+    n_docs = n_bytes = 0
+    with tempfile.TemporaryDirectory(prefix="llamaray-tokenizer-") as tmp:
+        text_file = Path(tmp) / "train.txt"
+        with text_file.open("w", encoding="utf-8") as f:
+            for batch in sample.select_columns(["text"]).iter_batches(batch_format="pyarrow"):
+                for text in batch["text"].to_pylist():
+                    f.write(text + "\n")
+                    n_docs += 1
+                    n_bytes += len(text.encode("utf-8"))
+        how = f"a {fraction:.3g} sample, " if fraction < 1.0 else ""
+        _say(
+            f"training a {cfg.tokenizer.vocab_size}-piece tokenizer on {how}{n_docs} "
+            f"document(s), {n_bytes / 1e6:.1f} MB of the cleaned text"
+        )
+        trained = train_tokenizer(
+            [text_file], Path(tmp) / "tokenizer", vocab_size=cfg.tokenizer.vocab_size
+        )
+        for name in ("tokenizer.model", "tokenizer.vocab"):
+            upload(trained.path.parent / name, join(out, "tokenizer", name))
+        model = trained.path.read_bytes()
+    entry = {
+        "trained_on": {
+            "documents": n_docs,
+            "bytes": n_bytes,
+            "corpus_bytes": total,
+            "sampled": fraction < 1.0,
+            "fraction": fraction,
+            "seed": cfg.seed,
+            "limit_bytes": limit,
+            "how": "the whole cleaned text"
+            if fraction >= 1.0
+            else "Ray Data random_sample(fraction, seed) of the cleaned documents",
+        }
+    }
+    return Tokenizer.from_bytes(model, join(out, TOKENIZER)), entry
+
+
+# --------------------------------------------------------------------------- manifest
 
 
 def _sum_tokens(stats) -> dict[tuple[str, str], dict]:
@@ -280,38 +463,45 @@ def _sum_tokens(stats) -> dict[tuple[str, str], dict]:
     }
 
 
-def _manifest(cfg, sources, counts, token_counts, shards: Path, tokenizer, out: Path) -> dict:
-    import pyarrow.parquet as pq
-
+def _manifest(cfg, sources, out: str, counts, token_counts, shard_records, tokenizer) -> dict:
+    """The manifest; every path in it that points into the corpus is relative to it."""
+    files: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in shard_records:
+        files[(r["source"], r["split"])].append(r)
     per_source: dict[str, dict] = {}
     for name in sources:
         entry = counts.get(name, {"kept": 0, "dropped": {}, "documents_in": 0})
         splits = {}
         for split in ("train", "validation"):
-            part = shards / f"source={name}" / f"split={split}"
-            files = sorted(str(p.relative_to(out)) for p in part.glob("*.parquet"))
-            n_rows = sum(pq.ParquetFile(out / f).metadata.num_rows for f in files)
+            written = sorted(files.get((name, split), []), key=_by_path)
+            n_rows = sum(r["rows"] for r in written)
             tok = token_counts.get((name, split), {"documents": 0, "tokens": 0})
             splits[split] = {
                 "documents": tok["documents"],
                 "tokens": tok["tokens"],
                 "rows": n_rows,
                 "packed_tokens": n_rows * (cfg.seq_len + 1),
-                "files": files,
+                "files": [r["path"] for r in written],
             }
-        per_source[name] = {"paths": sources[name], **entry, "splits": splits}
+        paths = [_relative(p, out) for p in sources[name]]
+        per_source[name] = {"paths": paths, **entry, "splits": splits}
     config_json = cfg.model_dump_json()
     return {
         "name": cfg.name,
         "config": json.loads(config_json),
         "config_hash": hashlib.sha256(config_json.encode()).hexdigest()[:16],
-        "tokenizer": {"path": str(tokenizer.path), "vocab_size": tokenizer.vocab_size},
+        "tokenizer": tokenizer,
         "seq_len": cfg.seq_len,
         "row_tokens": cfg.seq_len + 1,
         "sources": per_source,
         "skipped_steps": skipped_steps() if "commoncrawl" in sources else {},
-        "quarantine": QUARANTINE,
     }
+
+
+def _relative(path: str, out: str) -> str:
+    """A source path inside the corpus (the built-in sample) relative to it; others as given."""
+    prefix = out.rstrip("/") + "/"
+    return path[len(prefix) :] if path.startswith(prefix) else path
 
 
 def _summary(manifest: dict) -> str:
@@ -325,20 +515,24 @@ def _summary(manifest: dict) -> str:
 
 
 def load_rows(corpus_dir: str | Path, source: str, split: str = "train") -> np.ndarray:
-    """Packed (n, seq_len + 1) int32 rows of one source and split, from a prepared corpus."""
+    """Packed (n, seq_len + 1) int32 rows of one source and split, from a prepared corpus
+    (local or s3://), in manifest order."""
     import pyarrow.parquet as pq
 
-    corpus_dir = Path(corpus_dir)
-    manifest = json.loads((corpus_dir / MANIFEST).read_text())
+    corpus_dir = str(corpus_dir)
+    manifest = json.loads(read_text(join(corpus_dir, MANIFEST)))
     width = manifest["row_tokens"]
     files = manifest["sources"][source]["splits"][split]["files"]
     if not files:
         return np.empty((0, width), dtype=np.int32)
+    fs, root = filesystem(corpus_dir)
     column = pa.concat_arrays(
         [
             c
             for f in files
-            for c in pq.read_table(corpus_dir / f, columns=["tokens"])["tokens"].chunks
+            for c in pq.read_table(f"{root}/{f}", columns=["tokens"], filesystem=fs)[
+                "tokens"
+            ].chunks
         ]
     )
     return np.asarray(column.flatten(), dtype=np.int32).reshape(-1, width)

@@ -72,30 +72,38 @@ class CorpusError(ValueError):
 
 
 def iter_file(
-    path: str, source: str, *, strict: bool = False, max_chars: int = MAX_CHARS
+    path: str,
+    source: str,
+    *,
+    strict: bool = False,
+    max_chars: int = MAX_CHARS,
+    s3: Any = None,
 ) -> Iterator[Document | Rejected]:
     """Stream the documents of one file, and a `Rejected` for each bad record.
 
-    With `strict=True`, raise `CorpusError` at the first bad record instead.
+    With `strict=True`, raise `CorpusError` at the first bad record instead. `s3`: the
+    pyarrow filesystem for `s3://` paths (None: `llamaray.storage`'s, from this process's
+    environment); `read_corpus` passes the driver's, so workers need no AWS settings of
+    their own.
     """
-    for item in _iter_file(path, source, max_chars):
+    for item in _iter_file(path, source, max_chars, s3):
         if strict and isinstance(item, Rejected):
             detail = f": {item.excerpt[:120]!r}" if item.excerpt else ""
             raise CorpusError(f"{item.origin}: {item.reason}{detail}")
         yield item
 
 
-def _iter_file(path: str, source: str, max_chars: int) -> Iterator[Document | Rejected]:
+def _iter_file(path: str, source: str, max_chars: int, s3) -> Iterator[Document | Rejected]:
     fmt, compression = _format_of(path)
     try:
         if fmt is None or (fmt == "parquet" and compression):
-            if not _exists(path):
+            if not _exists(path, s3):
                 raise FileNotFoundError(path)
             yield Rejected(f"{path}:0", "unsupported_format", source, os.path.basename(path))
         elif fmt == "parquet":
-            yield from _iter_parquet(path, source, max_chars)
+            yield from _iter_parquet(path, source, max_chars, s3)
         else:
-            with _open_stream(path, compression) as stream:
+            with _open_stream(path, compression, s3) as stream:
                 if fmt == "jsonl":
                     yield from _iter_jsonl(stream, path, source, max_chars)
                 else:
@@ -229,13 +237,13 @@ def _document(text: str, meta: Any, source: str, origin: str, max_chars: int):
     return Document(text, source, origin, _as_meta(meta))
 
 
-def _iter_parquet(path: str, source: str, max_chars: int) -> Iterator[Document | Rejected]:
+def _iter_parquet(path: str, source: str, max_chars: int, s3=None) -> Iterator[Document | Rejected]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     with contextlib.ExitStack() as stack:
         if _is_s3(path):
-            fs, key = _s3_path(path)
+            fs, key = _s3_path(path, s3)
             f = stack.enter_context(fs.open_input_file(key))
         else:
             f = path
@@ -363,13 +371,13 @@ def _as_meta(meta: Any) -> dict:
 
 
 @contextlib.contextmanager
-def _open_stream(path: str, compression: str | None):
+def _open_stream(path: str, compression: str | None, s3=None):
     """A binary stream with `.read(n)`, decompressed; truncation raises EOFError."""
     with contextlib.ExitStack() as stack:
         if _is_s3(path):
             from pyarrow import fs as pafs
 
-            s3, key = _s3_path(path)
+            s3, key = _s3_path(path, s3)
             if s3.get_file_info(key).type == pafs.FileType.NotFound:
                 raise FileNotFoundError(f"No such file: {path}")
             raw = stack.enter_context(s3.open_input_stream(key, compression=None))
@@ -426,18 +434,21 @@ def _is_s3(path: str) -> bool:
     return path.startswith("s3://")
 
 
-def _s3_path(path: str):
-    """(the S3 filesystem of `llamaray.storage`, "bucket/key") for "s3://bucket/key"."""
+def _s3_path(path: str, s3=None):
+    """(`s3`, or else the S3 filesystem of `llamaray.storage`, "bucket/key") for
+    "s3://bucket/key"."""
     from llamaray.storage import filesystem
 
+    if s3 is not None:
+        return s3, path[len("s3://") :].rstrip("/")
     return filesystem(path)
 
 
-def _exists(path: str) -> bool:
+def _exists(path: str, s3=None) -> bool:
     if _is_s3(path):
         from pyarrow import fs as pafs
 
-        s3, key = _s3_path(path)
+        s3, key = _s3_path(path, s3)
         return s3.get_file_info(key).type != pafs.FileType.NotFound
     return os.path.exists(path)
 
@@ -498,8 +509,21 @@ def _expand_s3(pattern: str) -> list[str]:
 # --------------------------------------------------------------------------- bookkeeping
 
 
+def quarantine_line(rejected: Rejected) -> str:
+    """One quarantine record: a JSON line {origin, reason, source, excerpt} with its newline."""
+    record = {
+        "origin": rejected.origin,
+        "reason": rejected.reason,
+        "source": rejected.source,
+        "excerpt": rejected.excerpt,
+    }
+    # ASCII escapes: an excerpt may hold lone surrogates, which UTF-8 cannot encode.
+    return json.dumps(record) + "\n"
+
+
 class QuarantineWriter:
-    """Append each `Rejected` as one JSON line {origin, reason, source, excerpt}."""
+    """Append each `Rejected` to a local file as one `quarantine_line`. (`llamaray prepare`
+    has each Ray task write its block's rejections to the output storage instead.)"""
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
@@ -510,14 +534,7 @@ class QuarantineWriter:
         self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
 
     def write(self, rejected: Rejected) -> None:
-        record = {
-            "origin": rejected.origin,
-            "reason": rejected.reason,
-            "source": rejected.source,
-            "excerpt": rejected.excerpt,
-        }
-        # ASCII escapes: an excerpt may hold lone surrogates, which UTF-8 cannot encode.
-        self._f.write(json.dumps(record) + "\n")
+        self._f.write(quarantine_line(rejected))
         self.count += 1
 
     def close(self) -> None:
@@ -614,10 +631,14 @@ def read_corpus(sources: dict[str, list[str]], *, strict: bool = False, max_char
 
     `sources` maps a source name to its path patterns (see `expand_paths`, run here on the
     driver). Each file is streamed by `iter_file` inside `flat_map`, so a large file is
-    emitted block by block rather than materialized. S3 settings come from the workers'
-    environment.
+    emitted block by block rather than materialized. S3 files are opened with the driver's
+    S3 filesystem (`llamaray.storage.filesystem`: its endpoint, region and retries, and the
+    driver's environment credentials for workers that have none of their own), pickled
+    into each task.
     """
     import ray
+
+    from llamaray.storage import filesystem
 
     items = [
         {"source": source, "path": path}
@@ -626,10 +647,12 @@ def read_corpus(sources: dict[str, list[str]], *, strict: bool = False, max_char
     ]
     if not items:
         raise ValueError("read_corpus: no sources or no path patterns given")
+    s3 = filesystem("s3://x")[0] if any(_is_s3(i["path"]) for i in items) else None
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    return ds.flat_map(_file_rows, fn_kwargs={"strict": strict, "max_chars": max_chars})
+    return ds.flat_map(_file_rows, fn_kwargs={"strict": strict, "max_chars": max_chars, "s3": s3})
 
 
-def _file_rows(item: dict, *, strict: bool, max_chars: int) -> Iterator[dict[str, str]]:
-    for record in iter_file(item["path"], item["source"], strict=strict, max_chars=max_chars):
+def _file_rows(item: dict, *, strict: bool, max_chars: int, s3=None) -> Iterator[dict[str, str]]:
+    records = iter_file(item["path"], item["source"], strict=strict, max_chars=max_chars, s3=s3)
+    for record in records:
         yield to_row(record)

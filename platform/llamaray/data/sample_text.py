@@ -15,7 +15,7 @@ than the alphabetically first ones.
 
 Example::
 
-    >>> paths = write_stdlib_sample(Path("/tmp/sample"), max_bytes_per_source=1_000_000)
+    >>> paths = write_stdlib_sample(Path("sample"), max_bytes_per_source=1_000_000)
     >>> sorted(paths)
     ['code', 'prose']
     >>> first = next(iter_texts([paths["prose"]]))
@@ -26,6 +26,7 @@ from __future__ import annotations
 import ast
 import io
 import json
+import os
 import random
 import sys
 import sysconfig
@@ -135,34 +136,43 @@ def _prose_documents(files: list[_SourceFile]) -> list[tuple[str, str]]:
 
 
 def _write_source(
-    path: Path, source: str, docs: list[tuple[str, str]], max_bytes: int, seed: int
+    uri: str, source: str, docs: list[tuple[str, str]], max_bytes: int, seed: int
 ) -> tuple[int, int]:
-    """Write a seeded shuffle of ``docs`` to ``path`` up to ``max_bytes`` of text."""
+    """Write a seeded shuffle of ``docs`` to ``uri`` (a local path or ``s3://``) up to
+    ``max_bytes`` of text. The file is built in memory (it is at most a few times
+    ``max_bytes``) and written whole through `llamaray.storage`."""
+    from llamaray.storage import write_text
+
     order = list(range(len(docs)))
     random.Random(f"{seed}:{source}").shuffle(order)
     n_docs = n_bytes = 0
-    with path.open("w", encoding="utf-8", newline="\n") as out:
-        for i in order:
-            rel, text = docs[i]
-            size = len(text.encode("utf-8"))
-            # Skip (not stop at) a document that would overflow, so one big file early in
-            # the shuffle does not leave the source nearly empty.
-            if n_bytes + size > max_bytes:
-                continue
-            meta = {"source": source, "path": rel}
-            if source == "code":
-                meta["license"] = "PSF-2.0"  # the standard library's license, stated as is
-            record = {"text": text, "meta": meta}
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
-            n_docs += 1
-            n_bytes += size
+    out = io.StringIO()
+    for i in order:
+        rel, text = docs[i]
+        size = len(text.encode("utf-8"))
+        # Skip (not stop at) a document that would overflow, so one big file early in
+        # the shuffle does not leave the source nearly empty.
+        if n_bytes + size > max_bytes:
+            continue
+        meta = {"source": source, "path": rel}
+        if source == "code":
+            meta["license"] = "PSF-2.0"  # the standard library's license, stated as is
+        record = {"text": text, "meta": meta}
+        out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        n_docs += 1
+        n_bytes += size
+    write_text(uri, out.getvalue())
     return n_docs, n_bytes
 
 
 def write_stdlib_sample(
-    out_dir: Path, max_bytes_per_source: int = 8_000_000, seed: int = 0
-) -> dict[str, Path]:
+    out_dir: str | Path, max_bytes_per_source: int = 8_000_000, seed: int = 0
+) -> dict[str, Path | str]:
     """Write ``code.jsonl`` and ``prose.jsonl`` under ``out_dir``; return their paths by source.
+
+    ``out_dir`` is a local folder (the paths returned are `Path`s) or an ``s3://`` prefix
+    (they are URIs): `llamaray prepare` writes the sample into its output, where the read
+    tasks on any node find it.
 
     ``max_bytes_per_source`` caps the UTF-8 size of the document texts of each source
     (JSON escaping makes the files somewhat larger). A short summary goes to stderr.
@@ -175,8 +185,9 @@ def write_stdlib_sample(
     """
     if max_bytes_per_source <= 0:
         raise ValueError(f"max_bytes_per_source must be positive, got {max_bytes_per_source}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from llamaray.storage import is_s3, join
+
+    out_dir = os.fspath(out_dir)
     root = stdlib_dir()
     scan = _scan_stdlib(root)
     if not scan.files:
@@ -186,7 +197,7 @@ def write_stdlib_sample(
         "code": [(f.rel, f.text) for f in scan.files if f.text.strip()],
         "prose": _prose_documents(scan.files),
     }
-    paths: dict[str, Path] = {}
+    paths: dict[str, Path | str] = {}
     version = ".".join(map(str, sys.version_info[:3]))
     print(
         f"stdlib sample (Python {version}, seed {seed}) -> {out_dir}: "
@@ -194,7 +205,7 @@ def write_stdlib_sample(
         file=sys.stderr,
     )
     for source in SOURCES:
-        path = out_dir / f"{source}.jsonl"
+        path = join(out_dir, f"{source}.jsonl")
         n_docs, n_bytes = _write_source(
             path, source, per_source[source], max_bytes_per_source, seed
         )
@@ -203,7 +214,7 @@ def write_stdlib_sample(
             f"(of {len(per_source[source])} available)",
             file=sys.stderr,
         )
-        paths[source] = path
+        paths[source] = path if is_s3(path) else Path(path)
     return paths
 
 
@@ -212,7 +223,8 @@ def iter_texts(paths: Iterable[str | Path]) -> Iterator[str]:
 
     Example::
 
-        >>> n_chars = sum(len(t) for t in iter_texts(["sample/code.jsonl"]))
+        >>> paths = write_stdlib_sample(Path("sample"), max_bytes_per_source=100_000)
+        >>> n_chars = sum(len(t) for t in iter_texts([paths["code"]]))
     """
     for path in paths:
         with Path(path).open(encoding="utf-8") as f:
