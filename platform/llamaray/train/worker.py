@@ -428,6 +428,8 @@ def export_hf(
         if storage.exists(tokenizer):
             with storage.local_copy(tokenizer) as local:
                 write_hf_tokenizer(out, local, args.max_seq_len)
+        else:  # e.g. a path only the driver's disk has: say so rather than ship a half folder
+            _console(rank)(f"warning: tokenizer {tokenizer} not found; exported without it")
     return out
 
 
