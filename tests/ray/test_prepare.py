@@ -232,3 +232,16 @@ def test_prepare_from_s3_into_s3_gives_the_same_corpus(corpus, s3_client):
     local_tok = Tokenizer.open(tokenizer_location(root / "out" / "t", local))
     pieces = [tok.id_to_piece(i) for i in range(tok.vocab_size)]
     assert pieces == [local_tok.id_to_piece(i) for i in range(local_tok.vocab_size)]
+
+
+def test_the_tokenize_pool_sizes_itself_from_the_cluster_unless_set():
+    import ray
+
+    from llamaray.data.prepare import _actor_pool
+
+    cpus = int(ray.cluster_resources()["CPU"])
+    pool = _actor_pool(None)
+    assert (pool.min_size, pool.max_size) == (1, cpus)
+    pool = _actor_pool(3)
+    assert (pool.min_size, pool.max_size) == (3, 3)
+    assert CorpusConfig().tokenize_actors is None

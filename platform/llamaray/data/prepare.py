@@ -15,14 +15,15 @@ packing (the unfinished row at the end of each block) are counted too.
 Where things go. The corpus is `<output_dir>/<name>`, a local path or `s3://bucket/prefix`
 (`corpus_location`), and everything lands there, written by the process that makes it:
 the built-in sample (`sample/`, by the driver, before the read tasks need it), the
-quarantine (`quarantine/*.jsonl`, by the task holding each block's rejections), the
+quarantine (`quarantine/*.jsonl`, by tasks, up to QUARANTINE_ROWS records a file), the
 tokenizer (`tokenizer/tokenizer.model`, by the driver that trained it), the shards
-(`shards/source=<s>/split=<t>/<digest>.parquet`, by the task holding each block's rows)
-and `manifest.json`. The write tasks return what they wrote (path, source, split, rows) and
-the manifest is built from those records, never from a listing; every path in it is
-relative to the corpus, so a corpus can be copied or moved and still opens. Only bounded
-amounts reach the driver: counts, these records, and the tokenizer's training sample
-(`tokenizer_sample_bytes`; the manifest's `tokenizer.trained_on` says how it was taken).
+(`shards/source=<s>/split=<t>/<digest>.parquet`, by the task holding a batch of rows,
+about SHARD_BYTES a file) and `manifest.json`. The write tasks return what they wrote
+(path, source, split, rows) and the manifest is built from those records, never from a
+listing; every path in it is relative to the corpus, so a corpus can be copied or moved
+and still opens. Only bounded amounts reach the driver: counts, these records, and the
+tokenizer's training sample (`tokenizer_sample_bytes`; the manifest's
+`tokenizer.trained_on` says how it was taken).
 """
 
 from __future__ import annotations
@@ -68,6 +69,11 @@ TOKENIZER = "tokenizer/tokenizer.model"
 # Trainers read rows in a shuffled mixture order, one row group at a time (`data.feed`):
 # 64 rows (512 KiB at seq_len 2048) keeps a random read small without a huge footer.
 ROW_GROUP_ROWS = 64
+# Rows are gathered across blocks into files of about this size (one per source and split
+# of a batch), so a big corpus has thousands of shards, not one per small block.
+SHARD_BYTES = 128 << 20
+# Rejections written per quarantine file (an excerpt is at most 200 characters).
+QUARANTINE_ROWS = 100_000
 
 
 def _say(msg: str) -> None:
@@ -261,7 +267,10 @@ def _run(cfg: CorpusConfig) -> dict:
     stats = packed.map_batches(of_kind, fn_args=("stats",), batch_format="pyarrow")
     token_counts = _sum_tokens(stats)
     shard_records = packed.map_batches(
-        write_shards, fn_kwargs={"fs": fs, "root": root}, batch_format="pyarrow", batch_size=None
+        write_shards,
+        fn_kwargs={"fs": fs, "root": root},
+        batch_format="pyarrow",
+        batch_size=max(ROW_GROUP_ROWS, SHARD_BYTES // (4 * (cfg.seq_len + 1))),
     ).take_all()
     manifest = _manifest(cfg, sources, out, counts, token_counts, shard_records, tokenizer_entry)
     manifest["quarantine"] = quarantine
@@ -310,7 +319,7 @@ def _count_outcomes(ds) -> dict[str, dict]:
 
 
 # ------------------------------------------------------------------------ write tasks
-# Each runs in a Ray task on whichever node holds its block, writes straight to the output
+# Each runs in a Ray task on whichever node holds its batch, writes straight to the output
 # (local path or S3) and returns a small record of what it wrote; the manifest is built
 # from these records, never from a listing.
 
@@ -328,7 +337,7 @@ def _digest(*parts: bytes) -> str:
 
 
 def write_quarantine_block(batch: pa.Table, fs, root: str) -> pa.Table:
-    """The rejections of one block -> `quarantine/<digest>.jsonl`; returns its record
+    """The rejections of one batch -> `quarantine/<digest>.jsonl`; returns its record
     (path relative to the corpus, rows = records). Named by content: a retried task
     rewrites the same file."""
     rejected = of_kind(batch, "rejected")
@@ -343,12 +352,18 @@ def write_quarantine_block(batch: pa.Table, fs, root: str) -> pa.Table:
 
 
 def _write_quarantine(ds, fs, root: str) -> dict:
-    records = ds.map_batches(
-        write_quarantine_block,
-        fn_kwargs={"fs": fs, "root": root},
-        batch_format="pyarrow",
-        batch_size=None,
-    ).take_all()
+    from ray.data.expressions import col
+
+    records = (
+        ds.filter(expr=col("kind") == "rejected")
+        .map_batches(
+            write_quarantine_block,
+            fn_kwargs={"fs": fs, "root": root},
+            batch_format="pyarrow",
+            batch_size=QUARANTINE_ROWS,
+        )
+        .take_all()
+    )
     files = sorted(({"path": r["path"], "records": r["rows"]} for r in records), key=_by_path)
     return {"records": sum(f["records"] for f in files), "files": files}
 
@@ -358,7 +373,7 @@ def _by_path(entry: dict) -> str:
 
 
 def write_shards(batch: pa.Table, fs, root: str) -> pa.Table:
-    """The packed rows of one block -> one Parquet file per (source, split) at
+    """The packed rows of one batch -> one Parquet file per (source, split) at
     `shards/source=<s>/split=<t>/<digest>.parquet` (row groups of `ROW_GROUP_ROWS` rows);
     returns a record per file (path relative to the corpus, source, split, rows). Named by
     content, so the same input gives the same files, and a retried task the same file."""
