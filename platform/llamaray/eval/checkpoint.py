@@ -135,10 +135,8 @@ def corpus_dir_of(cfg: RunConfig) -> str:
 def _tokenizer_of(cfg: RunConfig) -> str:
     """The URI of the run's corpus tokenizer (the manifest's path, relative to the corpus)."""
     from llamaray.data.feed import CorpusRows
-    from llamaray.train.feeds import tokenizer_uri
 
-    corpus = corpus_dir_of(cfg)
-    uri = tokenizer_uri(corpus, CorpusRows.open(corpus).manifest)
+    uri = CorpusRows.open(corpus_dir_of(cfg)).tokenizer_uri
     if not uri or not storage.exists(uri):
         raise FileNotFoundError(f"the run's tokenizer {uri} is missing")
     return uri

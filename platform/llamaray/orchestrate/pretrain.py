@@ -144,7 +144,7 @@ def open_tracking(cfg: RunConfig, corpus_dir: str, manifest: dict, plan: dict | 
     """Open or find the run's MLflow run and record config, manifest, plan and tokenizer."""
     from mlflow.tracking import MlflowClient
 
-    from llamaray.train.feeds import tokenizer_uri
+    from llamaray.data.feed import tokenizer_location
     from llamaray.train.tracking import flatten, open_run, tracking_uri
 
     uri = tracking_uri(cfg.tracking.uri, cfg.output_dir)
@@ -173,8 +173,8 @@ def open_tracking(cfg: RunConfig, corpus_dir: str, manifest: dict, plan: dict | 
     if plan is not None:
         client.log_dict(run_id, plan, "data/mixture.json")
     client.set_tag(run_id, "llamaray.corpus", corpus_dir)
-    tokenizer = tokenizer_uri(corpus_dir, manifest)
-    if tokenizer and storage.exists(tokenizer):
+    tokenizer = tokenizer_location(corpus_dir, manifest)
+    if storage.exists(tokenizer):
         with storage.local_copy(tokenizer) as local:
             client.log_artifact(run_id, str(local), "tokenizer")
     return uri, run_id

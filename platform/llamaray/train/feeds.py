@@ -23,7 +23,6 @@ import math
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -82,19 +81,6 @@ def open_feed(
     return CorpusFeed(cfg, corpus_dir, proportions)
 
 
-def tokenizer_uri(corpus_dir: str, manifest: dict) -> str | None:
-    """The corpus tokenizer's location: the manifest's `tokenizer.path`, which is relative
-    to the corpus (older corpora: absolute), joined onto `corpus_dir` (local or s3://)."""
-    from llamaray.storage import is_s3, join
-
-    path = manifest.get("tokenizer", {}).get("path")
-    if not path:
-        return None
-    if is_s3(path) or Path(path).is_absolute():
-        return path
-    return join(corpus_dir, path)
-
-
 class CorpusFeed:
     """Pretraining: rows of the corpus mixture (`MixedStream`), `rows_per_step / dp` per
     rank per step, and the first `data.eval_rows` held-out rows of every source.
@@ -113,9 +99,8 @@ class CorpusFeed:
                 f"train.seq_len={cfg.train.seq_len} but the corpus {corpus_dir} was packed for "
                 f"seq_len={self.corpus.seq_len}"
             )
-        manifest = self.corpus.manifest
-        self.vocab_size = int(manifest["tokenizer"]["vocab_size"])
-        self.tokenizer_path = tokenizer_uri(corpus_dir, manifest)
+        self.vocab_size = int(self.corpus.manifest["tokenizer"]["vocab_size"])
+        self.tokenizer_path = self.corpus.tokenizer_uri  # relative to the corpus
         if proportions is None:
             proportions, _ = mixture_weights(
                 cfg.data.proportions, self.corpus.rows_per_source("train")
