@@ -445,9 +445,9 @@ def _train_tokenizer(cfg: CorpusConfig, docs, out: str) -> tuple[Tokenizer, dict
         trained = train_tokenizer(
             [text_file], Path(tmp) / "tokenizer", vocab_size=cfg.tokenizer.vocab_size
         )
-        for name in ("tokenizer.model", "tokenizer.vocab"):
-            upload(trained.path.parent / name, join(out, "tokenizer", name))
-        model = trained.path.read_bytes()
+        model = _portable(trained.path.read_bytes())
+        write_bytes(join(out, TOKENIZER), model)
+        upload(trained.path.with_suffix(".vocab"), join(out, "tokenizer", "tokenizer.vocab"))
     entry = {
         "trained_on": {
             "documents": n_docs,
@@ -463,6 +463,18 @@ def _train_tokenizer(cfg: CorpusConfig, docs, out: str) -> tuple[Tokenizer, dict
         }
     }
     return Tokenizer.from_bytes(model, join(out, TOKENIZER)), entry
+
+
+def _portable(model: bytes) -> bytes:
+    """A trained model without the trainer's scratch path in its spec (`model_prefix`): the
+    same text gives the same bytes on every run, and the file names no folder of the
+    driver's disk."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model)
+    proto.trainer_spec.model_prefix = "tokenizer"
+    return proto.SerializeToString()
 
 
 # --------------------------------------------------------------------------- manifest
