@@ -8,8 +8,9 @@ the checkpoint's own embedding table, and the tokenizer is the run's corpus toke
 
 No node shares a disk with another: the driver only finds and checks what to evaluate in
 the run's storage (local, or `s3://`) and passes URIs on; each process that loads the
-model (a `Scorer` actor on whichever node Ray placed it) fetches the checkpoint, the model
-folder and the tokenizer onto its own disk (`EvalTarget.load`).
+model (a `Scorer` actor on whichever node Ray placed it) reads the checkpoint's model
+tensors from storage, and fetches a model folder and the tokenizer onto its own disk
+(`EvalTarget.load`).
 """
 
 from __future__ import annotations
@@ -43,16 +44,13 @@ class EvalTarget:
     """`RunConfig.model_dump()` of the training run (the architecture)."""
 
     def load(self, device: str = "cpu") -> tuple[Llama, Tokenizer]:
-        """The model and tokenizer, fetched onto this process's node when in S3."""
-        from llamaray.train.stored_checkpoints import fetched
-
+        """The model and tokenizer, read from storage by this process, on its own node."""
         tokenizer = load_tokenizer(self.tokenizer_path)
         if self.model_dir:
             with storage.local_copy(self.model_dir) as folder:
                 return Llama.from_pretrained(folder, device=device), tokenizer
         cfg = RunConfig.model_validate(self.config)
-        with fetched(self.checkpoint_dir) as step_dir:
-            return load_dcp_model(step_dir, cfg, device), tokenizer
+        return load_dcp_model(self.checkpoint_dir, cfg, device), tokenizer
 
 
 def load_tokenizer(uri: str) -> Tokenizer:
@@ -65,21 +63,24 @@ def load_tokenizer(uri: str) -> Tokenizer:
     return tokenizer
 
 
-def load_dcp_model(step_dir: Path, cfg: RunConfig, device: str = "cpu") -> Llama:
-    """The model tensors of a DCP checkpoint in an unsharded `Llama`."""
+def load_dcp_model(step_dir: str | Path, cfg: RunConfig, device: str = "cpu") -> Llama:
+    """The model tensors of a DCP checkpoint (a local folder or `s3://`, read in place:
+    only the model's bytes, never the optimizer state) in an unsharded `Llama`."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
 
-    metadata = FileSystemReader(str(step_dir)).read_metadata()
+    from llamaray.train.stored_checkpoints import dcp_reader
+
+    uri = os.fspath(step_dir)
+    metadata = dcp_reader(uri).read_metadata()
     embedding = metadata.state_dict_metadata.get(MODEL_PREFIX + "tok_embeddings.weight")
     if embedding is None:
-        raise CheckpointError(f"{step_dir}: no model tensors in this checkpoint")
+        raise CheckpointError(f"{uri}: no model tensors in this checkpoint")
     vocab_size = embedding.size[0]
     with torch.device("meta"):
         model = Llama(cfg.model.args(vocab_size), attention_backend="sdpa")
     model.to_empty(device=device)
     state = {MODEL_PREFIX + k: v for k, v in model.state_dict().items()}
-    dcp.load(state, checkpoint_id=str(step_dir))  # reads only the keys asked for
+    dcp.load(state, storage_reader=dcp_reader(uri))  # reads only the keys asked for
     model.load_state_dict({k.removeprefix(MODEL_PREFIX): v for k, v in state.items()})
     return model.eval()
 

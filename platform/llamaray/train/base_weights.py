@@ -11,9 +11,9 @@ Two kinds of base, as the driver resolved them (`orchestrate.finetune.resolve_ba
   process holds the whole model in memory, and only rank 0 reads the folder.
 
 The base's `path` is a URI: a local path (one machine, or a shared file system) or
-`s3://`, which each rank that reads it fetches onto its own node's disk (a checkpoint is
-checked in full there, digests included), since ranks run on nodes that share no disk
-with the driver that resolved the base.
+`s3://`, since ranks run on nodes that share no disk with the driver that resolved (and
+checked) the base. A checkpoint is read in place (`stored_checkpoints.dcp_reader`); a model
+folder is fetched onto rank 0's node and removed after.
 
 Collective: every rank calls it, after `build_parallel_model`. No Ray.
 
@@ -40,13 +40,14 @@ BASE_KINDS = ("checkpoint", "folder")
 def load_base_weights(model: torch.nn.Module, base: dict) -> None:
     """Replace the (freshly initialized) weights of `model` with the base's."""
     from llamaray import storage
-    from llamaray.train.stored_checkpoints import fetched
+    from llamaray.train.stored_checkpoints import dcp_reader
 
     kind, path = base["kind"], base["path"]
     if kind == "checkpoint":
         state = {"model": get_model_state_dict(model)}
-        with fetched(path) as local:
-            dcp.load(state, checkpoint_id=str(local))  # reads only the keys asked for
+        # Reads only the keys asked for: on S3 each of this rank's model shards is one
+        # ranged read; the optimizer state in the same files is never fetched.
+        dcp.load(state, storage_reader=dcp_reader(path))
         set_model_state_dict(model, state["model"])
     elif kind == "folder":
         full: dict[str, torch.Tensor] = {}

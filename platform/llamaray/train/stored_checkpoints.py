@@ -3,22 +3,23 @@ processes that are not its workers: evaluation, the finetuning driver, a finetun
 
 On a cluster whose nodes share no disk the driver never downloads a checkpoint for others
 to read: it finds and checks one in storage (`newest_stored`: listing, the small JSON
-records, and every recorded file's size, no tensor bytes), passes its URI on, and each
-process that loads it fetches it onto its own node (`fetched`), where the full check with
-digests runs before the tensors are read.
+records, and every recorded file's size, no tensor bytes) and passes its URI on. Each
+process that loads it reads the tensors it needs straight from storage (`dcp_reader`: one
+ranged read per tensor, so the optimizer state in the same files is never fetched and
+nothing lands on the node's disk).
 
     >>> uri, state = newest_stored("s3://bucket/checkpoints/demo")  # doctest: +SKIP
-    >>> with fetched(uri) as step_dir:  # doctest: +SKIP
-    ...     model = load_dcp_model(step_dir, cfg)
+    >>> dcp.load(state_dict, storage_reader=dcp_reader(uri))  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import io
 import json
+import os
 import pickle
-from collections.abc import Iterator
-from pathlib import Path
 
 from llamaray import storage
 from llamaray.train.checkpoint import (
@@ -104,14 +105,79 @@ def newest_stored(root: str) -> tuple[str, TrainState]:
     raise CheckpointError("; ".join(problems) or f"no step-NNNNNNNN folders under {root}")
 
 
-@contextlib.contextmanager
-def fetched(uri: str) -> Iterator[Path]:
-    """A local folder holding the checkpoint `uri`: the folder itself when local, else a
-    copy on this node's disk, checked in full (sizes and digests), removed on exit."""
-    with storage.local_copy(uri) as local:
-        if storage.is_s3(uri):
-            verify_checkpoint(local)
-        yield Path(local)
+def dcp_reader(uri: str):
+    """A DCP `StorageReader` for the checkpoint at `uri`: torch's own for a local folder,
+    else a `StoredReader` (ranged reads through the storage layer)."""
+    if not storage.is_s3(uri):
+        from torch.distributed.checkpoint import FileSystemReader
+
+        return FileSystemReader(str(uri))
+    return _stored_reader_class()(uri)
+
+
+@functools.cache
+def _stored_reader_class():
+    # Built on first use: importing torch's DCP module is not free for callers that only
+    # list or verify checkpoints.
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.filesystem import FileSystemBase
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class _StoredFiles(FileSystemBase):
+        """The read side of DCP's file-system interface over `llamaray.storage`."""
+
+        @contextlib.contextmanager
+        def create_stream(self, path, mode):
+            if mode != "rb":
+                raise ValueError(f"{path}: stored checkpoints are read-only here")
+            fs, inner = storage.filesystem(path)
+            with fs.open_input_file(inner) as f:
+                yield f
+
+        def concat_path(self, path, suffix):
+            return storage.join(path, suffix)
+
+        def init_path(self, path):
+            return os.fspath(path)
+
+        def exists(self, path):
+            return storage.exists(path)
+
+        @classmethod
+        def validate_checkpoint_id(cls, checkpoint_id) -> bool:
+            return storage.is_s3(os.fspath(checkpoint_id))
+
+        def rename(self, path, new_path):
+            raise NotImplementedError("stored checkpoints are read-only here")
+
+        mkdir = rm_file = rename
+
+    class StoredReader(FileSystemReader):
+        """torch's FileSystemReader reading from `s3://` through `llamaray.storage`: each
+        tensor is one ranged read of exactly its bytes."""
+
+        def __init__(self, uri: str):
+            super().__init__(".")  # a placeholder: torch's local FileSystem resolves paths
+            self.fs = _StoredFiles()
+            self.path = uri
+
+        def _slice_file(self, file, sinfo):
+            return io.BytesIO(file.read_at(sinfo.length, sinfo.offset))
+
+        def read_metadata(self, *args, **kwargs):
+            if kwargs.get("rank") is not None:
+                raise NotImplementedError("per-rank DCP metadata files are not written here")
+            metadata = model_metadata(self.path)
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+        @classmethod
+        def validate_checkpoint_id(cls, checkpoint_id) -> bool:
+            return storage.is_s3(os.fspath(checkpoint_id))
+
+    return StoredReader
 
 
 def model_metadata(uri: str):
