@@ -36,8 +36,17 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)  ## corpus -> tokenizer -> 2 FSDP workers on local Ray -> MLflow -> samples
 	$(PY) jobs/demo.py
 
-test: $(STAMP) browser  ## the whole suite (CPU, 27-30 minutes on 2 cores)
+# Two tiers over tests/ and the examples in platform/llamaray's docstrings (doctests).
+# Tests that start a Ray cluster are marked `ray` (tests/conftest.py), slow ones `slow`.
+DOCTESTS := $(PY) -m pytest platform/llamaray -q --doctest-modules
+
+test-fast: $(STAMP)  ## before every commit: no Ray cluster, nothing slow; and the doctests
+	$(PY) -m pytest tests -q -m "not ray and not slow"
+	$(DOCTESTS)
+
+test: $(STAMP) browser  ## the whole suite, every tier, and the doctests (what CI runs)
 	$(PY) -m pytest tests -q
+	$(DOCTESTS)
 
 # The MLflow UI test drives a headless Chromium; Debian's package, installed where this
 # runs as root with apt (CI does). Elsewhere that one test is skipped, saying why.

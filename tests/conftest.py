@@ -1,6 +1,13 @@
 """Fixtures shared by every test directory: a real S3 API (moto's server) on loopback,
-not an in-process mock."""
+not an in-process mock; Ray heads from `ray start`; the test tiers; and the cleanup that
+stops every server a test started, even when the run is interrupted.
 
+Tiers: every test that needs a Ray cluster is marked `ray` here (whole directories
+tests/ray, tests/jobs, tests/multinode, and any test using a cluster fixture), so
+`make test-fast` (`-m "not ray and not slow"`) runs without one; `make test` runs all.
+"""
+
+import atexit
 import contextlib
 import os
 import shutil
@@ -11,9 +18,130 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+# ------------------------------------------------------------------------------ tiers
+
+RAY_DIRS = ("ray", "jobs", "multinode")  # directories under tests/ whose every test uses Ray
+RAY_FIXTURES = {"ray_cluster", "ray_head", "no_shared_disk_cluster"}
+TESTS = Path(__file__).resolve().parent
+
+
+def needs_ray(item: pytest.Item) -> bool:
+    """True for a test in one of RAY_DIRS or one that uses a fixture starting a cluster."""
+    path = Path(item.path)
+    in_ray_dir = any(path.is_relative_to(TESTS / name) for name in RAY_DIRS)
+    return in_ray_dir or bool(RAY_FIXTURES & set(getattr(item, "fixturenames", ())))
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if needs_ray(item) and item.get_closest_marker("ray") is None:
+            item.add_marker(pytest.mark.ray)
+
+
+# ------------------------------------------------ servers stopped even on interruption
+#
+# A server fixture stops its processes at teardown. Pytest runs teardown on Ctrl-C
+# (KeyboardInterrupt) but not on SIGTERM (what `timeout`, CI runners and `kill` send), so
+# SIGTERM is turned into the same interruption; anything a teardown still did not stop is
+# stopped at interpreter exit. Servers run in sessions of their own, so stopping one stops
+# the processes it forked too (the MLflow server's workers, say).
+
+_STOPS: dict[int, Callable[[], object]] = {}
+
+
+def _stop_all() -> None:
+    for key in list(_STOPS):
+        stop = _STOPS.pop(key, None)
+        if stop is not None:
+            with contextlib.suppress(Exception):
+                stop()
+
+
+atexit.register(_stop_all)
+
+
+def _sigterm_as_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def install_sigterm_handler() -> None:
+    """SIGTERM ends the run as Ctrl-C does. Call again after anything that replaces the
+    handler (`ray.init` does: its handler exits, which pytest records as one failed test)."""
+    with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+        signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+
+
+def pytest_configure(config):
+    install_sigterm_handler()
+
+
+@pytest.fixture(scope="session")
+def sigterm_handler() -> Callable[[], None]:
+    """`install_sigterm_handler`, for fixtures that must re-install it."""
+    return install_sigterm_handler
+
+
+def on_interrupt(key: int, stop: Callable[[], object] | None) -> None:
+    """Register `stop` (None: unregister) to run at exit if the run ends before teardown."""
+    if stop is None:
+        _STOPS.pop(key, None)
+    else:
+        _STOPS[key] = stop
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM the session `proc` leads, then SIGKILL what is left of it after `grace` s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace)
+    # The leader may have exited while processes it forked (same group) have not.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+
+
+class Servers:
+    """Starts servers in sessions of their own and stops each whole (see above)."""
+
+    def __init__(self):
+        self.running: list[subprocess.Popen] = []
+
+    def __call__(self, command: list[str], log_path: Path, env: dict | None = None):
+        with open(log_path, "wb") as log:  # the child holds its own descriptor
+            proc = subprocess.Popen(
+                command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self.running.append(proc)
+        on_interrupt(proc.pid, lambda: stop_group(proc, grace=2.0))
+        return proc
+
+    def stop(self, proc: subprocess.Popen) -> None:
+        stop_group(proc)
+        on_interrupt(proc.pid, None)
+        if proc in self.running:
+            self.running.remove(proc)
+
+
+@pytest.fixture(scope="session")
+def server_process():
+    """`server_process(command, log_path, env=None)` starts a server in a session of its
+    own, output to `log_path`, and returns its Popen; `server_process.stop(proc)` stops it
+    and every process it forked. Whatever is still running is stopped at the end of the
+    test session, or at exit if the run is cut short."""
+    servers = Servers()
+    yield servers
+    for proc in list(servers.running):
+        servers.stop(proc)
+
+
+# ------------------------------------------------------------------------------- S3
 
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -54,19 +182,17 @@ def serving():
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint(tmp_path_factory):
+def s3_endpoint(tmp_path_factory, server_process):
     """One moto S3 server for the session; each test module uses buckets of its own."""
     port = free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(moto_command(port), stdout=log, stderr=subprocess.STDOUT)
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    proc = server_process(moto_command(port), log)
     endpoint = f"http://127.0.0.1:{port}"
     try:
         wait_until_serving(endpoint + "/moto-api/", proc, 30, "moto_server")
-        yield endpoint
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
-        log.close()
+    except RuntimeError as err:
+        raise RuntimeError(f"{err}: {log.read_text(errors='replace')[-3000:]}") from None
+    return endpoint
 
 
 @pytest.fixture
@@ -163,6 +289,7 @@ def ray_head(loopback_port):
             start_new_session=True,
         )
         started.append((proc.pid, temp))
+        on_interrupt(proc.pid, lambda: stop_cluster(proc.pid, temp))
         try:
             out, _ = proc.communicate(timeout=120)
         except subprocess.TimeoutExpired:
@@ -181,5 +308,6 @@ def ray_head(loopback_port):
     left = []
     for session_id, temp in started:
         left += stop_cluster(session_id, temp)
+        on_interrupt(session_id, None)
         shutil.rmtree(temp, ignore_errors=True)
     assert not left, f"processes left behind: {left}"

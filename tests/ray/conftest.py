@@ -4,9 +4,21 @@ import os
 
 import pytest
 
+# The tests' own cluster, always a new one: address="local" ignores RAY_ADDRESS and the
+# "current cluster" file an earlier `ray start` leaves in Ray's temporary folder, whose head
+# may be gone (joining it fails with "When connecting to an existing cluster, num_cpus and
+# num_gpus must not be provided"). test_own_cluster.py starts it with this, stale file planted.
+RAY_INIT = {"address": "local", "num_cpus": 2, "include_dashboard": False, "log_to_driver": False}
+
+
+@pytest.fixture(scope="session")
+def ray_init_args() -> dict:
+    """The keyword arguments of the tests' `ray.init` (for tests that start it elsewhere)."""
+    return dict(RAY_INIT)
+
 
 @pytest.fixture(scope="session", autouse=True)
-def ray_cluster():
+def ray_cluster(sigterm_handler):
     # Loopback only: no token auth (it would write ~/.ray/auth_token on first init).
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Ray Train's placement-group cleaner asks the dashboard at 127.0.0.1:8265 by default
@@ -15,7 +27,8 @@ def ray_cluster():
     os.environ.setdefault("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:9")
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(**RAY_INIT)
+    sigterm_handler()  # ray.init replaced ours with one that only fails the current test
     try:
         yield ray
     finally:

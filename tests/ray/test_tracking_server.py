@@ -4,7 +4,6 @@ S3 (moto's server): the shared-MLflow path of a cluster, on one machine."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ BUCKET = "mlflow-artifacts"
 
 
 @pytest.fixture(scope="module")
-def server(s3_endpoint, aws_test_env, loopback_port, serving, tmp_path_factory):
+def server(s3_endpoint, aws_test_env, loopback_port, serving, server_process, tmp_path_factory):
     import boto3
 
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", **_keys()).create_bucket(
@@ -35,8 +34,9 @@ def server(s3_endpoint, aws_test_env, loopback_port, serving, tmp_path_factory):
         "--artifacts-destination", f"s3://{BUCKET}/runs", "--serve-artifacts",
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]  # fmt: skip
-    log = open(root / "server.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    # In a session of its own: stopped whole (its uvicorn and job workers too) after the
+    # module, or at exit if the run is interrupted first.
+    proc = server_process(command, root / "server.log", env)
     uri = f"http://127.0.0.1:{port}"
     try:
         try:
@@ -45,9 +45,7 @@ def server(s3_endpoint, aws_test_env, loopback_port, serving, tmp_path_factory):
             raise RuntimeError(f"{err}: {(root / 'server.log').read_text()[-3000:]}") from None
         yield uri
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
+        server_process.stop(proc)
 
 
 def _keys() -> dict:

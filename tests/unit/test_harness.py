@@ -26,6 +26,9 @@ from llamaray.tokenizer import train_tokenizer
 
 pytest.importorskip("lm_eval", reason="the harness extra (pip install '.[harness]')")
 
+# Trains a model for 150 steps, then loads lm-evaluation-harness and transformers.
+pytestmark = pytest.mark.slow
+
 SEQ = 64
 TOLERANCE = 1e-4  # what the adapter and the harness must agree to, in nats and in accuracy
 

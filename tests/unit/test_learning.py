@@ -37,6 +37,7 @@ def bigram_cross_entropy(train: np.ndarray, val: np.ndarray) -> float:
     return float(-np.log(probs[val[:, :-1].ravel(), val[:, 1:].ravel()]).mean())
 
 
+@pytest.mark.slow  # 300 training steps
 def test_loss_falls_below_unigram_and_bigram_baselines(rows):
     train, val = rows
     cfg = load_config(None, [

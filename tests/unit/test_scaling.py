@@ -55,6 +55,7 @@ def recovery_problems(fitted: ScalingLaw, truth: ScalingLaw) -> list[str]:
     return problems
 
 
+@pytest.mark.slow  # many fits: 10-50 CPU seconds
 def test_fit_recovers_a_known_law_from_noisy_losses():
     fit = fit_scaling_law(*synthetic(CHINCHILLA))
     assert recovery_problems(fit.law, CHINCHILLA) == []
@@ -63,6 +64,7 @@ def test_fit_recovers_a_known_law_from_noisy_losses():
     assert fit.n_points == 25
 
 
+@pytest.mark.slow  # many fits: 10-50 CPU seconds
 def test_fit_of_another_law_does_not_pass_as_chinchilla():
     other = ScalingLaw(E=2.5, A=2000.0, B=1000.0, alpha=0.45, beta=0.35)
     fit = fit_scaling_law(*synthetic(other))
@@ -74,6 +76,7 @@ def test_fit_of_another_law_does_not_pass_as_chinchilla():
     assert chinchilla_residual > 20 * fit.rms_log_residual
 
 
+@pytest.mark.slow  # many fits: 10-50 CPU seconds
 def test_huber_loss_keeps_one_outlier_from_moving_the_fit():
     n, d, loss = synthetic(CHINCHILLA)
     loss[7] *= 1.3  # one diverged run
@@ -240,6 +243,7 @@ def test_points_from_a_real_mlflow_store(tmp_path):
         collect_mlflow_points(uri, "nope")
 
 
+@pytest.mark.slow  # fits and plots: 10-50 CPU seconds
 def test_plan_command_prints_and_plots(tmp_path, capsys):
     n, d, loss = synthetic(CHINCHILLA)
     csv = tmp_path / "points.csv"
@@ -270,6 +274,7 @@ def test_plan_command_prints_and_plots(tmp_path, capsys):
     assert "give a training budget (--compute) or a target loss" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # many fits: 10-50 CPU seconds
 def test_report_warns_when_the_plan_leaves_the_observed_range():
     points = [ScalingPoint(*p) for p in zip(*synthetic(CHINCHILLA), strict=True)]
     inside = make_plan(points, compute=1e22)  # N ~ 6B, D ~ 300B: within 1e7-1e10, 1e9-1e12

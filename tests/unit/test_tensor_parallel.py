@@ -101,6 +101,7 @@ def _check_tp_only(mesh, sequence_parallel: bool) -> None:
             model(tokens[:, :6])
 
 
+@pytest.mark.slow  # starts a process group of 4 processes
 def test_tensor_parallel_matches_one_process():
     """tp=4, with and without sequence parallelism: logits, fused loss and every gradient
     equal the un-parallelized model's."""
@@ -154,6 +155,7 @@ def _fsdp_tp_step() -> None:
         )
 
 
+@pytest.mark.slow  # starts a process group of 4 processes
 def test_fsdp_over_tensor_parallel_training_step():
     """dp2 x tp2: one AdamW step on a batch split over dp equals one process on the whole
     batch, in loss and in every updated parameter."""
