@@ -3,10 +3,12 @@
 Every problem is reported with its dotted field path and the reason, before any work
 starts:
 
-    >>> cfg = load_config("jobs/configs/demo.yaml", ["train.steps=50"])  # doctest: +SKIP
-    >>> load_config(None, ["model.n_heads=7"])  # doctest: +SKIP
-    ConfigError: invalid config:
-      model.n_heads: 7 must divide model.dim=256
+    >>> cfg = load_config("jobs/configs/demo.yaml", ["train.steps=50"])
+    >>> load_config(None, ["model.n_heads=7"])
+    Traceback (most recent call last):
+    ...
+    llamaray.config.ConfigError: invalid config:
+      model.n_heads: 7 must divide dim=256
 """
 
 from __future__ import annotations
@@ -475,7 +477,7 @@ def load_config(
     """Read a YAML config (or start from defaults) and apply overrides; raise ConfigError
     listing every invalid field. `schema` is RunConfig (training) or CorpusConfig.
 
-    >>> load_config(None, ["model.preset=debug", "train.steps=10"]).train.steps
+    >>> load_config(None, ["model.preset=debug", "train.seq_len=64", "train.steps=10"]).train.steps
     10
     """
     data: dict[str, Any] = {}

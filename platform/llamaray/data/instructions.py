@@ -24,6 +24,7 @@ and padded per micro-batch only to the longest example in it (`micro_batch`).
 
     >>> examples = read_examples("jobs/data/instructions-demo.jsonl")  # doctest: +SKIP
     >>> encoded = encode_examples(examples, Tokenizer("tok/tokenizer.model"), Template(), 128)
+    ... # doctest: +SKIP
     >>> inputs, targets = encoded.micro_batch([0, 1], multiple=8)  # doctest: +SKIP
 """
 

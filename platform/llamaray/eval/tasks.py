@@ -109,8 +109,8 @@ class Task:
 def load_task(path: str | Path) -> Task:
     """Read and validate a task folder.
 
-    >>> load_task("jobs/tasks/stdlib-modules")  # doctest: +SKIP
-    Task('stdlib-modules', multiple_choice, train 8, test 24)
+    >>> load_task("jobs/tasks/stdlib-modules")
+    Task('stdlib-modules', multiple_choice, test 33, train 10)
     """
     path = Path(path)
     spec_file = path / "task.yaml"

@@ -31,8 +31,9 @@ def non_embedding_params(args: ModelArgs) -> int:
 def flops_per_token(args: ModelArgs, seq_len: int) -> float:
     """Training FLOPs (forward + backward) per token at sequence length `seq_len`.
 
-    >>> round(flops_per_token(get_preset("7B").args, 2048) / 1e9, 1)  # doctest: +SKIP
-    42.0
+    >>> from llamaray.model import get_preset
+    >>> round(flops_per_token(get_preset("7B").args, 2048) / 1e9, 1)
+    42.9
     """
     return 6 * non_embedding_params(args) + 12 * args.n_layers * args.dim * seq_len
 

@@ -9,6 +9,7 @@ Nothing here knows about distribution: FSDP, tensor parallelism and activation
 checkpointing are applied from the outside (`llamaray.parallel`). Build big models on the
 meta device and call `init_weights()` after materializing:
 
+    >>> from llamaray.model import get_preset
     >>> with torch.device("meta"):
     ...     model = Llama(get_preset("7B").args)
     >>> model.to_empty(device="cpu"); model.init_weights()  # doctest: +SKIP
@@ -203,6 +204,7 @@ class Llama(nn.Module):
     """LLaMA language model: `model(tokens)` maps (batch, seq) token ids to (batch, seq, vocab)
     logits.
 
+    >>> from llamaray.model import get_preset
     >>> model = Llama(get_preset("debug").args.with_(vocab_size=100))
     >>> model(torch.zeros(2, 5, dtype=torch.long)).shape
     torch.Size([2, 5, 100])
