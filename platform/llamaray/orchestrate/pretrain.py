@@ -62,6 +62,9 @@ def ensure_ray() -> None:
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    from llamaray.console import quiet_ray
+
+    quiet_ray()  # Ray's internal warnings off the user's console (llamaray.console)
 
 
 def run_uri(cfg: RunConfig) -> str:

@@ -1,0 +1,45 @@
+"""llamaray.console: Ray's internal warnings are dropped, everything else still printed."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+from llamaray.console import RAY_DATA_FILTER_FN, quiet_ray, quiet_warnings
+
+PREEMPTION = (
+    "[2026-01-01 00:00:00,000 W 1 1] core_worker.cc:1: Actor 'PreemptionWatcher' has "
+    "constructor arguments in the object store and max_restarts > 0. If the arguments in "
+    "the object store go out of scope or are lost, the actor restart will fail."
+)
+
+
+@pytest.fixture
+def printed():
+    """The lines Ray's printer of other processes' output receives on this driver."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    got: list[list[str]] = []
+    dispatcher.add_handler("ray_print_logs", lambda data: got.append(data["lines"]))
+    yield dispatcher, got
+    dispatcher.remove_handler("ray_print_logs")
+
+
+def test_the_preemption_watcher_warning_is_dropped_and_other_lines_kept(printed):
+    dispatcher, got = printed
+    quiet_ray()
+    quiet_ray()  # idempotent: wrapped once
+    dispatcher.emit({"pid": 7, "is_err": True, "lines": ["[train] step 1", PREEMPTION]})
+    dispatcher.emit({"pid": 7, "is_err": True, "lines": [PREEMPTION]})
+    dispatcher.emit({"pid": 7, "is_err": True, "lines": ["WARNING something real"]})
+    assert got == [["[train] step 1"], ["WARNING something real"]]
+
+
+def test_only_the_named_warning_is_ignored():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_warnings()
+        warnings.warn(RAY_DATA_FILTER_FN, UserWarning, stacklevel=1)
+        warnings.warn("a real problem", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["a real problem"]
