@@ -18,6 +18,7 @@ message, so anything else a library says (a real problem) still gets through.
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from collections.abc import Callable
@@ -32,6 +33,12 @@ RAY_DATA_FILTER_FN = "Use 'expr' instead of 'fn' when possible for performant fi
 # (ray-project/ray#53727): Ray Train's choice, nothing a run can change.
 RAY_NOISE_LINES = ("has constructor arguments in the object store and max_restarts > 0",)
 
+# Ray Train replaces `print` in its workers with one that logs the line to Train's logger
+# (shown on the console) and, when Ray has wrapped sys.stdout as it does in workers, prints
+# it as well: every printed line of a worker reached the driver twice. Off, a print is
+# printed once. Ray Train passes this variable from the driver to its workers.
+RAY_TRAIN_PRINT_PATCH = "RAY_TRAIN_ENABLE_PRINT_PATCH"
+
 
 def quiet_warnings() -> None:
     """Ignore the library warnings above (this process); idempotent."""
@@ -43,10 +50,12 @@ def is_ray_noise(line: str) -> bool:
 
 
 def quiet_ray() -> None:
-    """After `ray.init`: ignore the warnings above, and drop `RAY_NOISE_LINES` from the
-    output of Ray's processes that this driver prints. Idempotent; a no-op when Ray does
-    not print other processes' output here (`log_to_driver=False`)."""
+    """On a driver, after `ray.init` and before launching training: ignore the warnings
+    above, have Ray Train's workers print each line once (unless RAY_TRAIN_ENABLE_PRINT_PATCH
+    is set), and drop `RAY_NOISE_LINES` from the output of Ray's processes that this driver
+    prints (when it prints them: `log_to_driver`). Idempotent."""
     quiet_warnings()
+    os.environ.setdefault(RAY_TRAIN_PRINT_PATCH, "0")
     try:  # Ray's printer of other processes' output; private, so checked, not assumed
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
     except ImportError:

@@ -1,7 +1,9 @@
-"""llamaray.console: Ray's internal warnings are dropped, everything else still printed."""
+"""llamaray.console: Ray's internal warnings are dropped, everything else still printed,
+once."""
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -16,9 +18,11 @@ PREEMPTION = (
 
 
 @pytest.fixture
-def printed():
+def printed(monkeypatch):
     """The lines Ray's printer of other processes' output receives on this driver."""
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_PRINT_PATCH", raising=False)  # restored after
 
     got: list[list[str]] = []
     dispatcher.add_handler("ray_print_logs", lambda data: got.append(data["lines"]))
@@ -43,3 +47,11 @@ def test_only_the_named_warning_is_ignored():
         warnings.warn(RAY_DATA_FILTER_FN, UserWarning, stacklevel=1)
         warnings.warn("a real problem", UserWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["a real problem"]
+
+
+def test_workers_print_once_unless_the_user_chose_otherwise(printed, monkeypatch):
+    quiet_ray()
+    assert os.environ["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "0"
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PRINT_PATCH", "1")
+    quiet_ray()
+    assert os.environ["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "1"
