@@ -162,10 +162,24 @@ def filesystem(uri: str | os.PathLike) -> tuple[pyarrow.fs.FileSystem, str]:
     """
     uri = os.fspath(uri)
     if is_s3(uri):
-        return _s3_from_env(*_s3_env()), uri[len("s3://") :].rstrip("/")
+        return _ADOPTED_S3 or _s3_from_env(*_s3_env()), uri[len("s3://") :].rstrip("/")
     if "://" in uri:
         raise ValueError(f"{uri}: only local paths and s3:// are supported")
     return pyarrow.fs.LocalFileSystem(), str(Path(uri).resolve())
+
+
+_ADOPTED_S3: S3Storage | None = None
+
+
+def adopt_s3(fs: pyarrow.fs.FileSystem | None) -> None:
+    """Use `fs`, the driver's `S3Storage` as Ray Train hands it to every training worker
+    (the run's storage filesystem), for every s3:// access of this process. A worker then
+    reaches the S3 the driver resolved (endpoint, region, retries, and the driver's
+    environment credentials when the worker has none), as its checkpoints already do;
+    its own environment may lack the endpoint. Anything but an `S3Storage` is ignored."""
+    global _ADOPTED_S3
+    if isinstance(fs, S3Storage):
+        _ADOPTED_S3 = fs
 
 
 def _s3_env() -> tuple:

@@ -22,13 +22,16 @@ from pathlib import Path
 import ray.train
 from ray.train import Checkpoint
 
-from llamaray.storage import upload_checkpoint
+from llamaray.storage import adopt_s3, upload_checkpoint
 from llamaray.train.checkpoint import STEP_DIR, TrainState, save_checkpoint, step_dir_name
 from llamaray.train.worker import WorkerSpec, run_worker
 
 
 def train_loop_per_worker(config: dict) -> None:
     _quiet_report_logs()
+    # The run's outputs (exported model, fault markers) and an s3:// corpus are read and
+    # written with the S3 settings the driver resolved, like the checkpoints.
+    adopt_s3(ray.train.get_context().get_storage().storage_filesystem)
     result = run_worker(WorkerSpec(**config), RayLauncher())
     # The final report carries the outcome to the driver's `Result.metrics`.
     ray.train.report(result.last | {"stopped": result.stopped or "", "done": True})
