@@ -221,6 +221,12 @@ class ParallelConfig(_Section):
         True, description="Free gathered weights after forward (ZeRO-3); False: ZeRO-2."
     )
     prefetch: bool = Field(True, description="Gather the next block's weights during compute.")
+    defer_gradient_sync: bool = Field(
+        True,
+        description="Under gradient accumulation, reduce-scatter gradients once per step (in "
+        "the last micro-batch) instead of per micro-batch; holds one unsharded gradient per "
+        "parameter meanwhile. False: less memory, more communication.",
+    )
 
 
 class TrackingConfig(_Section):

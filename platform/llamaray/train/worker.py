@@ -247,6 +247,7 @@ def run_worker(spec: WorkerSpec, launcher: Launcher) -> WorkerResult:
             stats = train_step(
                 model, optimizer, micro_batches, lr, opt.grad_clip, autocast_dtype,
                 average=average, inject_nan=(step + 1) in cfg.faults.nan_at_steps,
+                defer_gradient_sync=cfg.parallel.defer_gradient_sync,
             )  # fmt: skip
             step_time = time.perf_counter() - step_start
             state.step = step + 1
