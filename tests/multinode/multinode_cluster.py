@@ -111,18 +111,22 @@ class Node:
     temp_dir: str
     log_path: Path
     is_head: bool = False
+    tag: bytes = b""  # LLAMARAY_MULTINODE=<marker>, in the environment of every node process
     namespace: str = ""  # /proc/<pid>/ns/mnt of the node's processes
     node_id: str = ""
 
     def pids(self) -> list[int]:
         """Every live process of this node: its session, or its mount namespace (Ray
-        workers that left the session are still in the namespace)."""
+        workers that left the session are still in the namespace) and the cluster's tag
+        (a namespace's number can be reused once it is gone)."""
         found = set(cluster_pids(self.proc.pid, self.temp_dir))
         for entry in os.listdir("/proc"):
             if entry.isdigit():
                 with contextlib.suppress(OSError):
                     if os.readlink(f"/proc/{entry}/ns/mnt") == self.namespace:
-                        found.add(int(entry))
+                        with open(f"/proc/{entry}/environ", "rb") as f:
+                            if self.tag in f.read().split(b"\0"):
+                                found.add(int(entry))
         found.discard(os.getpid())
         return sorted(found)
 
@@ -172,6 +176,7 @@ class NoSharedDiskCluster:
     dashboard_url: str = ""
     s3_endpoint: str = ""
     mlflow_uri: str = ""
+    _started: list[Node] = field(default_factory=list)  # every node ever started
     _worker_port_base: int = field(default_factory=lambda: random.randrange(20000, 28000, 400))
     _node_count: int = 0
 
@@ -234,7 +239,7 @@ class NoSharedDiskCluster:
         if self._watchdog is not None:
             self._watchdog.kill()
             self._watchdog.wait(timeout=10)
-        for node in [*self.nodes, *([self.head] if self.head else [])]:
+        for node in reversed(self._started):  # nodes still starting too; the head last
             self._kill(node, signal.SIGTERM, grace=3.0)
         for proc in self.services:
             with contextlib.suppress(ProcessLookupError):
@@ -372,6 +377,8 @@ class NoSharedDiskCluster:
                 cwd="/",
             )
         node = Node(name=name, proc=proc, temp_dir=temp_dir, log_path=log_path, is_head=head)
+        node.tag = f"LLAMARAY_MULTINODE={self.marker}".encode()
+        self._started.append(node)
         deadline = time.monotonic() + 30
         # The namespace is the node's once the shell has moved in (before `ray start`).
         while not node.namespace or node.namespace == os.readlink("/proc/self/ns/mnt"):
