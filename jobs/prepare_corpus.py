@@ -24,11 +24,10 @@ def main(argv: list[str]) -> int:
         print(err, file=sys.stderr)
         return 2
 
-    import ray
-
     from llamaray.data.prepare import prepare_corpus
+    from llamaray.ray_session import start_ray
 
-    ray.init(address=opts.address)
+    start_ray(opts.address)
     prepare_corpus(cfg)
     return 0
 

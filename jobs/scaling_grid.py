@@ -18,7 +18,6 @@ where it stopped. The defaults took 13.5 minutes on 2 shared CPU cores (docs/sca
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -101,16 +100,15 @@ def main(argv: list[str]) -> int:
         print(err, file=sys.stderr)
         return 2
 
-    import ray
     from mlflow.tracking import MlflowClient
 
     from llamaray.orchestrate.pretrain import pretrain
+    from llamaray.ray_session import start_ray
     from llamaray.train.tracking import open_run, tracking_uri
 
     uri = tracking_uri(grid[0].tracking.uri, opts.output_dir)
     parent_id, _ = open_run(uri, EXPERIMENT, PARENT_RUN)
-    # "local": a cluster of our own, never someone else's found through /tmp/ray.
-    ray.init(address=os.environ.get("RAY_ADDRESS", "local"), log_to_driver=True)
+    start_ray()  # RAY_ADDRESS, else a cluster of our own (never a stale one in /tmp/ray)
     for i, cfg in enumerate(grid, 1):
         if finished(uri, cfg.name):
             print(f"[grid {i}/{len(grid)}] {cfg.name}: finished earlier, kept", flush=True)

@@ -89,11 +89,10 @@ def cmd_prepare(opts: argparse.Namespace) -> int:
     if opts.print_config:
         print(cfg.to_yaml())
         return 0
-    import ray
-
     from llamaray.data.prepare import prepare_corpus
+    from llamaray.ray_session import start_ray
 
-    ray.init(address=opts.address)
+    start_ray(opts.address)
     prepare_corpus(cfg)
     return 0
 

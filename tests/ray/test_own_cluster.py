@@ -30,9 +30,9 @@ ray.shutdown()
 """
 
 
-def run_init(init_args: dict, env: dict) -> subprocess.CompletedProcess:
+def run_init(init_args: dict, env: dict, script: str = START) -> subprocess.CompletedProcess:
     proc = subprocess.Popen(
-        [sys.executable, "-c", START, json.dumps(init_args)],
+        [sys.executable, "-c", script, json.dumps(init_args)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -73,3 +73,20 @@ def test_the_tests_cluster_starts_despite_a_stale_current_cluster_file(stale_tem
     done = run_init(ray_init_args, stale_temp)
     assert done.returncode == 0, done.stdout[-3000:]
     assert f"CPUS {float(ray_init_args['num_cpus'])}" in done.stdout, done.stdout[-3000:]
+
+
+START_RAY = """
+import json, sys, ray
+from llamaray.ray_session import start_ray
+start_ray(**json.loads(sys.argv[1]))
+print("CPUS", ray.cluster_resources().get("CPU"), flush=True)
+ray.shutdown()
+"""
+
+
+def test_the_drivers_start_ray_starts_its_own_cluster_despite_a_stale_file(stale_temp):
+    """llamaray.ray_session.start_ray, every driver's way in (pretrain, prepare, eval, jobs/),
+    with no RAY_ADDRESS: a new local cluster, never the dead head the file names."""
+    done = run_init({"num_cpus": 1, "include_dashboard": False}, stale_temp, START_RAY)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "CPUS 1.0" in done.stdout, done.stdout[-3000:]

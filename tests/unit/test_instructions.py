@@ -360,10 +360,10 @@ def test_base_folder_and_architecture_are_checked(base_folder, tokenizer, tmp_pa
 def test_bad_data_fails_before_ray_with_file_and_line(base_folder, tmp_path, capsys, monkeypatch):
     # Ray may already be up in this session (tests/ray runs first): watch the one place
     # the driver joins or starts a cluster instead of asking whether Ray is initialized.
-    import llamaray.orchestrate.pretrain as pretrain_module
+    import llamaray.ray_session
 
     joined = []
-    monkeypatch.setattr(pretrain_module, "ensure_ray", lambda: joined.append(True))
+    monkeypatch.setattr(llamaray.ray_session, "start_ray", lambda: joined.append(True))
     bad = write_jsonl(
         tmp_path / "bad.jsonl", [{"instruction": "a", "response": "b"}, {"instruction": "c"}]
     )

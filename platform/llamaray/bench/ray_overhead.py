@@ -134,10 +134,11 @@ def _fresh(cfg: RunConfig) -> Path:
 
 
 def _start_ray(opts: argparse.Namespace) -> None:
-    import ray
+    from llamaray.ray_session import start_ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=math.ceil(opts.workers * opts.cpus_per_worker))
+    # A fresh local cluster sized to the run: the bench compares against torchrun on this host.
+    start_ray("local", num_cpus=math.ceil(opts.workers * opts.cpus_per_worker))
 
 
 def prepare(opts: argparse.Namespace) -> str:

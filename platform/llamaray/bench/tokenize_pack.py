@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import ray
 
+    from llamaray.ray_session import start_ray
+
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     with tempfile.TemporaryDirectory(prefix="llamaray-tpbench-") as tmp:
         paths = list(write_stdlib_sample(Path(tmp), int(opts.mb * 1e6)).values())
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         n_mb = sum(len(t.encode()) for t in texts) / 1e6
         seconds, tokens = plain_encode(str(tokenizer.path), texts)
         rows = [("plain sentencepiece", 1, seconds, tokens, tokens / seconds)]
-        ray.init(num_cpus=opts.max_actors, include_dashboard=False, log_to_driver=False)
+        start_ray("local", num_cpus=opts.max_actors, include_dashboard=False, log_to_driver=False)
         try:
             for actors in range(1, opts.max_actors + 1):
                 ray_tokenize_pack(tokenizer, texts[:50], actors, opts.seq_len)  # warm-up

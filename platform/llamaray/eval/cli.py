@@ -9,7 +9,6 @@ tasks and held-out perplexity, over Ray, into MLflow beside the training run.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 
@@ -60,11 +59,9 @@ def cmd_eval(opts: argparse.Namespace) -> int:
     corpus_dir = corpus_dir_of(run_cfg) if run_cfg is not None else None
 
     from llamaray.eval.runner import evaluate
-    from llamaray.orchestrate.pretrain import ensure_ray
+    from llamaray.ray_session import start_ray
 
-    if opts.address:
-        os.environ["RAY_ADDRESS"] = opts.address
-    ensure_ray()
+    start_ray(opts.address)
     require_target_shared(run_cfg, target)
     result = evaluate(target, tasks, eval_cfg, corpus_dir)
     log_beside_run(run_cfg, result)

@@ -478,11 +478,12 @@ def finetune(cfg: RunConfig, callbacks: Sequence = ()):
 
     >>> finetune(load_config("jobs/configs/finetune-demo.yaml"))  # doctest: +SKIP
     """
-    from llamaray.orchestrate.pretrain import ensure_ray, launch, run_uri
+    from llamaray.orchestrate.pretrain import launch, run_uri
+    from llamaray.ray_session import start_ray
     from llamaray.train.worker import WorkerSpec
 
     plan = prepare_finetune(cfg)
-    ensure_ray()
+    start_ray()
     require_finetune_shared_state(cfg, plan)  # seconds after joining, before any work
     run_id = None
     if plan.tracking_uri:

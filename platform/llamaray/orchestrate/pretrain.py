@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -26,6 +25,7 @@ from pathlib import Path
 from llamaray import storage
 from llamaray.config import ConfigError, RunConfig
 from llamaray.data.mixture import MixturePlan
+from llamaray.ray_session import start_ray
 from llamaray.train.worker import WorkerSpec, model_uri
 
 
@@ -54,17 +54,6 @@ class PretrainResult:
 
 def _say(msg: str) -> None:
     print(f"[llamaray] {msg}", file=sys.stderr, flush=True)
-
-
-def ensure_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS (as `ray job submit` sets), else start a local one."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
-    from llamaray.console import quiet_ray
-
-    quiet_ray()  # Ray's internal warnings off the user's console (llamaray.console)
 
 
 def run_uri(cfg: RunConfig) -> str:
@@ -201,7 +190,7 @@ def pretrain(cfg: RunConfig, callbacks: Sequence = ()) -> PretrainResult:
     """
     from llamaray.orchestrate.placement import require_run_shared_state
 
-    ensure_ray()
+    start_ray()  # RAY_ADDRESS (as `ray job submit` sets), else a local cluster of its own
     require_run_shared_state(cfg)  # seconds after joining, before any work
     corpus_dir = corpus_for(cfg)
     manifest = read_manifest(corpus_dir)

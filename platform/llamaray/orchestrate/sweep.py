@@ -93,13 +93,14 @@ def run_sweep(run: RunConfig, sweep: SweepConfig) -> SweepResult:
     from ray.tune.schedulers import ASHAScheduler
 
     from llamaray.orchestrate.placement import require_run_shared_state
-    from llamaray.orchestrate.pretrain import corpus_for, ensure_ray
+    from llamaray.orchestrate.pretrain import corpus_for
     from llamaray.orchestrate.sweep_tune import ProgressLines, run_trial
+    from llamaray.ray_session import start_ray
     from llamaray.storage import storage_location
     from llamaray.train.tracking import tracking_uri
 
     space, asha = resolve_space(run, sweep), resolve_asha(run, sweep)
-    ensure_ray()
+    start_ray()
     # Trials run on any node: their corpus, checkpoints, Tune's experiment state and the
     # tracking store must be where every node reads them (s3://, an MLflow server).
     require_run_shared_state(run)
