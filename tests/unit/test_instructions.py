@@ -487,6 +487,14 @@ def test_base_train_file_and_tokenizer_on_s3_load_on_the_rank(
     assert plan.base.step == 8 and plan.tokenizer_path == on_s3[1].split("=", 1)[1]
     assert plan.instructions()["tokenizer_path"].startswith("s3://")
     assert len(plan.data.train) + len(plan.data.validation) == 40
+    # A tokenizer on the driver's disk only: the ranks get the driver's copy in S3 storage.
+    local_tokenizer = base_folder / "tokenizer.model"
+    driver_only = finetune_config(
+        tmp_path, "sft", data_file, on_s3[0], f"finetune.tokenizer={local_tokenizer}"
+    )
+    copied = prepare_finetune(driver_only).instructions()["tokenizer_path"]
+    assert copied == "s3://ft-base/checkpoints/sft/base-tokenizer/tokenizer.model"
+    assert storage.read_bytes(copied) == local_tokenizer.read_bytes()
     assert resolve_base(finetune_config(tmp_path, step_uri, data_file, *on_s3)).step == 8
     folder = resolve_base(finetune_config(tmp_path, "s3://ft-base/models/base", data_file))
     assert (folder.kind, folder.path) == ("folder", "s3://ft-base/models/base")

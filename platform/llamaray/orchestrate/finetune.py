@@ -34,14 +34,13 @@ from pathlib import Path
 
 from llamaray import storage
 from llamaray.config import ConfigError, RunConfig
+from llamaray.console import logger
 from llamaray.data.instructions import EncodedInstructions
+
+log = logger()  # the drivers' lines: [llamaray] ...
 
 BASE_TAG = "llamaray.finetune_base"
 KIND_TAG = "llamaray.kind"
-
-
-def _say(msg: str) -> None:
-    print(f"[llamaray] {msg}", file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)
@@ -243,15 +242,21 @@ def check_architecture(cfg: RunConfig, base: FinetuneBase, tokenizer_vocab: int)
 
 
 def base_tokenizer(cfg: RunConfig, base: FinetuneBase, uri: str | None) -> str:
-    """The URI (local path or `s3://`) of `finetune.tokenizer`; else a model folder's
-    tokenizer.model; else the tokenizer the base run logged to MLflow, put into this run's
-    storage folder (`<storage>/<name>/base-tokenizer/`) so that the workers, on nodes of
-    their own, read it from there (the exported model carries it)."""
+    """The URI (local path or `s3://`) the ranks read the tokenizer from: `s3://`
+    `finetune.tokenizer` as given; else a model folder's tokenizer.model; else a copy in
+    this run's storage folder (`<storage>/<name>/base-tokenizer/`) of a `finetune.tokenizer`
+    on the driver's disk, or of the tokenizer the base run logged to MLflow. The workers,
+    on nodes of their own, read it from there (the exported model carries it)."""
     given = cfg.finetune.tokenizer
     if given:
         if not storage.exists(given):
             raise ConfigError(f"finetune.tokenizer: {given} does not exist")
-        return given if storage.is_s3(given) else str(Path(given).resolve())
+        if storage.is_s3(given):
+            return given
+        # A file only this driver's node has: the ranks read the copy in the run's storage.
+        target = _base_tokenizer_uri(cfg)
+        storage.upload(Path(given).expanduser().resolve(), target)
+        return target
     if base.kind == "folder":
         path = storage.join(base.path, "tokenizer.model")
         if not storage.exists(path):
@@ -279,10 +284,15 @@ def base_tokenizer(cfg: RunConfig, base: FinetuneBase, uri: str | None) -> str:
             f"finetune.tokenizer: the base run {base.run_name!r} logged no tokenizer; set "
             "finetune.tokenizer to its tokenizer.model"
         )
-    target = storage.join(cfg.storage_path, cfg.name, "base-tokenizer", "tokenizer.model")
+    target = _base_tokenizer_uri(cfg)
     with tempfile.TemporaryDirectory(prefix="llamaray-tokenizer-") as tmp:
         storage.upload(client.download_artifacts(run_id, logged[0], tmp), target)
     return target
+
+
+def _base_tokenizer_uri(cfg: RunConfig) -> str:
+    """Where the driver puts the tokenizer the ranks read: in the run's storage folder."""
+    return storage.join(cfg.storage_path, cfg.name, "base-tokenizer", "tokenizer.model")
 
 
 def load_tokenizer(uri: str):
@@ -335,14 +345,14 @@ def encode_instructions(cfg: RunConfig, examples: tuple[list, list], tokenizer) 
     train, val = (encode_examples(e, tokenizer, template, cfg.train.seq_len) for e in examples)
     for name, part in (("train", train), ("validation", val)):
         s = part.stats()
-        _say(
+        log.info(
             f"{name}: {s['examples']} examples, {s['response_tokens']} response tokens; "
             f"{s['truncated']} truncated to train.seq_len+1={cfg.train.seq_len + 1} tokens, "
             f"{s['dropped']} dropped (prompt alone fills the row)"
         )
         if part.dropped:
             more = " ..." if len(part.dropped) > 5 else ""
-            _say(f"  dropped: {', '.join(part.dropped[:5])}{more}")
+            log.info(f"  dropped: {', '.join(part.dropped[:5])}{more}")
     if len(train) < cfg.rows_per_step:
         raise ConfigError(
             f"finetune.train_file: {len(train)} usable training examples cannot fill one step "
@@ -374,12 +384,12 @@ def open_finetune_tracking(cfg: RunConfig, plan: FinetunePlan) -> tuple[str, str
     if parent is None and base.run_name:
         parent = find_run(uri, cfg.tracking.experiment, base.run_name)
         if parent is None:
-            _say(
+            log.info(
                 f"the base run {base.run_name!r} has no MLflow run in experiment "
                 f"{cfg.tracking.experiment!r}: logging the finetune without a parent"
             )
     elif parent is None:
-        _say("the base is a model folder, not a run: logging the finetune without a parent")
+        log.info("the base is a model folder, not a run: logging the finetune without a parent")
     run_id, created = open_run(uri, cfg.tracking.experiment, cfg.name, parent_run_id=parent)
     client = MlflowClient(uri)
     if created:
@@ -397,7 +407,7 @@ def open_finetune_tracking(cfg: RunConfig, plan: FinetunePlan) -> tuple[str, str
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             client.log_batch(run_id, params=[Param(k, v) for k, v in items[i : i + 100]])
     else:
-        _say(f"MLflow run {run_id} exists for {cfg.name!r}: continuing it")
+        log.info(f"MLflow run {run_id} exists for {cfg.name!r}: continuing it")
     client.set_tag(run_id, KIND_TAG, "finetune")
     client.set_tag(run_id, BASE_TAG, base.path)
     client.log_text(run_id, cfg.to_yaml(), "config.yaml")
@@ -448,7 +458,7 @@ def prepare_finetune(cfg: RunConfig) -> FinetunePlan:
         )
     examples = read_instructions(cfg)
     base = resolve_base(cfg)
-    _say(f"base: {base.describe()}")
+    log.info(f"base: {base.describe()}")
     uri = tracking_uri(cfg.tracking.uri, cfg.output_dir) if cfg.tracking.enabled else None
     tokenizer_path = base_tokenizer(cfg, base, uri)
     tokenizer = load_tokenizer(tokenizer_path)
@@ -488,7 +498,7 @@ def finetune(cfg: RunConfig, callbacks: Sequence = ()):
     run_id = None
     if plan.tracking_uri:
         run_id, parent = open_finetune_tracking(cfg, plan)
-        _say(f"MLflow run {run_id}" + (f", a child of {parent}" if parent else ""))
+        log.info(f"MLflow run {run_id}" + (f", a child of {parent}" if parent else ""))
     spec = WorkerSpec(
         cfg.model_dump(),
         corpus_dir="",
