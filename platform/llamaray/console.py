@@ -1,8 +1,17 @@
 """What a run shows on the console: our progress lines and real warnings, not the internal
 warnings of the libraries under us that a user can do nothing about.
 
-The one place that decides which library output is noise. Each filter names one exact
-message, so anything else a library says (a real problem) still gets through.
+Our own lines go through `logging`, under the logger "llamaray", in one format set here:
+`[part] message` (`[prepare] ...`, `[train] step ...`, `[llamaray] ...` for the drivers),
+with `warning: ` before a warning. `logger(part)` gives a module its logger and installs
+the one handler on first use, in every process that logs (driver, Ray Train workers, Tune
+trials), so nobody has to remember to configure it. The handler writes to the process's
+current `sys.stderr`; Ray forwards a worker's stderr to the driver, and the "llamaray"
+logger does not propagate, so a line printed by a worker reaches the driver once even
+where Ray or the user has put a handler on the root logger.
+
+This module is also the one place that decides which library output is noise. Each filter
+names one exact message, so anything else a library says (a real problem) still gets through.
 
     >>> import warnings
     >>> with warnings.catch_warnings(record=True) as caught:
@@ -18,10 +27,14 @@ message, so anything else a library says (a real problem) still gets through.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import sys
 import warnings
 from collections.abc import Callable
+
+LOGGER = "llamaray"  # the root of our loggers; its children are named by part
 
 # Ray Data warns on every `Dataset.filter(fn)` that an expression would be faster; the
 # filters we run are cheap next to tokenizing, and the warning repeats on every prepare.
@@ -78,3 +91,57 @@ def _drop_noise(handler: Callable[[dict], None]) -> Callable[[dict], None]:
 
     filtered.drops_ray_noise = True
     return filtered
+
+
+# ---- our own lines ------------------------------------------------------------------------
+
+
+class _Stderr(logging.StreamHandler):
+    """The process's current `sys.stderr` at each line (as logging's last-resort handler
+    does), so a line goes where stderr goes now: Ray's worker log, pytest's capture."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+
+class _Format(logging.Formatter):
+    """`[part] message`: the logger's name without the leading "llamaray." (the drivers'
+    own logger prints as `[llamaray]`), and `warning: ` or `error: ` before such a line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        part = record.name.removeprefix(f"{LOGGER}.")
+        level = f"{record.levelname.lower()}: " if record.levelno >= logging.WARNING else ""
+        return f"[{part}] {level}{record.getMessage()}" + (
+            "\n" + self.formatException(record.exc_info) if record.exc_info else ""
+        )
+
+
+def configure_logging(level: int = logging.INFO) -> logging.Logger:
+    """Give the "llamaray" logger its one handler and format (idempotent); returns it."""
+    root = logging.getLogger(LOGGER)
+    if not any(isinstance(h, _Stderr) for h in root.handlers):
+        handler = _Stderr()
+        handler.setFormatter(_Format())
+        root.addHandler(handler)
+        root.setLevel(level)
+        root.propagate = False  # printed by our handler only: each line once
+    return root
+
+
+def logger(part: str = LOGGER) -> logging.Logger:
+    """The logger of one part of llamaray, printed as `[part] message`.
+
+    >>> import contextlib, io
+    >>> with contextlib.redirect_stderr(io.StringIO()) as err:
+    ...     logger("prepare").info("reading 2 source(s)")
+    ...     logger().warning("no GPU")
+    >>> print(err.getvalue(), end="")
+    [prepare] reading 2 source(s)
+    [llamaray] warning: no GPU
+    """
+    configure_logging()
+    return logging.getLogger(LOGGER if part == LOGGER else f"{LOGGER}.{part}")

@@ -55,3 +55,30 @@ def test_workers_print_once_unless_the_user_chose_otherwise(printed, monkeypatch
     monkeypatch.setenv("RAY_TRAIN_ENABLE_PRINT_PATCH", "1")
     quiet_ray()
     assert os.environ["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "1"
+
+
+def test_our_lines_print_once_in_the_one_format(capsys):
+    """llamaray's loggers print `[part] message` to the current stderr, once: not again
+    through a handler on the root logger (as Ray or a user may install)."""
+    import logging
+
+    from llamaray.console import configure_logging, logger
+
+    seen: list[str] = []
+
+    class Root(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    root_handler = Root()
+    logging.getLogger().addHandler(root_handler)
+    try:
+        configure_logging()
+        configure_logging()  # idempotent: still one handler
+        logger("train").info("step 1/4")
+        logger().warning("no GPU")
+        logger("train").debug("not shown at the default level")
+    finally:
+        logging.getLogger().removeHandler(root_handler)
+    assert capsys.readouterr().err == "[train] step 1/4\n[llamaray] warning: no GPU\n"
+    assert seen == []

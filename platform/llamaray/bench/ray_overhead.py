@@ -62,7 +62,10 @@ from unittest import mock
 
 from llamaray.bench.torchrun_entry import STEPS_FILE, StepRecorder
 from llamaray.config import RunConfig
+from llamaray.console import logger
 from llamaray.train.worker import WorkerSpec, run_worker
+
+log = logger("bench")
 
 DEFAULT_OUTPUT = "runs/bench-ray-overhead"
 RAY_WORKER_NICENESS = int(os.environ.get("RAY_worker_niceness", 15))  # noqa: SIM112
@@ -295,7 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
     for i in range(1, opts.rounds + 1):
         for setup, run in (("torchrun", run_torchrun), ("ray", run_ray)):
             result = run(opts, f"{setup}-{i}", corpus)
-            _say(
+            log.info(
                 f"{setup} run {i}: step {1e3 * result['step_s']:.1f} ms, iteration "
                 f"{1e3 * result['iteration_s']:.1f} ms, wall {result['wall_s']:.1f} s"
             )
@@ -347,10 +350,6 @@ def main(argv: list[str] | None = None) -> dict:
     if opts.json:
         print(json.dumps(report, indent=2))
     return report
-
-
-def _say(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -41,6 +40,7 @@ import numpy as np
 import pyarrow as pa
 
 from llamaray.config import CorpusConfig
+from llamaray.console import logger
 from llamaray.data.clean import DEDUPLICATORS, clean_document
 from llamaray.data.clean.commoncrawl import skipped_steps
 from llamaray.data.packing import Packer
@@ -60,6 +60,8 @@ from llamaray.storage import (
 )
 from llamaray.tokenizer import Tokenizer, train_tokenizer
 
+log = logger("prepare")
+
 # The corpus's layout, every path relative to `<output_dir>/<name>` (local or s3://).
 MANIFEST = "manifest.json"
 QUARANTINE_DIR = "quarantine"
@@ -74,10 +76,6 @@ ROW_GROUP_ROWS = 64
 SHARD_BYTES = 128 << 20
 # Rejections written per quarantine file (an excerpt is at most 200 characters).
 QUARANTINE_ROWS = 100_000
-
-
-def _say(msg: str) -> None:
-    print(f"[prepare] {msg}", file=sys.stderr, flush=True)
 
 
 def _rows(batch: dict) -> list[dict]:
@@ -230,7 +228,7 @@ def _run(cfg: CorpusConfig) -> dict:
         # config with real sources keeps the paper's MIT/BSD/Apache unless it asks.
         licenses.append("PSF-2.0")
 
-    _say(f"reading {len(sources)} source(s): {', '.join(sources)}")
+    log.info(f"reading {len(sources)} source(s): {', '.join(sources)}")
     ds = read_corpus(sources, strict=cfg.strict)
     ds = ds.map_batches(
         clean_block,
@@ -245,7 +243,7 @@ def _run(cfg: CorpusConfig) -> dict:
 
     counts = _count_outcomes(ds)
     quarantine = _write_quarantine(ds, fs, root)
-    _say(
+    log.info(
         f"cleaned and deduplicated: {quarantine['records']} record(s) rejected, see "
         f"{join(out, QUARANTINE_DIR)}"
     )
@@ -276,8 +274,8 @@ def _run(cfg: CorpusConfig) -> dict:
     manifest["quarantine"] = quarantine
     manifest["elapsed_s"] = round(time.perf_counter() - start, 2)
     write_text(join(out, MANIFEST), json.dumps(manifest, indent=2))
-    _say(_summary(manifest))
-    _say(f"manifest: {join(out, MANIFEST)}")
+    log.info(_summary(manifest))
+    log.info(f"manifest: {join(out, MANIFEST)}")
     return manifest
 
 
@@ -296,7 +294,7 @@ def _actor_pool(size: int | None):
 def _demo_sources(cfg: CorpusConfig, out: str) -> dict[str, list[str]]:
     from llamaray.data.sample_text import write_stdlib_sample
 
-    _say("no sources configured: building the standard-library sample (code as github)")
+    log.info("no sources configured: building the standard-library sample (code as github)")
     # Written into the output, where the read tasks on any node find it.
     sample = write_stdlib_sample(join(out, SAMPLE), int(cfg.sample_mb * 1e6), cfg.seed)
     # Code gets the GitHub rules; its PSF license is accepted for the sample (see _run).
@@ -438,7 +436,7 @@ def _train_tokenizer(cfg: CorpusConfig, docs, out: str) -> tuple[Tokenizer, dict
                     n_docs += 1
                     n_bytes += len(text.encode("utf-8"))
         how = f"a {fraction:.3g} sample, " if fraction < 1.0 else ""
-        _say(
+        log.info(
             f"training a {cfg.tokenizer.vocab_size}-piece tokenizer on {how}{n_docs} "
             f"document(s), {n_bytes / 1e6:.1f} MB of the cleaned text"
         )

@@ -24,7 +24,6 @@ Requires the `harness` extra (`pip install 'llamaray[harness]'`).
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +37,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
         "the lm-evaluation-harness adapter needs lm-eval: pip install 'llamaray[harness]'"
     ) from err
 
+from llamaray.console import logger
 from llamaray.eval.checkpoint import EvalTarget, folder_target
 from llamaray.eval.lm import LanguageModel
 
@@ -183,7 +183,7 @@ def evaluate_with_harness(
         fewshot_random_seed=seed,
         bootstrap_iters=0,  # bootstrapped stderr is slow on CPU, and not what we report
     )
-    print(f"[harness] {len(tasks)} task(s) in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    logger("harness").info(f"{len(tasks)} task(s) in {time.perf_counter() - start:.1f}s")
     return results
 
 

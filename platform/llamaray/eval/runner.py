@@ -13,18 +13,20 @@ floating-point noise of batch shapes; tested against one in-process scorer).
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llamaray.console import logger
 from llamaray.eval.checkpoint import EvalTarget
 from llamaray.eval.config import EvalConfig
 from llamaray.eval.perplexity import PerplexityStats, heldout_rows, score_rows
 from llamaray.eval.scoring import TaskResult, aggregate, build_requests, run_requests
 from llamaray.eval.tasks import Task
+
+log = logger("eval")
 
 EVAL_OF_TAG = "llamaray.eval_of"
 STEP_TAG = "llamaray.checkpoint_step"
@@ -104,13 +106,15 @@ def evaluate(
         responses = _gather(scorers, "requests", _shards(requests, len(scorers)), args)
         result.tasks[task.name] = aggregate(task, requests, [r for part in responses for r in part])
         shown = ", ".join(f"{k} {v:.4f}" for k, v in result.tasks[task.name].metrics.items())
-        _say(f"{task.name}: {shown} ({len(requests)} requests, {time.perf_counter() - start:.1f}s)")
+        log.info(
+            f"{task.name}: {shown} ({len(requests)} requests, {time.perf_counter() - start:.1f}s)"
+        )
     if corpus_dir and opts.perplexity_rows:
         for source, rows in heldout_rows(corpus_dir, opts.perplexity_rows).items():
             parts = _gather(scorers, "perplexity", _shards(rows, len(scorers)), ())
             total = sum(parts, PerplexityStats())
             result.perplexity[source] = total.metrics()
-            _say(
+            log.info(
                 f"perplexity {source}: {result.perplexity[source]['bits_per_byte']:.4f} bits/byte,"
                 f" {result.perplexity[source]['nats_per_token']:.4f} nats/token ({len(rows)} rows)"
             )
@@ -137,10 +141,6 @@ def _gather(scorers: Sequence, method: str, shards: list, args: tuple) -> list:
         getattr(s, method).remote(shard, *args) for s, shard in zip(scorers, shards, strict=True)
     ]
     return ray.get(futures)
-
-
-def _say(msg: str) -> None:
-    print(f"[eval] {msg}", file=sys.stderr, flush=True)
 
 
 # ---- MLflow ----------------------------------------------------------------------------

@@ -17,16 +17,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from llamaray import storage
 from llamaray.config import ConfigError, RunConfig
+from llamaray.console import logger
 from llamaray.data.mixture import MixturePlan
 from llamaray.ray_session import start_ray
 from llamaray.train.worker import WorkerSpec, model_uri
+
+log = logger()  # the drivers' lines: [llamaray] ...
 
 
 class TrainingStopped(RuntimeError):
@@ -52,10 +54,6 @@ class PretrainResult:
     """Set when the launch ended at train.stop_at_step: relaunch to continue."""
 
 
-def _say(msg: str) -> None:
-    print(f"[llamaray] {msg}", file=sys.stderr, flush=True)
-
-
 def run_uri(cfg: RunConfig) -> str:
     """The run's folder in its storage: `<storage_path>/<name>` (Ray Train's run folder)."""
     return storage.join(cfg.storage_path, cfg.name)
@@ -77,9 +75,9 @@ def corpus_for(cfg: RunConfig) -> str:
     expected = hashlib.sha256(prep.model_dump_json().encode()).hexdigest()[:16]
     prepared = storage.exists(manifest) and json.loads(storage.read_text(manifest))
     if prepared and prepared.get("config_hash") == expected:
-        _say(f"corpus {out} is prepared with this config; reusing it")
+        log.info(f"corpus {out} is prepared with this config; reusing it")
         return out
-    _say(f"preparing corpus {prep.name} into {out}")
+    log.info(f"preparing corpus {prep.name} into {out}")
     prepare_corpus(prep)
     return out
 
@@ -128,7 +126,7 @@ def plan_data(cfg: RunConfig, manifest: dict) -> tuple[dict[str, float], Mixture
     except ValueError as err:
         raise ConfigError(str(err)) from None
     for warning in warnings:
-        _say(f"warning: {warning}")
+        log.warning(warning)
     return weights, plan
 
 
@@ -159,7 +157,7 @@ def open_tracking(cfg: RunConfig, corpus_dir: str, manifest: dict, plan: dict | 
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             client.log_batch(run_id, params=[Param(k, v) for k, v in items[i : i + 100]])
     else:
-        _say(f"MLflow run {run_id} exists for {cfg.name!r}: continuing it")
+        log.info(f"MLflow run {run_id} exists for {cfg.name!r}: continuing it")
     client.log_text(run_id, cfg.to_yaml(), "config.yaml")
     client.log_dict(run_id, manifest, "data/manifest.json")
     if plan is not None:
@@ -196,7 +194,7 @@ def pretrain(cfg: RunConfig, callbacks: Sequence = ()) -> PretrainResult:
     manifest = read_manifest(corpus_dir)
     check_corpus(cfg, manifest, corpus_dir)
     weights, plan = plan_data(cfg, manifest)
-    _say("mixture: " + ", ".join(
+    log.info("mixture: " + ", ".join(
         f"{s.name} {s.realized_proportion:.1%} ({s.epochs:.2f} epochs)" for s in plan.sources
     ))  # fmt: skip
 
@@ -251,7 +249,7 @@ def launch(
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
-    _say(
+    log.info(
         f"launching {cfg.train.num_workers} worker(s) ({'GPU' if use_gpu else 'CPU'}); "
         f"checkpoints under {shown}/{cfg.name}"
     )
@@ -284,9 +282,9 @@ def launch(
         out.paused = (
             f"paused at step {out.step} of {cfg.train.steps}; relaunch {cfg.name!r} to go on"
         )
-        _say(out.paused)
+        log.info(out.paused)
     if uri:
-        _say(f"tracked in MLflow run {run_id} ({uri}); browse with: make mlflow-ui")
+        log.info(f"tracked in MLflow run {run_id} ({uri}); browse with: make mlflow-ui")
     return out
 
 

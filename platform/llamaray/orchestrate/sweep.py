@@ -23,13 +23,13 @@ import argparse
 import hashlib
 import json
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from llamaray import storage
 from llamaray.config import ConfigError, RunConfig
+from llamaray.console import logger
 from llamaray.orchestrate.sweep_config import (
     SearchSpace,
     SweepConfig,
@@ -51,6 +51,8 @@ from llamaray.orchestrate.sweep_report import (
     summary_csv,
     summary_markdown,
 )
+
+log = logger()  # the drivers' lines: [llamaray] ...
 
 SWEEP_TAG = "llamaray.sweep"
 """On the parent and every child: the sweep's name."""
@@ -74,10 +76,6 @@ class SweepResult:
     tracking_uri: str
     parent_run_id: str
     resumed: bool
-
-
-def _say(msg: str) -> None:
-    print(f"[llamaray] {msg}", file=sys.stderr, flush=True)
 
 
 def run_sweep(run: RunConfig, sweep: SweepConfig) -> SweepResult:
@@ -123,7 +121,7 @@ def run_sweep(run: RunConfig, sweep: SweepConfig) -> SweepResult:
     )
     resumed = tune.Tuner.can_restore(experiment_path, storage_filesystem=storage_fs)
     if resumed:
-        _say(
+        log.info(
             f"sweep {run.name}: resuming {experiment_path}: finished trials are kept, "
             "unfinished ones resume from their checkpoints"
         )
@@ -136,7 +134,7 @@ def run_sweep(run: RunConfig, sweep: SweepConfig) -> SweepResult:
         )
     else:
         concurrency = _concurrency(run, sweep, space, ray)
-        _say(f"sweep {run.name}: {space.n_trials} trial(s); " + _describe(space, asha))
+        log.info(f"sweep {run.name}: {space.n_trials} trial(s); " + _describe(space, asha))
         tuner = tune.Tuner(
             trainable,
             param_space=space.param_space(),
@@ -177,7 +175,7 @@ def _concurrency(run: RunConfig, sweep: SweepConfig, space: SearchSpace, ray) ->
     now = ray.cluster_resources() if not sweep.max_concurrent_trials else {}
     maximum = None if sweep.max_concurrent_trials else configured_maximum()
     trials, how = sweep_concurrency(run, space.n_trials, sweep.max_concurrent_trials, now, maximum)
-    _say(f"sweep {run.name}: {how}")
+    log.info(f"sweep {run.name}: {how}")
     return trials
 
 
@@ -280,7 +278,7 @@ def open_parent(run: RunConfig, sweep: SweepConfig, space: SearchSpace, uri: str
             "relaunch it unchanged to resume it, or give the new sweep another name"
         )
     client.update_run(run_id, status="RUNNING")
-    _say(f"sweep {run.name}: continuing its MLflow run {run_id}")
+    log.info(f"sweep {run.name}: continuing its MLflow run {run_id}")
     return run_id
 
 

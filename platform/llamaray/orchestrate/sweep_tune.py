@@ -14,13 +14,13 @@ and MLflow bookkeeping; the trial function reports it itself once `pretrain` ret
 from __future__ import annotations
 
 import math
-import sys
 import time
 
 import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from llamaray.config import RunConfig
+from llamaray.console import logger
 
 FORWARDED = ("step", "loss", "val_loss", "lr", "tokens_per_s")
 """What a trial's Tune results hold (plus `val_loss/<source>`): what ASHA and the summary
@@ -92,6 +92,9 @@ def last_logged(cfg: RunConfig, key: str) -> tuple[int, float | None]:
     return int(last.step), float(last.value)
 
 
+log = logger()  # the drivers' lines: [llamaray] ...
+
+
 class ProgressLines(ray.tune.Callback):
     """Trial started / validated / stopped early / finished lines on the driver's console."""
 
@@ -102,7 +105,7 @@ class ProgressLines(ray.tune.Callback):
 
     def _say(self, trial, msg: str) -> None:
         name = f"{self._sweep}-{trial.trial_id}"
-        print(f"[llamaray] sweep trial {name}: {msg}", file=sys.stderr, flush=True)
+        log.info(f"sweep trial {name}: {msg}")
 
     def _took(self, trial) -> str:
         start = self._started.get(trial.trial_id)

@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import csv
 import math
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from llamaray.console import logger
 
 PARENT_TAG = "mlflow.parentRunId"
 CSV_COLUMNS = ("n_params", "tokens", "loss")
@@ -92,7 +93,7 @@ def collect_mlflow_points(
 ) -> list[ScalingPoint]:
     """Points from the finished runs of `experiment` (children of `parent_run_id` only, when
     given). Runs without the metric or without a usable size are skipped, each with a line
-    through `say` (default: stderr) saying why.
+    through `say` (default: the `[plan]` logger) saying why.
 
     >>> collect_mlflow_points("sqlite:///runs/scaling/mlflow.db", "llamaray-scaling",
     ...                       parent_run_id="4f0c...")  # doctest: +SKIP
@@ -100,7 +101,7 @@ def collect_mlflow_points(
     """
     from mlflow.tracking import MlflowClient
 
-    say = say or (lambda msg: print(f"[plan] {msg}", file=sys.stderr))
+    say = say or logger("plan").info
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:

@@ -22,7 +22,6 @@ import math
 import os
 import resource
 import signal
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -34,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from llamaray.config import RunConfig
+from llamaray.console import logger
 from llamaray.model.args import ModelArgs
 from llamaray.model.flops import PEAK_FLOPS, flops_per_token
 from llamaray.model.loss import IGNORE_INDEX
@@ -430,7 +430,7 @@ def export_hf(
             with storage.local_copy(tokenizer) as local:
                 write_hf_tokenizer(out, local, args.max_seq_len)
         else:  # e.g. a path only the driver's disk has: say so rather than ship a half folder
-            _console(rank)(f"warning: tokenizer {tokenizer} not found; exported without it")
+            logger("train").warning(f"tokenizer {tokenizer} not found; exported without it")
     return out
 
 
@@ -452,7 +452,7 @@ def _maybe_kill(cfg: RunConfig, rank: int, step: int, run_dir: str) -> None:
     if storage.exists(marker):  # once per run name: the restarted worker must get past it
         return
     storage.write_text(marker, f"killed at step {step}\n")
-    print(f"[fault] killing rank {rank} at step {step}", file=sys.stderr, flush=True)
+    logger("fault").warning(f"killing rank {rank} at step {step}")
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -495,13 +495,14 @@ def _duration(seconds: float) -> str:
 
 
 def _console(rank: int) -> Callable[[str], None]:
+    """Rank 0's progress lines, `[train] ...` (llamaray.console's format); other ranks are
+    silent. Through `logging`, not `print`: Ray Train patches print into a logger of its
+    own, and tees it again when a library (MLflow) has wrapped sys.stdout."""
+    log = logger("train")
+
     def say(msg: str) -> None:
         if rank == 0:
-            # The process's own stream, not `print`: Ray Train patches print into a logger,
-            # and tees it again when a library (MLflow) has wrapped sys.stdout.
-            stream = sys.__stderr__ or sys.stderr
-            stream.write(f"[train] {msg}\n")
-            stream.flush()
+            log.info(msg)
 
     return say
 
