@@ -72,7 +72,7 @@ def grid_config(output_dir: str, dim: int, steps: int, extra: list[str]) -> RunC
 
 def finished(uri: str, run_name: str) -> bool:
     """Whether the grid run `run_name` already finished in MLflow (then it is kept)."""
-    from llamaray.train.tracking import find_run
+    from llamaray.tracking import find_run
 
     return find_run(uri, EXPERIMENT, run_name, status="FINISHED") is not None
 
@@ -100,11 +100,9 @@ def main(argv: list[str]) -> int:
         print(err, file=sys.stderr)
         return 2
 
-    from mlflow.tracking import MlflowClient
-
     from llamaray.orchestrate.pretrain import pretrain
     from llamaray.ray_session import start_ray
-    from llamaray.train.tracking import open_run, tracking_uri
+    from llamaray.tracking import end_run, open_run, tracking_uri
 
     uri = tracking_uri(grid[0].tracking.uri, opts.output_dir)
     parent_id, _ = open_run(uri, EXPERIMENT, PARENT_RUN)
@@ -116,7 +114,7 @@ def main(argv: list[str]) -> int:
         print(f"[grid {i}/{len(grid)}] {cfg.name}: training", flush=True)
         cfg.tracking.parent_run_id = parent_id
         pretrain(cfg)
-    MlflowClient(uri).set_terminated(parent_id, "FINISHED")
+    end_run(uri, parent_id, "FINISHED")
 
     from llamaray.plan import collect_mlflow_points, format_plan, make_plan, plot_plan
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from llamaray.train.tracking import RUN_NAME_TAG
+from llamaray.tracking import RUN_NAME_TAG
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

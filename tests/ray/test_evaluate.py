@@ -16,7 +16,7 @@ from llamaray.eval.config import EvalConfig
 from llamaray.eval.runner import EVAL_OF_TAG, STEP_TAG, Scorer, evaluate
 from llamaray.eval.tasks import load_task
 from llamaray.orchestrate.pretrain import pretrain
-from llamaray.train.tracking import PARENT_TAG
+from llamaray.tracking import PARENT_TAG
 
 pytestmark = pytest.mark.ray
 

@@ -23,7 +23,7 @@ from llamaray.data.instructions import InstructionDataError
 from llamaray.model import Llama
 from llamaray.orchestrate.finetune import finetune
 from llamaray.orchestrate.pretrain import pretrain
-from llamaray.train.tracking import PARENT_TAG, find_run
+from llamaray.tracking import PARENT_TAG, find_run
 
 pytestmark = pytest.mark.ray
 

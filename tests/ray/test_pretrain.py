@@ -15,8 +15,8 @@ from pretrain_helpers import STEPS, config, history
 
 from llamaray.model import Llama
 from llamaray.orchestrate.pretrain import TrainingStopped, pretrain
+from llamaray.tracking import RUN_NAME_TAG
 from llamaray.train.checkpoint import step_dirs
-from llamaray.train.tracking import RUN_NAME_TAG
 
 pytestmark = pytest.mark.ray
 

@@ -39,7 +39,7 @@ from pretrain_helpers import config, history
 
 from llamaray.config import load_config
 from llamaray.orchestrate.pretrain import pretrain
-from llamaray.train.tracking import PARENT_TAG, RUN_NAME_TAG
+from llamaray.tracking import PARENT_TAG, RUN_NAME_TAG
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

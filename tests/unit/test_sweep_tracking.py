@@ -13,7 +13,7 @@ from llamaray.config import ConfigError, load_config
 from llamaray.orchestrate.sweep import open_parent, report_sweep
 from llamaray.orchestrate.sweep_config import load_sweep_config, resolve_space
 from llamaray.orchestrate.sweep_report import TrialOutcome, classify
-from llamaray.train.tracking import PARENT_TAG, open_run
+from llamaray.tracking import PARENT_TAG, open_run
 
 
 @pytest.fixture

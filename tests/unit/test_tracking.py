@@ -8,13 +8,17 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from llamaray.train.tracking import (
+from llamaray.tracking import (
     PARENT_TAG,
     RUN_NAME_TAG,
     MetricLogger,
+    end_run,
     find_run,
     flatten,
+    log_metrics,
+    log_params,
     loss_curve_png,
+    metric_history,
     open_run,
     tracking_uri,
 )
@@ -144,6 +148,19 @@ def test_metric_logger_batches_metrics_and_sets_status(store, tmp_path):
     again.finish("KILLED")
     assert client.get_run(run_id).info.status == "KILLED"
     assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [1, 2, 3]
+
+
+def test_params_past_one_batch_metrics_and_the_end_of_a_run(store):
+    run_id, _ = open_run(store, "bookkeeping", "many-params")
+    params = {f"p.{i:03d}": str(i) for i in range(250)}  # 3 of MLflow's 100-param batches
+    log_params(store, run_id, params)
+    log_metrics(store, run_id, {"val_loss": 2.5, "skipped": None}, step=7)
+    end_run(store, run_id, "FAILED")
+    run = MlflowClient(store).get_run(run_id)
+    assert run.data.params == params
+    assert [(m.step, m.value) for m in metric_history(store, run_id, "val_loss")] == [(7, 2.5)]
+    assert "skipped" not in run.data.metrics
+    assert run.info.status == "FAILED"
 
 
 def test_loss_curve_png(tmp_path):

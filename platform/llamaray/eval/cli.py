@@ -126,7 +126,7 @@ def log_beside_run(run_cfg, result) -> None:
     if run_cfg is None or not run_cfg.tracking.enabled:
         return
     from llamaray.eval.runner import log_evaluation
-    from llamaray.train.tracking import find_run, tracking_uri
+    from llamaray.tracking import find_run, tracking_uri
 
     uri = tracking_uri(run_cfg.tracking.uri, run_cfg.output_dir)
     experiment = run_cfg.tracking.experiment

@@ -158,14 +158,13 @@ def log_evaluation(
     run at that step, so they sit on its charts beside the loss. Returns the eval run id.
 
     Re-evaluating the same step continues the same eval run (found by name)."""
-    from mlflow.tracking import MlflowClient
-
-    from llamaray.train.tracking import MetricLogger, open_run
+    from llamaray import tracking
+    from llamaray.tracking import MetricLogger, open_run
 
     step = result.step or 0
     name = f"{evaluated}-eval-step-{step}" if result.step is not None else f"{evaluated}-eval"
     run_id, _ = open_run(uri, experiment, name, parent_run_id=training_run_id)
-    client = MlflowClient(uri)
+    client = tracking.client(uri)
     client.set_tag(run_id, STEP_TAG, str(step))
     if training_run_id:
         client.set_tag(run_id, EVAL_OF_TAG, training_run_id)
@@ -182,14 +181,11 @@ def log_evaluation(
         logger.artifact(summary)
     logger.finish()
     if training_run_id:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        headline = [
-            Metric(k, v, now, step)
+        headline = {
+            k: v
             for k, v in metrics.items()
             if k.endswith(("/acc", "/exact_match", "/bits_per_byte"))
-        ]
+        }
         # Straight into the store: the training run's status (finished, killed) stays as is.
-        client.log_batch(training_run_id, metrics=headline)
+        tracking.log_metrics(uri, training_run_id, headline, step)
     return run_id

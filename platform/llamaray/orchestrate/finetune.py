@@ -262,7 +262,7 @@ def base_tokenizer(cfg: RunConfig, base: FinetuneBase, uri: str | None) -> str:
         if not storage.exists(path):
             raise ConfigError(f"finetune.tokenizer: {base.path} has no tokenizer.model; set it")
         return path
-    from llamaray.train.tracking import find_run
+    from llamaray.tracking import find_run
 
     run_id = find_run(uri, cfg.tracking.experiment, base.run_name) if uri else None
     if run_id is None:
@@ -273,9 +273,9 @@ def base_tokenizer(cfg: RunConfig, base: FinetuneBase, uri: str | None) -> str:
         )
     import tempfile
 
-    from mlflow.tracking import MlflowClient
+    from llamaray.tracking import client as mlflow_client
 
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     logged = [
         a.path for a in client.list_artifacts(run_id, "tokenizer") if a.path.endswith(".model")
     ]
@@ -373,11 +373,9 @@ def encode_instructions(cfg: RunConfig, examples: tuple[list, list], tokenizer) 
 def open_finetune_tracking(cfg: RunConfig, plan: FinetunePlan) -> tuple[str, str | None]:
     """(finetune run id, parent run id): the run nested under the base's run when there is
     one, with the config, the base, the instruction set's counts and the tokenizer."""
-    from mlflow.entities import Param
-    from mlflow.tracking import MlflowClient
-
+    from llamaray import tracking
     from llamaray.orchestrate.pretrain import count_params
-    from llamaray.train.tracking import find_run, flatten, open_run
+    from llamaray.tracking import find_run, flatten, open_run
 
     uri, base, data = plan.tracking_uri, plan.base, plan.data
     parent = cfg.tracking.parent_run_id
@@ -391,7 +389,7 @@ def open_finetune_tracking(cfg: RunConfig, plan: FinetunePlan) -> tuple[str, str
     elif parent is None:
         log.info("the base is a model folder, not a run: logging the finetune without a parent")
     run_id, created = open_run(uri, cfg.tracking.experiment, cfg.name, parent_run_id=parent)
-    client = MlflowClient(uri)
+    client = tracking.client(uri)
     if created:
         params = flatten(cfg.model_dump(exclude={"faults", "data", "tokenizer"}))
         params |= {
@@ -403,9 +401,7 @@ def open_finetune_tracking(cfg: RunConfig, plan: FinetunePlan) -> tuple[str, str
         }
         for split, stats in data.stats().items():
             params |= {f"data.{split}.{k}": str(v) for k, v in stats.items()}
-        items = sorted(params.items())
-        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-            client.log_batch(run_id, params=[Param(k, v) for k, v in items[i : i + 100]])
+        tracking.log_params(uri, run_id, params)
     else:
         log.info(f"MLflow run {run_id} exists for {cfg.name!r}: continuing it")
     client.set_tag(run_id, KIND_TAG, "finetune")
@@ -449,7 +445,7 @@ class FinetunePlan:
 def prepare_finetune(cfg: RunConfig) -> FinetunePlan:
     """Everything checked and encoded, with no Ray: the data first (bad lines are the usual
     mistake), then the base, its tokenizer and architecture."""
-    from llamaray.train.tracking import tracking_uri
+    from llamaray.tracking import tracking_uri
 
     if cfg.finetune is None:
         raise ConfigError(

@@ -121,7 +121,7 @@ def require_shared_state(
 
 def require_run_shared_state(cfg: RunConfig) -> None:
     """`require_shared_state` for a pretraining run's settings."""
-    from llamaray.train.tracking import tracking_uri
+    from llamaray.tracking import tracking_uri
 
     uri = tracking_uri(cfg.tracking.uri, cfg.output_dir) if cfg.tracking.enabled else None
     require_shared_state(run_paths(cfg), uri, shared_filesystem_opted(cfg))

@@ -132,18 +132,16 @@ def plan_data(cfg: RunConfig, manifest: dict) -> tuple[dict[str, float], Mixture
 
 def open_tracking(cfg: RunConfig, corpus_dir: str, manifest: dict, plan: dict | None):
     """Open or find the run's MLflow run and record config, manifest, plan and tokenizer."""
-    from mlflow.tracking import MlflowClient
-
+    from llamaray import tracking
     from llamaray.data.feed import tokenizer_location
-    from llamaray.train.tracking import flatten, open_run, tracking_uri
 
-    uri = tracking_uri(cfg.tracking.uri, cfg.output_dir)
-    run_id, created = open_run(
+    uri = tracking.tracking_uri(cfg.tracking.uri, cfg.output_dir)
+    run_id, created = tracking.open_run(
         uri, cfg.tracking.experiment, cfg.name, parent_run_id=cfg.tracking.parent_run_id
     )
-    client = MlflowClient(uri)
+    client = tracking.client(uri)
     if created:
-        params = flatten(cfg.model_dump(exclude={"faults"}))
+        params = tracking.flatten(cfg.model_dump(exclude={"faults"}))
         params |= {
             "derived.grad_accum_steps": str(cfg.grad_accum_steps),
             "derived.peak_lr": str(cfg.peak_lr),
@@ -151,11 +149,7 @@ def open_tracking(cfg: RunConfig, corpus_dir: str, manifest: dict, plan: dict | 
             # N of the scaling law (`llamaray plan`), with the corpus tokenizer's vocabulary.
             "derived.n_params": str(count_params(cfg, manifest["tokenizer"]["vocab_size"])),
         }
-        items = sorted(params.items())
-        from mlflow.entities import Param
-
-        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-            client.log_batch(run_id, params=[Param(k, v) for k, v in items[i : i + 100]])
+        tracking.log_params(uri, run_id, params)
     else:
         log.info(f"MLflow run {run_id} exists for {cfg.name!r}: continuing it")
     client.log_text(run_id, cfg.to_yaml(), "config.yaml")
@@ -257,9 +251,9 @@ def launch(
         result = trainer.fit()
     except Exception:
         if run_id:
-            from mlflow.tracking import MlflowClient
+            from llamaray.tracking import end_run
 
-            MlflowClient(uri).set_terminated(run_id, "FAILED")
+            end_run(uri, run_id, "FAILED")
         raise
     metrics = dict(result.metrics or {})
     stopped = metrics.get("stopped") or ""

@@ -95,7 +95,7 @@ def run_sweep(run: RunConfig, sweep: SweepConfig) -> SweepResult:
     from llamaray.orchestrate.sweep_tune import ProgressLines, run_trial
     from llamaray.ray_session import start_ray
     from llamaray.storage import storage_location
-    from llamaray.train.tracking import tracking_uri
+    from llamaray.tracking import tracking_uri
 
     space, asha = resolve_space(run, sweep), resolve_asha(run, sweep)
     start_ray()
@@ -240,13 +240,10 @@ def config_hash(run: RunConfig, sweep: SweepConfig) -> str:
 def open_parent(run: RunConfig, sweep: SweepConfig, space: SearchSpace, uri: str) -> str:
     """Find or create the sweep's MLflow run (named like the sweep); refuse to resume a
     sweep whose config changed, since its restored trials would not match it."""
-    from mlflow.entities import Param
-    from mlflow.tracking import MlflowClient
+    from llamaray import tracking
 
-    from llamaray.train.tracking import open_run
-
-    run_id, created = open_run(uri, run.tracking.experiment, run.name)
-    client = MlflowClient(uri)
+    run_id, created = tracking.open_run(uri, run.tracking.experiment, run.name)
+    client = tracking.client(uri)
     digest = config_hash(run, sweep)
     if created:
         # Tags first: they mark the run as this sweep's if the driver dies right after.
@@ -262,7 +259,7 @@ def open_parent(run: RunConfig, sweep: SweepConfig, space: SearchSpace, uri: str
             "train.seq_len": str(run.train.seq_len),
             "train.num_workers": str(run.train.num_workers),
         }
-        client.log_batch(run_id, params=[Param(k, v) for k, v in sorted(params.items())])
+        tracking.log_params(uri, run_id, params)
         doc = SweepFile.model_validate(run.model_dump() | {"sweep": sweep.model_dump()})
         client.log_text(run_id, doc.to_yaml(), "sweep.yaml")
         return run_id
@@ -284,7 +281,7 @@ def open_parent(run: RunConfig, sweep: SweepConfig, space: SearchSpace, uri: str
 
 def collect_outcomes(grid, run: RunConfig, last_step: int, uri: str) -> list[TrialOutcome]:
     """Each trial's outcome from Tune's results, with its MLflow child run."""
-    from llamaray.train.tracking import find_run
+    from llamaray.tracking import find_run
 
     outcomes = []
     for result in grid:
@@ -320,9 +317,9 @@ def report_sweep(
 ) -> SweepResult:
     """Mark each child run with how its trial ended; log the summary, the plot and
     best.yaml on the parent; write them under `<output_dir>/sweeps/<name>/`."""
-    from mlflow.tracking import MlflowClient
+    from llamaray.tracking import client as mlflow_client
 
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     for o in outcomes:
         if o.mlflow_run_id is None:
             continue

@@ -78,14 +78,12 @@ def run_trial(
 
 def last_logged(cfg: RunConfig, key: str) -> tuple[int, float | None]:
     """(step, value) of the latest `key` in the run's MLflow history, (0, None) if none."""
-    from mlflow.tracking import MlflowClient
-
-    from llamaray.train.tracking import find_run
+    from llamaray.tracking import find_run, metric_history
 
     run_id = find_run(cfg.tracking.uri, cfg.tracking.experiment, cfg.name)
     if run_id is None:
         return 0, None
-    history = MlflowClient(cfg.tracking.uri).get_metric_history(run_id, key)
+    history = metric_history(cfg.tracking.uri, run_id, key)
     if not history:
         return 0, None
     last = max(history, key=lambda m: (m.step, m.timestamp))

@@ -60,7 +60,7 @@ def cmd_plan(opts: argparse.Namespace) -> int:
     if opts.csv:
         points = read_csv(opts.csv)
     else:
-        from llamaray.train.tracking import tracking_uri
+        from llamaray.tracking import tracking_uri
 
         uri = tracking_uri(opts.tracking_uri, "runs")
         points = collect_mlflow_points(

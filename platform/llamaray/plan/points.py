@@ -99,10 +99,10 @@ def collect_mlflow_points(
     ...                       parent_run_id="4f0c...")  # doctest: +SKIP
     [ScalingPoint(n_params=172352.0, tokens=102400.0, loss=4.21, source='scale-d64-s50@50'), ...]
     """
-    from mlflow.tracking import MlflowClient
+    from llamaray.tracking import client as mlflow_client
 
     say = say or logger("plan").info
-    client = MlflowClient(tracking_uri)
+    client = mlflow_client(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise ValueError(f"--experiment: no MLflow experiment {experiment!r} at {tracking_uri}")

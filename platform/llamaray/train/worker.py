@@ -202,7 +202,7 @@ def run_worker(spec: WorkerSpec, launcher: Launcher) -> WorkerResult:
     val_sets = feed.validation_batches(dp_rank, dp, t.micro_batch_size)
     tracker = None
     if rank == 0 and spec.mlflow_run_id:
-        from llamaray.train.tracking import MetricLogger
+        from llamaray.tracking import MetricLogger
 
         tracker = MetricLogger(spec.tracking_uri, spec.mlflow_run_id, cfg.tracking.system_metrics)
 
@@ -458,7 +458,7 @@ def _maybe_kill(cfg: RunConfig, rank: int, step: int, run_dir: str) -> None:
 
 def _log_curve(tracker, history: list[dict], name: str) -> None:
     """The loss curve from MLflow's stored history, which spans earlier launches too."""
-    from llamaray.train.tracking import loss_curve_png
+    from llamaray.tracking import loss_curve_png
 
     client, run_id = tracker.client, tracker.run_id
     points: dict[int, dict] = {h["step"]: dict(h) for h in history}

@@ -1,5 +1,9 @@
 """MLflow tracking: one MLflow run per llamaray run name, resumed by every relaunch.
 
+The one module that talks to MLflow's client: every other part (drivers, rank 0, sweeps,
+evaluation, the planner, jobs/) opens, finds, nests, parameterizes and ends runs through
+the functions here, and reaches the client for anything else through `client(uri)`.
+
 The driver opens (or finds) the run and records what is known before training: the
 resolved config as parameters, the config file, the corpus manifest, the mixture plan and
 the tokenizer. Rank 0 then logs step metrics into the same run (with MLflow's system
@@ -53,19 +57,24 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def client(uri: str):
+    """MLflow's client for the store at `uri` (the only place one is built)."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
+
+
 def find_run(uri: str, experiment: str, run_name: str, status: str | None = None) -> str | None:
     """The newest MLflow run tagged with `run_name` in `experiment` (with `status`, e.g.
     FINISHED, when given), or None; never creates anything."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    found = client.get_experiment_by_name(experiment)
+    mlflow = client(uri)
+    found = mlflow.get_experiment_by_name(experiment)
     if found is None:
         return None
     query = f"tags.`{RUN_NAME_TAG}` = '{run_name}'"
     if status:
         query += f" and attributes.status = '{status}'"
-    runs = client.search_runs(
+    runs = mlflow.search_runs(
         [found.experiment_id],
         filter_string=query,
         order_by=["attributes.start_time DESC"],
@@ -87,26 +96,59 @@ def open_run(
     Returns (run_id, created). A new experiment on a file or SQLite store keeps its
     artifacts under `artifact_root` (default: next to the database).
     """
-    from mlflow.tracking import MlflowClient
-
     existing = find_run(uri, experiment, run_name)
     if existing:
         return existing, False
-    client = MlflowClient(uri)
-    found = client.get_experiment_by_name(experiment)
+    mlflow = client(uri)
+    found = mlflow.get_experiment_by_name(experiment)
     if found is None:
         location = None
         if uri.startswith("sqlite:") or uri.startswith("file:"):
             root = artifact_root or Path(uri.split(":///", 1)[-1]).parent / "mlartifacts"
             location = Path(root).resolve().as_uri()
-        experiment_id = client.create_experiment(experiment, artifact_location=location)
+        experiment_id = mlflow.create_experiment(experiment, artifact_location=location)
     else:
         experiment_id = found.experiment_id
     tags = {RUN_NAME_TAG: run_name}
     if parent_run_id:
         tags[PARENT_TAG] = parent_run_id
-    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    run = mlflow.create_run(experiment_id, run_name=run_name, tags=tags)
     return run.info.run_id, True
+
+
+def log_params(uri: str, run_id: str, params: dict[str, str]) -> None:
+    """Log `params` (flat strings, see `flatten`) in name order, 100 per request (MLflow's
+    limit per batch)."""
+    from mlflow.entities import Param
+
+    items = sorted(params.items())
+    mlflow = client(uri)
+    for i in range(0, len(items), 100):
+        mlflow.log_batch(run_id, params=[Param(k, v) for k, v in items[i : i + 100]])
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
+    """Log `metrics` at `step` straight into the store, leaving the run's status as is."""
+    _log_metrics(client(uri), run_id, metrics, step)
+
+
+def _log_metrics(mlflow, run_id: str, metrics: dict[str, float], step: int) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+    if batch:
+        mlflow.log_batch(run_id, metrics=batch)
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list:
+    """Every logged value of `key` (MLflow `Metric`s: step, value, timestamp)."""
+    return client(uri).get_metric_history(run_id, key)
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    """Mark the run ended with `status` (FINISHED, FAILED, KILLED)."""
+    client(uri).set_terminated(run_id, status)
 
 
 class MetricLogger:
@@ -114,9 +156,8 @@ class MetricLogger:
 
     def __init__(self, uri: str, run_id: str, system_metrics: bool = True):
         import mlflow
-        from mlflow.tracking import MlflowClient
 
-        self.client = MlflowClient(uri)
+        self.client = client(uri)
         self.run_id = run_id
         self._mlflow = mlflow
         self._active = False
@@ -129,12 +170,7 @@ class MetricLogger:
             self.client.update_run(run_id, status="RUNNING")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
-        if batch:
-            self.client.log_batch(self.run_id, metrics=batch)
+        _log_metrics(self.client, self.run_id, metrics, step)  # one client for the run
 
     def artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
