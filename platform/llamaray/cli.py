@@ -19,10 +19,9 @@ from pathlib import Path
 
 def cmd_presets(opts: argparse.Namespace) -> int:
     """A table of the size presets: architecture, parameter count, the paper's LR and batch."""
-    import torch
 
-    from llamaray.model import PRESETS, Llama
-    from llamaray.model.flops import flops_per_token
+    from llamaray.model import PRESETS
+    from llamaray.model.flops import flops_per_token, param_count
 
     header = (
         f"{'preset':7} {'dim':>5} {'heads':>5} {'layers':>6} {'ffn':>6} {'params':>8} "
@@ -31,8 +30,7 @@ def cmd_presets(opts: argparse.Namespace) -> int:
     print(header)
     print("-" * len(header))
     for p in PRESETS.values():
-        with torch.device("meta"):  # 65B costs no memory to count
-            n = Llama(p.args).num_params()
+        n = param_count(p.args)
         a = p.args
         print(
             f"{p.name:7} {a.dim:5} {a.n_heads:5} {a.n_layers:6} {a.ffn_hidden_dim:6} "
@@ -106,16 +104,16 @@ def cmd_convert(opts: argparse.Namespace) -> int:
 
 
 def cmd_generate(opts: argparse.Namespace) -> int:
-    import torch
 
     from llamaray.model import Llama
+    from llamaray.model.device import pick_device
     from llamaray.model.generation import SamplingConfig, generate_text
     from llamaray.tokenizer import Tokenizer
 
     tokenizer_path = Path(opts.tokenizer or Path(opts.model) / "tokenizer.model")
     if not tokenizer_path.is_file():
         raise SystemExit(f"error: no tokenizer at {tokenizer_path}; pass --tokenizer")
-    device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(opts.device, setting="--device")
     model = Llama.from_pretrained(opts.model, device=device)
     tokenizer = Tokenizer(tokenizer_path)
     config = SamplingConfig(

@@ -429,6 +429,15 @@ class RunConfig(_Section):
         return str(Path(self.output_dir).resolve() / "checkpoints")
 
     @property
+    def run_uri(self) -> str:
+        """The run's folder in its storage, `<storage_path>/<name>` (Ray Train's run folder):
+        its checkpoints, the exported model (`hf/`), whatever the driver puts there for the
+        ranks. The one rule; every part asks the config for it."""
+        from llamaray.storage import join
+
+        return join(self.storage_path, self.name)
+
+    @property
     def peak_lr(self) -> float:
         return self.optimizer.lr or get_preset(self.model.preset).lr
 

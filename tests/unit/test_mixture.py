@@ -320,7 +320,7 @@ def test_a_corpus_outside_the_paper_trains_end_to_end(prose_corpus, tmp_path):
 
     from llamaray.data.feed import CorpusRows
     from llamaray.model import Llama
-    from llamaray.orchestrate.pretrain import plan_data, run_uri
+    from llamaray.orchestrate.pretrain import plan_data
     from llamaray.storage import local_copy
     from llamaray.train.worker import (
         LocalLauncher,
@@ -335,13 +335,13 @@ def test_a_corpus_outside_the_paper_trains_end_to_end(prose_corpus, tmp_path):
     assert cfg.data.proportions is None
     weights, plan = plan_data(cfg, CorpusRows.open(str(prose_corpus)).manifest)
     assert weights == {"prose": 40.0} and plan.source("prose").rows_drawn == plan.total_rows
-    spec = WorkerSpec(cfg.model_dump(), str(prose_corpus), run_uri(cfg), proportions=weights)
+    spec = WorkerSpec(cfg.model_dump(), str(prose_corpus), cfg.run_uri, proportions=weights)
     result = run_worker(spec, LocalLauncher(tmp_path / "checkpoints"))
     assert (result.step, result.stopped) == (STEPS, None)
     assert math.isfinite(result.last["loss"]) and math.isfinite(result.last["val_loss"])
 
     # The export is in the run's storage, with the corpus tokenizer (a relative path) beside it.
-    exported = model_uri(run_uri(cfg))
+    exported = model_uri(cfg.run_uri)
     assert exported == str(tmp_path / "storage" / "mixture" / "hf")
     with local_copy(exported) as folder:
         assert (Path(folder) / "tokenizer.model").read_bytes() == (

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llamaray.model import Llama, get_preset
-from llamaray.model.flops import flops_per_token, mfu, non_embedding_params
+from llamaray.model.flops import flops_per_token, mfu, non_embedding_params, param_count
 from llamaray.train.optim import build_optimizer, param_groups
 from llamaray.train.schedule import lr_at
 from llamaray.train.step import train_step
@@ -72,6 +72,17 @@ def test_non_finite_step_is_not_applied():
     for k, v in model.state_dict().items():
         assert torch.equal(v.isnan(), before[k].isnan()), k
         assert torch.equal(v.nan_to_num(), before[k].nan_to_num()), k
+
+
+@pytest.mark.parametrize("preset", ["debug", "7B", "65B"])
+def test_param_count_is_the_built_models(preset):
+    """The one parameter count (presets table, derived.n_params, the training line) equals
+    what a built model holds, on the meta device; vocabulary and GQA included."""
+    args = get_preset(preset).args
+    with torch.device("meta"):
+        assert param_count(args) == Llama(args).num_params()
+        for other in (args.with_(vocab_size=512), args.with_(n_kv_heads=args.n_heads // 2)):
+            assert param_count(other) == Llama(other).num_params()
 
 
 def test_flops_per_token_palm_formula():

@@ -132,7 +132,7 @@ def _fresh(cfg: RunConfig) -> Path:
     """Remove what an earlier bench left under this run name (it would be resumed)."""
     run_dir = Path(cfg.output_dir) / cfg.name
     shutil.rmtree(run_dir, ignore_errors=True)
-    shutil.rmtree(Path(cfg.storage_path) / cfg.name, ignore_errors=True)
+    shutil.rmtree(cfg.run_uri, ignore_errors=True)
     return run_dir
 
 

@@ -24,7 +24,8 @@ from collections.abc import Callable
 import torch
 
 from llamaray.model import Llama, ModelArgs, get_preset
-from llamaray.model.flops import flops_per_token
+from llamaray.model.device import pick_device
+from llamaray.model.flops import flops_per_token, mfu
 from llamaray.parallel.activation_checkpoint import apply_activation_checkpointing
 from llamaray.train.optim import build_optimizer
 from llamaray.train.step import train_step
@@ -116,11 +117,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(ours)")
     parser.add_argument("--no-reference", action="store_true", help="skip transformers")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto", help="auto: CUDA if available, else CPU")
     parser.add_argument("--json", default=None, help="also write the results here")
     opts = parser.parse_args(argv)
 
-    device = torch.device(opts.device)
+    device = pick_device(opts.device, setting="--device")
     args = get_preset(opts.preset).args.with_(
         vocab_size=opts.vocab_size, max_seq_len=max(opts.seq_len, 16)
     )
@@ -157,17 +158,17 @@ def main(argv: list[str] | None = None) -> dict:
                 "vs_hf": seconds["hf"] / sec if "hf" in seconds else None,
             }
             if opts.peak_tflops:
-                row["mfu"] = row["tokens_per_s"] * fpt / (opts.peak_tflops * 1e12)
+                row["mfu"] = mfu(row["tokens_per_s"], args, opts.seq_len, opts.peak_tflops * 1e12)
             results.append(row)
         del ours, runners, reference
 
     print(f"{'dtype':6} {'model':13} {'step ms':>9} {'tokens/s':>10} {'vs HF':>7} {'MFU':>6}")
     for r in results:
         vs = f"{r['vs_hf']:.2f}x" if r["vs_hf"] else "-"
-        mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
+        used = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
         print(
             f"{r['dtype']:6} {r['model']:13} {1e3 * r['step_s']:9.1f} "
-            f"{r['tokens_per_s']:10.0f} {vs:>7} {mfu:>6}"
+            f"{r['tokens_per_s']:10.0f} {vs:>7} {used:>6}"
         )
     report = {"config": vars(opts), "flops_per_token": fpt, "results": results}
     if opts.json:

@@ -90,7 +90,7 @@ def run_target(cfg: RunConfig, step: int | None = None) -> EvalTarget:
     storage, and the run's tokenizer, as URIs; nothing is downloaded here."""
     from llamaray.train.stored_checkpoints import newest_stored, step_folders, verify_stored
 
-    run_root = storage.join(cfg.storage_path, cfg.name)
+    run_root = cfg.run_uri
     candidates = step_folders(run_root)
     if not candidates:
         raise FileNotFoundError(f"run {cfg.name!r} has no checkpoints under {run_root}")

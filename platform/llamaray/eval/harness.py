@@ -74,9 +74,9 @@ class HarnessLM(LM):
                 raise ValueError(f"batch_size must be a number, got {batch_size!r}")
             batch_size = int(batch_size)
         target = target or folder_target(pretrained, tokenizer)
-        import torch
+        from llamaray.model.device import pick_device
 
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = pick_device(device)
         model, tok = target.load(device)
         self.lm = LanguageModel(model, tok, batch_size=batch_size, device=device, dtype=dtype)
         self.target = target

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from llamaray.model import Llama
+from llamaray.model.device import pick_device
 from llamaray.tokenizer import Tokenizer
 
 
@@ -68,7 +69,7 @@ class LanguageModel:
         tokenizer_path = Path(tokenizer_path or Path(path) / "tokenizer.model")
         if not tokenizer_path.is_file():
             raise FileNotFoundError(f"no tokenizer at {tokenizer_path}; pass tokenizer_path")
-        device = kwargs.pop("device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = pick_device(kwargs.pop("device", None))
         model = Llama.from_pretrained(path, device=device)
         return cls(model, Tokenizer(tokenizer_path), device=device, **kwargs)
 

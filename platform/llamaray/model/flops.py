@@ -28,6 +28,18 @@ def non_embedding_params(args: ModelArgs) -> int:
     return args.n_layers * (attn + ffn + norms) + args.dim + args.dim * args.vocab_size
 
 
+def param_count(args: ModelArgs) -> int:
+    """Every parameter of the model (the embedding table too): the one count, used for the
+    presets table, `derived.n_params` (N of the scaling law) and the training line. Equal
+    to `Llama(args).num_params()` (tests/unit/test_train_step.py), without building it.
+
+    >>> from llamaray.model import get_preset
+    >>> round(param_count(get_preset("7B").args) / 1e9, 2)
+    6.74
+    """
+    return non_embedding_params(args) + args.vocab_size * args.dim
+
+
 def flops_per_token(args: ModelArgs, seq_len: int) -> float:
     """Training FLOPs (forward + backward) per token at sequence length `seq_len`.
 

@@ -292,7 +292,7 @@ def base_tokenizer(cfg: RunConfig, base: FinetuneBase, uri: str | None) -> str:
 
 def _base_tokenizer_uri(cfg: RunConfig) -> str:
     """Where the driver puts the tokenizer the ranks read: in the run's storage folder."""
-    return storage.join(cfg.storage_path, cfg.name, "base-tokenizer", "tokenizer.model")
+    return storage.join(cfg.run_uri, "base-tokenizer", "tokenizer.model")
 
 
 def load_tokenizer(uri: str):
@@ -374,7 +374,7 @@ def open_finetune_tracking(cfg: RunConfig, plan: FinetunePlan) -> tuple[str, str
     """(finetune run id, parent run id): the run nested under the base's run when there is
     one, with the config, the base, the instruction set's counts and the tokenizer."""
     from llamaray import tracking
-    from llamaray.orchestrate.pretrain import count_params
+    from llamaray.model.flops import param_count
     from llamaray.tracking import find_run, flatten, open_run
 
     uri, base, data = plan.tracking_uri, plan.base, plan.data
@@ -396,7 +396,7 @@ def open_finetune_tracking(cfg: RunConfig, plan: FinetunePlan) -> tuple[str, str
             "derived.grad_accum_steps": str(cfg.grad_accum_steps),
             "derived.peak_lr": str(cfg.peak_lr),
             "derived.examples_per_step": str(cfg.rows_per_step),
-            "derived.n_params": str(count_params(cfg, plan.vocab_size)),
+            "derived.n_params": str(param_count(cfg.model.args(plan.vocab_size))),
             "derived.base": base.describe(),
         }
         for split, stats in data.stats().items():
@@ -484,7 +484,7 @@ def finetune(cfg: RunConfig, callbacks: Sequence = ()):
 
     >>> finetune(load_config("jobs/configs/finetune-demo.yaml"))  # doctest: +SKIP
     """
-    from llamaray.orchestrate.pretrain import launch, run_uri
+    from llamaray.orchestrate.pretrain import launch
     from llamaray.ray_session import start_ray
     from llamaray.train.worker import WorkerSpec
 
@@ -498,7 +498,7 @@ def finetune(cfg: RunConfig, callbacks: Sequence = ()):
     spec = WorkerSpec(
         cfg.model_dump(),
         corpus_dir="",
-        run_dir=run_uri(cfg),
+        run_dir=cfg.run_uri,
         tracking_uri=plan.tracking_uri,
         mlflow_run_id=run_id,
         base=plan.base.spec(),

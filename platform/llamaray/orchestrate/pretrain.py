@@ -54,11 +54,6 @@ class PretrainResult:
     """Set when the launch ended at train.stop_at_step: relaunch to continue."""
 
 
-def run_uri(cfg: RunConfig) -> str:
-    """The run's folder in its storage: `<storage_path>/<name>` (Ray Train's run folder)."""
-    return storage.join(cfg.storage_path, cfg.name)
-
-
 def corpus_for(cfg: RunConfig) -> str:
     """The run's corpus location: `data.corpus`, or `data.prepare` prepared (or reused)
     under `output_dir` (a local path or s3://)."""
@@ -134,6 +129,7 @@ def open_tracking(cfg: RunConfig, corpus_dir: str, manifest: dict, plan: dict | 
     """Open or find the run's MLflow run and record config, manifest, plan and tokenizer."""
     from llamaray import tracking
     from llamaray.data.feed import tokenizer_location
+    from llamaray.model.flops import param_count
 
     uri = tracking.tracking_uri(cfg.tracking.uri, cfg.output_dir)
     run_id, created = tracking.open_run(
@@ -147,7 +143,9 @@ def open_tracking(cfg: RunConfig, corpus_dir: str, manifest: dict, plan: dict | 
             "derived.peak_lr": str(cfg.peak_lr),
             "derived.batch_tokens": str(cfg.batch_tokens),
             # N of the scaling law (`llamaray plan`), with the corpus tokenizer's vocabulary.
-            "derived.n_params": str(count_params(cfg, manifest["tokenizer"]["vocab_size"])),
+            "derived.n_params": str(
+                param_count(cfg.model.args(manifest["tokenizer"]["vocab_size"]))
+            ),
         }
         tracking.log_params(uri, run_id, params)
     else:
@@ -162,16 +160,6 @@ def open_tracking(cfg: RunConfig, corpus_dir: str, manifest: dict, plan: dict | 
         with storage.local_copy(tokenizer) as local:
             client.log_artifact(run_id, str(local), "tokenizer")
     return uri, run_id
-
-
-def count_params(cfg: RunConfig, vocab_size: int) -> int:
-    """Parameters of the run's model, counted on the meta device (no memory)."""
-    import torch
-
-    from llamaray.model import Llama
-
-    with torch.device("meta"):
-        return Llama(cfg.model.args(vocab_size)).num_params()
 
 
 def pretrain(cfg: RunConfig, callbacks: Sequence = ()) -> PretrainResult:
@@ -195,7 +183,7 @@ def pretrain(cfg: RunConfig, callbacks: Sequence = ()) -> PretrainResult:
     uri = run_id = None
     if cfg.tracking.enabled:
         uri, run_id = open_tracking(cfg, corpus_dir, manifest, plan.to_dict())
-    spec = WorkerSpec(cfg.model_dump(), corpus_dir, run_uri(cfg), uri, run_id, weights)
+    spec = WorkerSpec(cfg.model_dump(), corpus_dir, cfg.run_uri, uri, run_id, weights)
     return launch(cfg, spec, callbacks=callbacks)
 
 

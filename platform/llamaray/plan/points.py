@@ -157,10 +157,8 @@ def run_n_params(params: dict[str, str]) -> float:
     """N of a run: `derived.n_params`, else counted from its `model.*` params."""
     if params.get("derived.n_params"):
         return float(params["derived.n_params"])
-    import torch
-
     from llamaray.config import ConfigError, ModelConfig, load_config
-    from llamaray.model import Llama
+    from llamaray.model.flops import param_count
 
     overrides = [
         f"{key.removeprefix('model.')}={value}"
@@ -182,8 +180,7 @@ def run_n_params(params: dict[str, str]) -> float:
                 "no derived.n_params, and the vocabulary of its tokenizer.path is not logged"
             )
         vocab = params.get("tokenizer.vocab_size", "32000")
-    with torch.device("meta"):  # counting costs no memory
-        return float(Llama(model.args(int(vocab))).num_params())
+    return float(param_count(model.args(int(vocab))))
 
 
 def run_batch_tokens(params: dict[str, str]) -> float:

@@ -19,17 +19,12 @@ class PresetSize:
 
 @cache
 def preset_sizes() -> tuple[PresetSize, ...]:
-    """Every preset's parameter count with its own vocabulary, built on the meta device
-    (as `llamaray presets` counts them: 65B costs no memory)."""
-    import torch
+    """Every preset's parameter count with its own vocabulary (as `llamaray presets`
+    counts them)."""
+    from llamaray.model import PRESETS
+    from llamaray.model.flops import param_count
 
-    from llamaray.model import PRESETS, Llama
-
-    sizes = []
-    for preset in PRESETS.values():
-        with torch.device("meta"):
-            sizes.append(PresetSize(preset.name, Llama(preset.args).num_params()))
-    return tuple(sizes)
+    return tuple(PresetSize(p.name, param_count(p.args)) for p in PRESETS.values())
 
 
 def nearest_preset(n_params: float) -> PresetSize:

@@ -35,7 +35,8 @@ import torch.distributed as dist
 from llamaray.config import RunConfig
 from llamaray.console import logger
 from llamaray.model.args import ModelArgs
-from llamaray.model.flops import PEAK_FLOPS, flops_per_token
+from llamaray.model.device import pick_device
+from llamaray.model.flops import PEAK_FLOPS, mfu, param_count
 from llamaray.model.loss import IGNORE_INDEX
 from llamaray.train.checkpoint import TrainState, restore_latest
 from llamaray.train.feeds import open_feed
@@ -99,10 +100,10 @@ def config_hash(cfg: RunConfig) -> str:
 
 
 def worker_device(name: str) -> torch.device:
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+    """`train.device` for this rank (`model.device.pick_device`): on CUDA, the device of
+    its local rank."""
+    if pick_device(name, setting="train.device").type == "cpu":
         return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible; use auto or cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
@@ -206,11 +207,10 @@ def run_worker(spec: WorkerSpec, launcher: Launcher) -> WorkerResult:
 
         tracker = MetricLogger(spec.tracking_uri, spec.mlflow_run_id, cfg.tracking.system_metrics)
 
-    fpt = flops_per_token(args, t.seq_len)
     peak = _peak_flops(cfg, device)
     last_step = min(t.steps, t.stop_at_step or t.steps)
     autocast_dtype = "bf16" if t.dtype == "bf16" and device.type == "cpu" else "fp32"
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = param_count(args)
     per_step = f"{cfg.batch_tokens} tokens/step"
     if cfg.finetune is not None:  # a row is one example, padded: its tokens are not all used
         per_step = f"{cfg.rows_per_step} examples/step"
@@ -277,7 +277,8 @@ def run_worker(spec: WorkerSpec, launcher: Launcher) -> WorkerResult:
                 "rows_crc": float(batch.fingerprint),
             }
             if peak:
-                last["mfu"] = batch.computed_tokens / step_time * fpt / (peak * world)
+                # The whole step's tokens against the peak of every device that ran it.
+                last["mfu"] = mfu(batch.computed_tokens / step_time, args, t.seq_len, peak * world)
             evaluate = state.step == t.steps or (t.eval_every and state.step % t.eval_every == 0)
             if evaluate and val_sets and not stopped:
                 last |= validation_losses(model, val_sets, autocast_dtype, device)
