@@ -13,13 +13,19 @@ import pytest
 from llamaray import storage
 from llamaray.config import CorpusConfig, load_config
 from llamaray.data.feed import CorpusRows, tokenizer_location
-from llamaray.data.prepare import heldout, load_rows, prepare_corpus
+from llamaray.data.prepare import heldout, prepare_corpus
 from llamaray.data.sample_text import write_stdlib_sample
 from llamaray.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.ray
 
 SENTENCE = "The quick brown fox jumps over the lazy dog near the river bank today."
+
+
+def load_rows(corpus_dir, source: str, split: str = "train") -> np.ndarray:
+    """Every packed row of one source and split, read as the trainers read them."""
+    rows = CorpusRows.open(str(corpus_dir))
+    return rows.rows(source, np.arange(rows.rows_per_source(split)[source]), split)
 
 
 def c4_doc(i: int) -> str:

@@ -139,15 +139,6 @@ def test_rows_shuffled_and_repeated_across_files_and_groups(corpus_dir, source, 
     )
 
 
-def test_rows_agree_with_prepare_load_rows(corpus_dir):
-    from llamaray.data.prepare import load_rows
-
-    corpus = CorpusRows.open(corpus_dir)
-    for name in LAYOUT:
-        whole = load_rows(corpus_dir, name)
-        np.testing.assert_array_equal(corpus.rows(name, np.arange(len(whole))), whole)
-
-
 def test_reads_only_the_needed_row_groups(corpus_dir, monkeypatch):
     calls: list[tuple[int, int]] = []  # (first row of the group read, its index in the file)
     real = pq.ParquetFile.read_row_group

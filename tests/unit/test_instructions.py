@@ -23,6 +23,7 @@ from llamaray.data.instructions import (
     Example,
     InstructionDataError,
     Template,
+    batch_indices,
     encode_examples,
     read_examples,
     split_examples,
@@ -34,7 +35,6 @@ from llamaray.model.loss import IGNORE_INDEX as LOSS_IGNORE_INDEX
 from llamaray.orchestrate.finetune import check_architecture, prepare_finetune, resolve_base
 from llamaray.tokenizer import train_tokenizer
 from llamaray.train.feeds import InstructionFeed
-from llamaray.train.loop import batch_indices
 from llamaray.train.optim import build_optimizer
 from llamaray.train.step import train_step
 from llamaray.train.worker import LocalLauncher, WorkerSpec, ensure_process_group, run_worker

@@ -254,6 +254,24 @@ class EncodedInstructions:
         )
 
 
+def batch_indices(n_rows: int, rows_per_step: int, step: int, seed: int) -> np.ndarray:
+    """The examples of finetuning step `step`: epochs are seeded permutations of the
+    `n_rows` examples, so the order is a function of the step and a resumed run draws the
+    same.
+
+    >>> batch_indices(6, 2, 3, seed=0).tolist() == batch_indices(6, 2, 3, seed=0).tolist()
+    True
+    >>> sorted(batch_indices(6, 3, 0, 0).tolist() + batch_indices(6, 3, 1, 0).tolist())
+    [0, 1, 2, 3, 4, 5]
+    """
+    epoch_len = n_rows // rows_per_step
+    if epoch_len == 0:
+        raise ValueError(f"{n_rows} training rows cannot fill one step of {rows_per_step} rows")
+    epoch, offset = divmod(step, epoch_len)
+    order = np.random.default_rng([seed, epoch]).permutation(n_rows)
+    return order[offset * rows_per_step : (offset + 1) * rows_per_step]
+
+
 def encode_examples(
     examples: Sequence[Example], tokenizer: _Tokenizer, template: Template, seq_len: int
 ) -> EncodedInstructions:

@@ -53,7 +53,6 @@ from llamaray.storage import (
     join,
     put_bytes,
     read_bytes,
-    read_text,
     upload,
     write_bytes,
     write_text,
@@ -537,27 +536,3 @@ def _summary(manifest: dict) -> str:
             f"{s['splits']['train']['tokens']:10} {s['splits']['train']['rows']:7}"
         )
     return "\n".join(lines)
-
-
-def load_rows(corpus_dir: str | Path, source: str, split: str = "train") -> np.ndarray:
-    """Packed (n, seq_len + 1) int32 rows of one source and split, from a prepared corpus
-    (local or s3://), in manifest order."""
-    import pyarrow.parquet as pq
-
-    corpus_dir = str(corpus_dir)
-    manifest = json.loads(read_text(join(corpus_dir, MANIFEST)))
-    width = manifest["row_tokens"]
-    files = manifest["sources"][source]["splits"][split]["files"]
-    if not files:
-        return np.empty((0, width), dtype=np.int32)
-    fs, root = filesystem(corpus_dir)
-    column = pa.concat_arrays(
-        [
-            c
-            for f in files
-            for c in pq.read_table(f"{root}/{f}", columns=["tokens"], filesystem=fs)[
-                "tokens"
-            ].chunks
-        ]
-    )
-    return np.asarray(column.flatten(), dtype=np.int32).reshape(-1, width)

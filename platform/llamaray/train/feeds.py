@@ -183,7 +183,7 @@ class InstructionFeed:
         return self._steps(dp_rank, dp, start_step)
 
     def _steps(self, dp_rank: int, dp: int, start_step: int) -> Iterator[StepBatch]:
-        from llamaray.train.loop import batch_indices
+        from llamaray.data.instructions import batch_indices
 
         cfg, micro = self.cfg, self.cfg.train.micro_batch_size
         response = self.train.response_tokens
