@@ -57,9 +57,10 @@ browser:
 	      { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; }; }; } || \
 	  echo "chromium not installed: the MLflow UI browser test will be skipped"
 
-lint: $(STAMP)  ## ruff, and no cluster file opening Ray's or MLflow's ports to the world
+lint: $(STAMP)  ## ruff, the import layering (pyproject's [tool.importlinter]), and no cluster file opening Ray's or MLflow's ports to the world
 	$(VENV)/bin/ruff check platform jobs tests cluster
 	$(VENV)/bin/ruff format --check platform jobs tests cluster
+	$(VENV)/bin/lint-imports
 	$(PY) cluster/lint_ports.py cluster/
 
 format: $(STAMP)

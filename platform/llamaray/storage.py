@@ -30,9 +30,9 @@ it pickles decides what those processes see:
 Uploads: Ray Train's default checkpoint upload is `pyarrow.fs.copy_files`, which drops the
 error of closing an object (pyarrow 25: its last part, or the request completing its
 multipart upload, failing after all retries), so a checkpoint with a missing object would
-be registered as the latest. `upload_checkpoint` (a `checkpoint_upload_fn` for
-`ray.train.report`) closes every object itself, so such an error fails the report, and
-checks each object's size before Ray Train registers the checkpoint.
+be registered as the latest. `upload_directory` (behind the workers' `checkpoint_upload_fn`,
+`orchestrate.ray_worker.upload_checkpoint`) closes every object itself, so such an error
+fails the report, and checks each object's size before Ray Train registers the checkpoint.
 
 On a cluster, the endpoint of an S3-compatible store must still be in the job's
 environment for everything that is not checkpoints (a corpus on S3 is read by the workers
@@ -330,24 +330,6 @@ def local_copy(uri: str | os.PathLike) -> Iterator[Path]:
         return
     with tempfile.TemporaryDirectory(prefix="llamaray-fetch-") as tmp:
         yield download(uri, Path(tmp) / os.fspath(uri).rstrip("/").rsplit("/", 1)[-1])
-
-
-def upload_checkpoint(checkpoint, checkpoint_dir_name: str):
-    """`ray.train.report(..., checkpoint_upload_fn=upload_checkpoint)`: the checkpoint's
-    local directory into the run's storage folder `checkpoint_dir_name`, raising if any
-    object failed (see the module docstring). Storage that is not S3 gets Ray Train's own
-    upload, whose local copies do report their errors."""
-    import ray.train
-
-    storage = ray.train.get_context().get_storage()
-    fs = storage.storage_filesystem
-    if not isinstance(fs, pyarrow.fs.S3FileSystem):
-        return storage.persist_current_checkpoint(checkpoint, checkpoint_dir_name)
-    if not isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
-        raise ValueError(f"expected a checkpoint in a local directory, got {checkpoint}")
-    destination = storage.build_checkpoint_path_from_name(checkpoint_dir_name)
-    upload_directory(checkpoint.path, fs, destination)
-    return ray.train.Checkpoint(path=destination, filesystem=fs)
 
 
 def upload_directory(local: str | Path, fs: pyarrow.fs.FileSystem, destination: str) -> None:

@@ -28,7 +28,7 @@ def tracking_uri(configured: str | None, output_dir: str | Path) -> str:
     """The config's URI, else $MLFLOW_TRACKING_URI, else a SQLite file under output_dir.
 
     The SQLite default is one machine's file: on a cluster whose nodes share no disk the
-    driver refuses it (`orchestrate.placement`). An `output_dir` on S3 has no such file, so
+    driver refuses it (`llamaray.placement`). An `output_dir` on S3 has no such file, so
     there a URI must be given."""
     if configured:
         return configured

@@ -726,7 +726,7 @@ def test_rayjob_entrypoint_is_a_valid_llamaray_run(cluster_dir, repo):
 
     # llamaray's no-shared-disk rule passes on this cluster (a head without CPUs, worker
     # pods of their own): corpus and storage in S3, tracking on an MLflow server.
-    from llamaray.orchestrate.placement import run_paths, shared_state_problem
+    from llamaray.placement import run_paths, shared_state_problem
 
     tracking = runtime_env["env_vars"]["MLFLOW_TRACKING_URI"]
     assert tracking.startswith("http://")

@@ -1,7 +1,7 @@
 """The demo's local defaults on a cluster whose head runs no work (`ray start --head
 --num-cpus=0`, as aws.yaml and KubeRay start it): the driver joins through RAY_ADDRESS and
 stops within seconds, before preparing anything, with one line naming the settings to
-change (orchestrate/placement.py), exit code 2 and no traceback."""
+change (platform/llamaray/placement.py), exit code 2 and no traceback."""
 
 from __future__ import annotations
 

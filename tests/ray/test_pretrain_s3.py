@@ -338,7 +338,7 @@ def test_slowdowns_are_retried_and_a_damaged_latest_checkpoint_is_skipped(
 
 # Ray Train uploads with pyarrow.fs.copy_files unless told otherwise, and that drops the
 # error (see test_upload_directory_raises_where_copy_files_does_not); RayLauncher passes
-# checkpoint_upload_fn=llamaray.storage.upload_checkpoint, which raises.
+# checkpoint_upload_fn=llamaray.orchestrate.ray_worker.upload_checkpoint, which raises.
 def test_failed_upload_never_becomes_the_latest_checkpoint(
     s3, faulty, root, reference, monkeypatch
 ):

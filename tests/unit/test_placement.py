@@ -1,4 +1,4 @@
-"""The rule for local paths on a cluster (`orchestrate.placement`), on plain data: Ray's
+"""The rule for local paths on a cluster (`llamaray.placement`), on plain data: Ray's
 node table as `ray.nodes()` returns it, and the settings a run resolves."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from llamaray.config import load_config
-from llamaray.orchestrate.placement import (
+from llamaray.placement import (
     SHARED_FILESYSTEM_ENV,
     is_local_path,
     is_local_tracking,

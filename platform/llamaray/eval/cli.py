@@ -110,7 +110,7 @@ def require_target_shared(run_cfg, target) -> None:
     on nodes of their own, could not read the checkpoint or model and its tokenizer. The
     tasks, the corpus (perplexity rows) and MLflow are read and written by this driver
     only, so they may stay local."""
-    from llamaray.orchestrate.placement import require_shared_state, shared_filesystem_opted
+    from llamaray.placement import require_shared_state, shared_filesystem_opted
 
     if run_cfg is not None:
         corpus = "data.corpus" if run_cfg.data.corpus else "output_dir"  # holds the tokenizer

@@ -468,7 +468,7 @@ def require_finetune_shared_state(cfg: RunConfig, plan: FinetunePlan) -> None:
     is on the driver's disk: the storage (checkpoints, the export), the base and its
     tokenizer, and the tracking store the ranks log to (`placement`). The instruction files
     are read here, on the driver, and need not be shared."""
-    from llamaray.orchestrate.placement import require_shared_state, shared_filesystem_opted
+    from llamaray.placement import require_shared_state, shared_filesystem_opted
 
     paths = {
         "storage": cfg.storage_path,

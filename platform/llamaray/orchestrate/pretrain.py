@@ -168,7 +168,7 @@ def pretrain(cfg: RunConfig, callbacks: Sequence = ()) -> PretrainResult:
     `callbacks` are Ray Train callbacks, e.g. Tune's `TuneReportCallback` when a sweep
     trial runs this.
     """
-    from llamaray.orchestrate.placement import require_run_shared_state
+    from llamaray.placement import require_run_shared_state
 
     start_ray()  # RAY_ADDRESS (as `ray job submit` sets), else a local cluster of its own
     require_run_shared_state(cfg)  # seconds after joining, before any work

@@ -22,7 +22,7 @@ from pathlib import Path
 import ray.train
 from ray.train import Checkpoint
 
-from llamaray.storage import adopt_s3, upload_checkpoint
+from llamaray.storage import adopt_s3, upload_directory
 from llamaray.train.checkpoint import STEP_DIR, TrainState, save_checkpoint, step_dir_name
 from llamaray.train.worker import WorkerSpec, run_worker
 
@@ -71,6 +71,25 @@ class RayLauncher:
 
     def report(self, metrics: dict) -> None:
         ray.train.report(metrics)
+
+
+def upload_checkpoint(checkpoint: Checkpoint, checkpoint_dir_name: str) -> Checkpoint:
+    """`ray.train.report(..., checkpoint_upload_fn=upload_checkpoint)`: the checkpoint's
+    local directory into the run's storage folder `checkpoint_dir_name` through
+    `llamaray.storage.upload_directory`, raising if any object failed (see `storage`'s
+    docstring). Storage that is not S3 gets Ray Train's own upload, whose local copies do
+    report their errors."""
+    import pyarrow.fs
+
+    storage = ray.train.get_context().get_storage()
+    fs = storage.storage_filesystem
+    if not isinstance(fs, pyarrow.fs.S3FileSystem):
+        return storage.persist_current_checkpoint(checkpoint, checkpoint_dir_name)
+    if not isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        raise ValueError(f"expected a checkpoint in a local directory, got {checkpoint}")
+    destination = storage.build_checkpoint_path_from_name(checkpoint_dir_name)
+    upload_directory(checkpoint.path, fs, destination)
+    return Checkpoint(path=destination, filesystem=fs)
 
 
 _DOWNLOAD_ATTEMPTS = 4

@@ -90,9 +90,9 @@ def run_sweep(run: RunConfig, sweep: SweepConfig) -> SweepResult:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from llamaray.orchestrate.placement import require_run_shared_state
     from llamaray.orchestrate.pretrain import corpus_for
     from llamaray.orchestrate.sweep_tune import ProgressLines, run_trial
+    from llamaray.placement import require_run_shared_state
     from llamaray.ray_session import start_ray
     from llamaray.storage import storage_location
     from llamaray.tracking import tracking_uri
