@@ -6,10 +6,11 @@ server in the environment):
 2. pretrain: the debug model, corpus and checkpoints in S3, losses in the MLflow server; its
    two training workers ran on the two worker nodes (Ray's state API: the job's
    `RayTrainWorker` actors and their nodes; 1.5 CPUs a worker on 2-CPU nodes forces it);
-3. node loss: the same run again with `train.max_failures=1`; once its step-2 checkpoint is
-   in S3 a whole worker node is killed (raylet, agents, workers, its disk) and replaced by
-   a new node with an empty disk; the run completes on it, resumed from S3 (steps 1-2
-   logged once), and every loss it logged equals the uninterrupted run's, bit for bit;
+3. node loss: the same run again with `train.max_failures=1`; once Ray Train has registered
+   its first checkpoint (in S3) a whole worker node is killed (raylet, agents, workers, its
+   disk) and replaced by a new node with an empty disk; the run completes on it, resumed
+   from S3 (the steps up to that checkpoint logged once), and every loss it logged equals
+   the uninterrupted run's, bit for bit;
 4. eval of the pretrained run (checkpoint and corpus in S3) into the MLflow server (its
    artifacts land in S3);
 5. a short finetune from that run: instructions in S3, the tokenizer a file on the driver's
@@ -226,6 +227,9 @@ def test_killed_node_is_replaced_and_the_run_resumes_from_s3_with_equal_losses(
         running = pool.submit(
             cluster.submit,
             _pretrain_argv(name, "train.max_failures=1"),
+            # Ray Train waits this long for a new worker group's placement before it tries
+            # again (60 s by default): the replacement node is used seconds after it joins.
+            runtime_env=cluster.runtime_env({"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"}),
             timeout=900,
             submission_id=job,
         )
