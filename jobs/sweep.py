@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from llamaray.config import ConfigError
-from llamaray.orchestrate.sweep import load_sweep_config, print_result, run_sweep
+from llamaray.sweep.driver import load_sweep_config, print_result, run_sweep
 
 
 def main(argv: list[str]) -> int:

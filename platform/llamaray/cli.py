@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_generate)
-    from llamaray.orchestrate.sweep import add_sweep_parser  # imports no Ray
+    from llamaray.sweep.driver import add_sweep_parser  # imports no Ray
 
     add_sweep_parser(sub)
     from llamaray.plan.cli import add_plan_parser  # imports no torch, scipy or matplotlib

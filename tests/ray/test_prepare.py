@@ -14,7 +14,7 @@ import pytest
 
 from llamaray import storage
 from llamaray.config import CorpusConfig, load_config
-from llamaray.data.feed import CorpusRows, tokenizer_location
+from llamaray.data.packed_corpus import CorpusRows, tokenizer_location
 from llamaray.data.prepare import heldout, prepare_corpus
 from llamaray.data.sample_text import write_stdlib_sample
 from llamaray.tokenizer import Tokenizer

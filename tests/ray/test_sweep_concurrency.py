@@ -13,7 +13,7 @@ def test_configured_maximum_is_read_from_the_cluster_config(ray_cluster):
     from ray.core.generated import autoscaler_pb2
     from ray.experimental import internal_kv
 
-    from llamaray.orchestrate.sweep import configured_maximum
+    from llamaray.sweep.driver import configured_maximum
 
     namespace = ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE
     key = ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY

@@ -74,7 +74,7 @@ def test_bad_files_and_bad_override_syntax(tmp_path):
 @pytest.mark.parametrize("path", sorted((REPO / "jobs" / "configs").glob("*.yaml")), ids=str)
 def test_shipped_configs_are_valid(path):
     if path.name.startswith("sweep"):  # a run config plus a `sweep:` section
-        from llamaray.orchestrate.sweep_config import load_sweep_config
+        from llamaray.sweep.config import load_sweep_config
 
         run, _ = load_sweep_config(path)
         assert isinstance(run, RunConfig)

@@ -10,7 +10,7 @@ import pickle
 import pytest
 
 from llamaray import storage
-from llamaray.data.feed import tokenizer_location
+from llamaray.data.packed_corpus import tokenizer_location
 from llamaray.data.read import iter_file
 from llamaray.data.sample_text import iter_texts, write_stdlib_sample
 from llamaray.tokenizer import Tokenizer, train_tokenizer

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from llamaray.data.feed import CorpusRows, MixedStream, Prefetcher, validation_rows
+from llamaray.data.packed_corpus import CorpusRows, MixedStream, Prefetcher, validation_rows
 
 SEQ_LEN = 8
 W = SEQ_LEN + 1

@@ -3,7 +3,7 @@
 Trained by the loop production runs (`train.worker.run_worker`, here with the in-process
 `LocalLauncher`: one gloo rank, no Ray) on a corpus made by `prepare`'s own tokenize+pack
 step (`TokenizePack`: documents held out by a hash of their text) and shard writer, and
-read back with the trainers' reader (`data.feed.CorpusRows`).
+read back with the trainers' reader (`data.packed_corpus.CorpusRows`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import pytest
 
 from llamaray.config import load_config
-from llamaray.data.feed import CorpusRows
+from llamaray.data.packed_corpus import CorpusRows
 from llamaray.data.prepare import MANIFEST, TOKENIZER, TokenizePack, write_shards
 from llamaray.data.sample_text import iter_texts, write_stdlib_sample
 from llamaray.storage import filesystem

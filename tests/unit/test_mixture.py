@@ -318,7 +318,7 @@ def test_a_corpus_outside_the_paper_trains_end_to_end(prose_corpus, tmp_path):
     (it used to replan from the raw data.proportions and fail: no paper source)."""
     import torch
 
-    from llamaray.data.feed import CorpusRows
+    from llamaray.data.packed_corpus import CorpusRows
     from llamaray.model import Llama
     from llamaray.orchestrate.pretrain import plan_data
     from llamaray.storage import local_copy
@@ -360,9 +360,9 @@ def mixed_corpus(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("proportions", [None, {"c4": 1.0, "prose": 3.0}, {"c4": 1.0}])
 def test_the_worker_streams_the_plan_the_driver_logged(proportions, mixed_corpus):
-    from llamaray.data.feed import CorpusRows
+    from llamaray.data.packed_corpus import CorpusRows
     from llamaray.orchestrate.pretrain import plan_data
-    from llamaray.train.feeds import CorpusFeed
+    from llamaray.train.batches import CorpusFeed
 
     corpus = mixed_corpus
     overrides = [f"data.proportions={json.dumps(proportions)}"] if proportions else []

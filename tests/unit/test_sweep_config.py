@@ -11,7 +11,7 @@ import yaml
 from llamaray.cli import main
 from llamaray.config import ConfigError, load_config
 from llamaray.model.args import get_preset
-from llamaray.orchestrate.sweep_config import (
+from llamaray.sweep.config import (
     DEFAULT_CONCURRENCY,
     default_batch_tokens,
     load_sweep_config,

@@ -12,7 +12,7 @@ import pytest
 from matplotlib import image
 
 from llamaray.config import load_config
-from llamaray.orchestrate.sweep_report import (
+from llamaray.sweep.report import (
     DIVERGED,
     FAILED,
     FINISHED,

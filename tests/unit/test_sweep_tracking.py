@@ -10,9 +10,9 @@ from mlflow.tracking import MlflowClient
 
 from llamaray import storage
 from llamaray.config import ConfigError, load_config
-from llamaray.orchestrate.sweep import open_parent, report_sweep
-from llamaray.orchestrate.sweep_config import load_sweep_config, resolve_space
-from llamaray.orchestrate.sweep_report import TrialOutcome, classify
+from llamaray.sweep.config import load_sweep_config, resolve_space
+from llamaray.sweep.driver import open_parent, report_sweep
+from llamaray.sweep.report import TrialOutcome, classify
 from llamaray.tracking import PARENT_TAG, open_run
 
 

@@ -67,7 +67,7 @@ QUARANTINE_DIR = "quarantine"
 SHARDS = "shards"
 SAMPLE = "sample"
 TOKENIZER = "tokenizer/tokenizer.model"
-# Trainers read rows in a shuffled mixture order, one row group at a time (`data.feed`):
+# Trainers read rows in a shuffled mixture order, one row group at a time (`data.packed_corpus`):
 # 64 rows (512 KiB at seq_len 2048) keeps a random read small without a huge footer.
 ROW_GROUP_ROWS = 64
 # Rows are gathered across blocks into files of about this size (one per source and split

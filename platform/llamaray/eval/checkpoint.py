@@ -135,7 +135,7 @@ def corpus_dir_of(cfg: RunConfig) -> str:
 
 def _tokenizer_of(cfg: RunConfig) -> str:
     """The URI of the run's corpus tokenizer (the manifest's path, relative to the corpus)."""
-    from llamaray.data.feed import CorpusRows
+    from llamaray.data.packed_corpus import CorpusRows
 
     uri = CorpusRows.open(corpus_dir_of(cfg)).tokenizer_uri
     if not uri or not storage.exists(uri):

@@ -78,7 +78,7 @@ def corpus_for(cfg: RunConfig) -> str:
 
 
 def read_manifest(corpus_dir: str) -> dict:
-    from llamaray.data.feed import CorpusRows
+    from llamaray.data.packed_corpus import CorpusRows
 
     return CorpusRows.open(corpus_dir).manifest
 
@@ -128,7 +128,7 @@ def plan_data(cfg: RunConfig, manifest: dict) -> tuple[dict[str, float], Mixture
 def open_tracking(cfg: RunConfig, corpus_dir: str, manifest: dict, plan: dict | None):
     """Open or find the run's MLflow run and record config, manifest, plan and tokenizer."""
     from llamaray import tracking
-    from llamaray.data.feed import tokenizer_location
+    from llamaray.data.packed_corpus import tokenizer_location
     from llamaray.model.flops import param_count
 
     uri = tracking.tracking_uri(cfg.tracking.uri, cfg.output_dir)

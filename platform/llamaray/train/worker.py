@@ -5,7 +5,7 @@ differ between Ray Train, torchrun and a single in-process run (`Launcher`): whe
 checkpoints come from, how a checkpoint is saved, and where metrics are reported. So the
 exact same loop is what `make bench` times under Ray Train and under plain torchrun.
 
-Per step: this rank's share of the step's batch from the run's data feed (`train.feeds`:
+Per step: this rank's share of the step's batch from the run's data feed (`train.batches`:
 packed corpus rows for pretraining, instruction/response examples for finetuning), the
 paper's schedule, gradient accumulation to the configured batch, a global-norm clip,
 non-finite steps skipped or fatal, progress with ETA on rank 0's console, metrics to
@@ -38,8 +38,8 @@ from llamaray.model.args import ModelArgs
 from llamaray.model.device import pick_device
 from llamaray.model.flops import PEAK_FLOPS, mfu, param_count
 from llamaray.model.loss import IGNORE_INDEX
+from llamaray.train.batches import open_feed
 from llamaray.train.checkpoint import TrainState, restore_latest
-from llamaray.train.feeds import open_feed
 from llamaray.train.optim import build_optimizer
 from llamaray.train.schedule import lr_at
 from llamaray.train.step import autocast, train_step

@@ -50,7 +50,7 @@ def run_trial(
     stopped itself on non-finite values (train.nan_policy) is a result, not a crash: it
     is reported with val_loss = inf, so ASHA ranks it last and the summary says diverged."""
     from llamaray.orchestrate.pretrain import TrainingStopped, pretrain
-    from llamaray.orchestrate.sweep_config import trial_config
+    from llamaray.sweep.config import trial_config
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(

@@ -5,7 +5,7 @@
 
 The driver prepares (or reuses) the corpus once, so trials never prepare it concurrently;
 opens the sweep's MLflow run (the parent); then runs a Ray Tune `Tuner` whose trials each
-launch one pretraining run on Ray Train (`sweep_tune.run_trial`). ASHA compares trials by
+launch one pretraining run on Ray Train (`trial.run_trial`). ASHA compares trials by
 validation loss at its rungs and stops the worse ones. At the end every trial's MLflow
 run (a child of the parent) is marked with how it ended, and the parent gets the summary
 table, a plot of loss against LR per batch size, and `best.yaml`, the best trial's config
@@ -30,7 +30,7 @@ from pathlib import Path
 from llamaray import storage
 from llamaray.config import ConfigError, RunConfig
 from llamaray.console import logger
-from llamaray.orchestrate.sweep_config import (
+from llamaray.sweep.config import (
     SearchSpace,
     SweepConfig,
     SweepFile,
@@ -40,7 +40,7 @@ from llamaray.orchestrate.sweep_config import (
     resolve_space,
     search_algorithm,
 )
-from llamaray.orchestrate.sweep_report import (
+from llamaray.sweep.report import (
     FAILED,
     STOPPED_EARLY,
     TrialOutcome,
@@ -91,10 +91,10 @@ def run_sweep(run: RunConfig, sweep: SweepConfig) -> SweepResult:
     from ray.tune.schedulers import ASHAScheduler
 
     from llamaray.orchestrate.pretrain import corpus_for
-    from llamaray.orchestrate.sweep_tune import ProgressLines, run_trial
     from llamaray.placement import require_run_shared_state
     from llamaray.ray_session import start_ray
     from llamaray.storage import storage_location
+    from llamaray.sweep.trial import ProgressLines, run_trial
     from llamaray.tracking import tracking_uri
 
     space, asha = resolve_space(run, sweep), resolve_asha(run, sweep)
@@ -169,8 +169,8 @@ def run_sweep(run: RunConfig, sweep: SweepConfig) -> SweepResult:
 
 
 def _concurrency(run: RunConfig, sweep: SweepConfig, space: SearchSpace, ray) -> int:
-    """Trials at once (`sweep_config.sweep_concurrency`), said on the console."""
-    from llamaray.orchestrate.sweep_config import sweep_concurrency
+    """Trials at once (`config.sweep_concurrency`), said on the console."""
+    from llamaray.sweep.config import sweep_concurrency
 
     now = ray.cluster_resources() if not sweep.max_concurrent_trials else {}
     maximum = None if sweep.max_concurrent_trials else configured_maximum()
