@@ -90,7 +90,7 @@ def run_sweep(run: RunConfig, sweep: SweepConfig) -> SweepResult:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from llamaray.orchestrate.pretrain import corpus_for
+    from llamaray.orchestrate.pretrain import corpus_for, read_manifest
     from llamaray.placement import require_run_shared_state
     from llamaray.ray_session import start_ray
     from llamaray.storage import storage_location
@@ -103,6 +103,7 @@ def run_sweep(run: RunConfig, sweep: SweepConfig) -> SweepResult:
     # tracking store must be where every node reads them (s3://, an MLflow server).
     require_run_shared_state(run)
     corpus = corpus_for(run)  # once, here: trials never prepare the corpus concurrently
+    require_validation_rows(run, read_manifest(corpus), corpus)
     uri = _absolute_sqlite(tracking_uri(run.tracking.uri, run.output_dir))
     parent_id = open_parent(run, sweep, space, uri)
     base = trial_base(run, corpus, uri)
@@ -216,6 +217,35 @@ def _local_absolute(path: str | None) -> str | None:
     if path is None or "://" in path:
         return path
     return str(Path(path).resolve())
+
+
+def require_validation_rows(run: RunConfig, manifest: dict, corpus: str) -> None:
+    """ASHA compares trials by val_loss, computed on the corpus's held-out rows: with none,
+    no trial reports it and Tune's scheduler fails in the middle of the sweep. Checked
+    before the sweep's run or any trial starts.
+
+    >>> from llamaray.config import load_config
+    >>> run = load_config(None, ["name=s", "data.corpus=c", "model.preset=debug",
+    ...                          "train.seq_len=64"])
+    >>> held_out = {"web": {"splits": {"train": {"rows": 9}, "validation": {"rows": 1}}}}
+    >>> require_validation_rows(run, {"sources": held_out}, "c")  # passes
+    >>> manifest = {"sources": {"web": {"splits": {"train": {"rows": 9}}}}}
+    >>> require_validation_rows(run, manifest, "c")
+    Traceback (most recent call last):
+    ...
+    llamaray.config.ConfigError: data.corpus: c holds out no rows (no validation split), ...
+    """
+    held_out = sum(
+        s["splits"].get("validation", {}).get("rows", 0) for s in manifest["sources"].values()
+    )
+    if held_out:
+        return
+    field = "data.corpus" if run.data.corpus else "data.prepare.validation_fraction"
+    raise ConfigError(
+        f"{field}: {corpus} holds out no rows (no validation split), so no trial can report "
+        "the val_loss ASHA compares trials by; prepare the corpus with "
+        "data.prepare.validation_fraction > 0 (e.g. 0.05) and enough documents to hold some out"
+    )
 
 
 def trial_base(run: RunConfig, corpus: str, uri: str) -> RunConfig:
