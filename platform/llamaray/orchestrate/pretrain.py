@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -187,6 +188,10 @@ def pretrain(cfg: RunConfig, callbacks: Sequence = ()) -> PretrainResult:
     return launch(cfg, spec, callbacks=callbacks)
 
 
+CONTROLLER_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+CONTROLLER_POLL_S = "0.5"
+
+
 def launch(
     cfg: RunConfig,
     spec: WorkerSpec,
@@ -204,6 +209,12 @@ def launch(
     from llamaray.storage import storage_location
 
     uri, run_id = spec.tracking_uri, spec.mlflow_run_id
+    # Ray Train's controller acts on the workers' reports (a checkpoint to register, the end
+    # of the run) once per poll, every 2 s by default, and a reporting worker waits for it.
+    # A 6-step debug run on 2 CPU workers took 45-49 s at 2 s and 35 s at 0.5 s: a poll is
+    # one cheap actor call per worker. Trainer.fit passes the driver's value to the
+    # controller; one set by the user (or the job's runtime env) wins.
+    os.environ.setdefault(CONTROLLER_POLL_ENV, CONTROLLER_POLL_S)
     use_gpu = cfg.train.device == "cuda" or (cfg.train.device == "auto" and _cluster_has_gpus())
     resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
     # s3:// gets our S3 filesystem (endpoint, region, retries, credentials: llamaray.storage).
