@@ -3,7 +3,7 @@ not an in-process mock; Ray heads from `ray start`; the test tiers; and the clea
 stops every server a test started, even when the run is interrupted.
 
 Tiers: every test that needs a Ray cluster is marked `ray` here (whole directories
-tests/ray, tests/jobs, tests/multinode, and any test using a cluster fixture), so
+tests/ray and tests/multinode, and any test using a cluster fixture), so
 `make test-fast` (`-m "not ray and not slow"`) runs without one; `make test` runs all.
 """
 
@@ -25,7 +25,7 @@ import pytest
 
 # ------------------------------------------------------------------------------ tiers
 
-RAY_DIRS = ("ray", "jobs", "multinode")  # directories under tests/ whose every test uses Ray
+RAY_DIRS = ("ray", "multinode")  # directories under tests/ whose every test uses Ray
 RAY_FIXTURES = {"ray_cluster", "ray_head", "no_shared_disk_cluster"}
 TESTS = Path(__file__).resolve().parent
 

@@ -239,13 +239,15 @@ class NoSharedDiskCluster:
         if self._watchdog is not None:
             self._watchdog.kill()
             self._watchdog.wait(timeout=10)
+        # Nothing of the cluster outlives it (every disk is a private tmpfs, S3 and the
+        # MLflow store are thrown away), so there is nothing to shut down gracefully: kill.
         for node in reversed(self._started):  # nodes still starting too; the head last
-            self._kill(node, signal.SIGTERM, grace=3.0)
+            self._kill(node, signal.SIGKILL, grace=0.0)
         for proc in self.services:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
             try:
-                proc.wait(timeout=15)
+                proc.wait(timeout=3)
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
@@ -495,10 +497,15 @@ class NoSharedDiskCluster:
         """The runtime env of jobs/runtime_env.yaml (this checkout, `platform` importable)
         with the cluster's environment for S3 and MLflow (`shared=False`: without it, only
         RAY_AUTH_MODE, to try a program's local defaults)."""
+        import yaml
+
+        # The file users pass to `ray job submit --runtime-env`, so it is tested here.
+        documented = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())
         base = self.env if shared else {"RAY_AUTH_MODE": "disabled"}
         return {
-            "working_dir": str(REPO),
-            "env_vars": {"PYTHONPATH": "platform", **base, **(env_vars or {})},
+            **documented,
+            "working_dir": str(REPO / documented["working_dir"]),  # submitted from anywhere
+            "env_vars": {**documented["env_vars"], **base, **(env_vars or {})},
             **extra,
         }
 

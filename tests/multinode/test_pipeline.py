@@ -15,7 +15,8 @@ server in the environment):
    artifacts land in S3);
 5. a short finetune from that run: instructions in S3, the tokenizer a file on the driver's
    node only (the driver puts it in the run's storage for the ranks), a child MLflow run;
-6. a 2-trial sweep: trials' runs and the summary in the MLflow server, best.yaml in S3.
+6. a 2-trial sweep: trials' runs and the summary in the MLflow server, best.yaml in S3;
+   headless Chromium compares the two trials in the server's MLflow UI.
 
 No step reads a path that only the driver has: everything the ranks and actors read is in
 S3 or comes from the MLflow server. A step that fails fails the test with the end of its
@@ -25,7 +26,9 @@ job's log; the steps after it skip as blocked.
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import shutil
 import sysconfig
 import time
 import uuid
@@ -211,6 +214,12 @@ def test_pretrain_places_one_worker_on_each_node_with_corpus_and_checkpoints_in_
     keys = _keys(cluster, f"{CHECKPOINTS}/p/")
     assert any(f"/step-{STEPS:08d}/" in k for k in keys), keys[:50]  # checkpoints in S3
     assert any(k.startswith(f"{CHECKPOINTS}/p/hf/") for k in keys), keys[:50]  # the export
+    # Rank 0 on a worker node logged the run's artifacts through the server into S3.
+    artifacts = {a.path for a in _mlflow(cluster).list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "loss_curve.png", "model", "tokenizer"} <= artifacts, artifacts
+    stored = [k for k in _keys(cluster, "runs/", bucket="mlflow-artifacts") if run.info.run_id in k]
+    for name in ("loss_curve.png", "model.safetensors"):
+        assert any(k.endswith(f"/{name}") for k in stored), (name, stored)
     # Where the two training workers ran: one on each worker node (none on the head).
     placed = _train_worker_nodes(cluster, job)
     assert sorted(placed) == sorted(n.node_id for n in cluster.nodes), placed
@@ -360,3 +369,33 @@ def test_two_trial_sweep_reports_to_the_mlflow_server_and_s3(no_shared_disk_clus
     assert "best.yaml" in [a.path for a in client.list_artifacts(parent.info.run_id)]
     assert "runs/sweeps/sw/best.yaml" in _keys(cluster, "runs/sweeps/sw/")
     assert _keys(cluster, f"{CHECKPOINTS}/sw/"), "no Tune experiment state in S3"
+    state["sweep"] = {"experiment": parent.info.experiment_id, "trials": trials}
+
+
+def test_mlflow_ui_compares_the_sweep_trials_in_chromium(no_shared_disk_cluster, state, tmp_path):
+    """Headless Chromium opens the MLflow UI's comparison of the sweep's two trials, as a
+    user of the cluster's tracking server would."""
+    _blocked(state, "sweep")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium on PATH (make test installs Debian's chromium where it can)")
+    sweep = state["sweep"]
+    ids = json.dumps([t.info.run_id for t in sweep["trials"]])
+    url = (
+        f"{no_shared_disk_cluster.mlflow_uri}/#/compare-runs?runs={ids}"
+        f"&experiments={json.dumps([sweep['experiment']])}"
+    )
+    shot = Path(os.environ.get("LLAMARAY_SCREENSHOT_DIR", tmp_path)) / "mlflow-compare.png"
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            for trial in sweep["trials"]:  # the comparison names both runs
+                page.get_by_text(trial.info.run_name).first.wait_for(timeout=60_000)
+            page.get_by_text("optimizer.lr").first.wait_for(timeout=60_000)
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    assert shot.stat().st_size > 10_000

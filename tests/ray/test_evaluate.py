@@ -1,5 +1,6 @@
-"""End to end: pretrain briefly, evaluate the newest checkpoint on 2 Ray actors, and find
-the results in MLflow nested under the training run, equal to an in-process evaluation."""
+"""End to end: evaluate the newest checkpoint of the shared reference run (pretrained
+briefly, tests/ray/conftest.py) on 2 Ray actors, and find the results in MLflow nested
+under the training run, equal to an in-process evaluation."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from llamaray.eval.checkpoint import corpus_dir_of, run_target
 from llamaray.eval.config import EvalConfig
 from llamaray.eval.runner import EVAL_OF_TAG, STEP_TAG, Scorer, evaluate
 from llamaray.eval.tasks import load_task
-from llamaray.orchestrate.pretrain import pretrain
 from llamaray.tracking import PARENT_TAG
 
 pytestmark = pytest.mark.ray
@@ -25,14 +25,22 @@ LIMIT = 6
 
 
 @pytest.fixture(scope="module")
-def trained(root):
-    cfg = config(root, "evaluated", "tracking.export_hf=false")
-    return cfg, pretrain(cfg)
+def trained(root, reference):
+    """The shared reference run (conftest.py) and its config: what is evaluated here."""
+    return config(root, reference.name), reference
+
+
+def eval_runs(client: MlflowClient, training) -> list:
+    """The evaluation runs of `training` (other modules nest finetunes under it too)."""
+    return client.search_runs(
+        [training.info.experiment_id],
+        filter_string=f"tags.`{EVAL_OF_TAG}` = '{training.info.run_id}'",
+    )
 
 
 def test_evaluation_lands_under_the_training_run(trained, root, capsys):
     cfg, result = trained
-    config_file = root / "evaluated.yaml"
+    config_file = root / "reference.yaml"
     config_file.write_text(cfg.to_yaml())
     tasks = ["stdlib-modules", "stdlib-modules-answer", "stdlib-summary"]
     argv = ["eval", "--config", str(config_file), "--workers", "2", "--limit", str(LIMIT)]
@@ -44,14 +52,9 @@ def test_evaluation_lands_under_the_training_run(trained, root, capsys):
 
     client = MlflowClient(result.tracking_uri)
     training = client.get_run(result.mlflow_run_id)
-    children = client.search_runs(
-        [training.info.experiment_id],
-        filter_string=f"tags.`{PARENT_TAG}` = '{training.info.run_id}'",
-    )
-    assert len(children) == 1
-    run = children[0]
-    assert run.info.run_name == f"evaluated-eval-step-{STEPS}"
-    assert run.data.tags[EVAL_OF_TAG] == training.info.run_id
+    (run,) = eval_runs(client, training)
+    assert run.info.run_name == f"reference-eval-step-{STEPS}"
+    assert run.data.tags[PARENT_TAG] == training.info.run_id
     assert run.data.tags[STEP_TAG] == str(STEPS)
     assert run.info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "predictions")}
@@ -94,7 +97,7 @@ def test_harness_results_land_in_the_same_eval_run_and_agree_with_ours(
     from llamaray.eval.scoring import evaluate_task
 
     cfg, result = trained
-    config_file = root / "evaluated.yaml"
+    config_file = root / "reference.yaml"
     config_file.write_text(cfg.to_yaml())
     monkeypatch.chdir(TASKS.parents[1])  # the task YAML's data_files are repo-relative
     for name, value in {"HF_HOME": str(tmp_path), "HF_DATASETS_OFFLINE": "1"}.items():
@@ -106,11 +109,8 @@ def test_harness_results_land_in_the_same_eval_run_and_agree_with_ours(
 
     client = MlflowClient(result.tracking_uri)
     training = client.get_run(result.mlflow_run_id)
-    (run,) = client.search_runs(
-        [training.info.experiment_id],
-        filter_string=f"tags.`{PARENT_TAG}` = '{training.info.run_id}'",
-    )
-    assert run.info.run_name == f"evaluated-eval-step-{STEPS}"
+    (run,) = eval_runs(client, training)
+    assert run.info.run_name == f"reference-eval-step-{STEPS}"
     assert run.data.tags[STEP_TAG] == str(STEPS)
     logged = run.data.metrics
 
@@ -133,7 +133,7 @@ def test_harness_results_land_in_the_same_eval_run_and_agree_with_ours(
 
 def test_bad_eval_input_fails_before_ray_work(trained, root, capsys):
     cfg, _ = trained
-    config_file = root / "evaluated.yaml"
+    config_file = root / "reference.yaml"
     config_file.write_text(cfg.to_yaml())
     assert main(["eval", "--config", str(config_file), "--step", "5"]) == 2
     assert "no checkpoint at step 5" in capsys.readouterr().err

@@ -1,7 +1,7 @@
 """Instruction finetuning on the shared local Ray cluster: a tiny base pretrained briefly
-with `pretrain`, then finetuned by 2 CPU FSDP workers under Ray Train on the project's
-generated instruction set (jobs/data/make_instructions.py), tracked as a child run of the
-base's MLflow run.
+(the shared reference run of conftest.py), then finetuned by 2 CPU FSDP workers under Ray
+Train on the project's generated instruction set (jobs/data/make_instructions.py),
+tracked as a child run of the base's MLflow run.
 
 Masking, token weighting, the feed, resuming and base loading are unit-tested without Ray
 in tests/unit/test_instructions.py.
@@ -15,14 +15,12 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from pretrain_helpers import config as pretrain_config
 from pretrain_helpers import history
 
 from llamaray.config import load_config
 from llamaray.data.instructions import InstructionDataError
 from llamaray.model import Llama
 from llamaray.orchestrate.finetune import finetune
-from llamaray.orchestrate.pretrain import pretrain
 from llamaray.tracking import PARENT_TAG, find_run
 
 pytestmark = pytest.mark.ray
@@ -33,9 +31,10 @@ SEQ_LEN = 96
 
 
 @pytest.fixture(scope="module")
-def base(root):
-    """A debug-preset model pretrained for a few steps: the finetune's base run."""
-    return pretrain(pretrain_config(root, "base"))
+def base(reference):
+    """The shared reference run (tests/ray/conftest.py: the debug preset pretrained for a
+    few steps): the finetune's base run."""
+    return reference
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +55,7 @@ def finetune_config(root: Path, name: str, train_file: Path, *overrides: str):
             f"name={name}",
             f"output_dir={root}",
             "model.preset=debug",
-            "finetune.base=base",  # the run name: its newest complete checkpoint
+            "finetune.base=reference",  # the run name: its newest complete checkpoint
             f"finetune.train_file={train_file}",
             "finetune.validation_fraction=0.1",
             "optimizer.lr=3e-3",
@@ -91,13 +90,13 @@ def test_finetune_lowers_heldout_response_loss_under_the_base_run(base, instruct
     assert run.info.status == "FINISHED"
     assert run.data.params["data.train.examples"] == "360"
     assert run.data.params["data.validation.examples"] == "40"
-    assert run.data.params["finetune.base"] == "base"
+    assert run.data.params["finetune.base"] == "reference"
     for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
         assert key in run.data.metrics, key
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "data", "tokenizer", "model", "loss_curve.png"} <= artifacts
     # The base run is left as it was: still one run of that name, not reopened.
-    assert find_run(result.tracking_uri, "llamaray", "base") == base.mlflow_run_id
+    assert find_run(result.tracking_uri, "llamaray", "reference") == base.mlflow_run_id
     assert client.get_run(base.mlflow_run_id).info.status == "FINISHED"
 
     # The finetune keeps its own checkpoints, and its exported model is the finetuned one.

@@ -236,7 +236,12 @@ def test_filesystem_keeps_endpoint_retries_and_env_credentials_when_pickled(s3, 
     assert s3.get_object(Bucket=BUCKET, Key="pickled/x.json")["Body"].read() == b"{}"
 
 
-def test_checkpoints_on_s3_and_relaunch_resumes_from_them(s3, root, reference):
+def test_checkpoints_on_s3_a_relaunch_and_a_replaced_worker_resume_from_them(s3, root, reference):
+    """Two ways back to the last checkpoint in S3, both through Ray Train's registry: a
+    relaunch of a paused run (a new `pretrain()` of the same name), and, within that
+    relaunch, Ray Train replacing a worker that was killed (`faults.kill_rank`, with
+    `train.max_failures=1`) by a new worker group that resumes. Every loss equals the
+    uninterrupted run's, bit for bit."""
     storage = f"storage=s3://{BUCKET}/plain"
     first = pretrain(config(root, "on-s3", storage, "train.stop_at_step=4"))
     assert first.paused and first.step == 4
@@ -245,11 +250,21 @@ def test_checkpoints_on_s3_and_relaunch_resumes_from_them(s3, root, reference):
     assert folders == {"step-00000002": CHECKPOINT_FILES, "step-00000004": CHECKPOINT_FILES}
     assert not (root / "checkpoints" / "on-s3").exists()
 
-    second = pretrain(config(root, "on-s3", storage))
+    kill = ["train.max_failures=1", "faults.kill_rank=1", "faults.kill_at_step=5"]
+    second = pretrain(config(root, "on-s3", storage, *kill))
     assert second.step == STEPS and second.mlflow_run_id == first.mlflow_run_id
-    assert counts(second) == [1] * STEPS  # 1..4 by the first launch, 5..6 by the second
-    assert history(second) == history(reference)  # bit for bit
-    assert history(second, "rows_crc") == history(reference, "rows_crc")
+    # 1..4 by the first launch; 5 by the second, whose rank 1 died before checkpointing
+    # step 6; 5 again and 6 by the worker group Ray Train started in its place, from step 4.
+    assert counts(second) == [1, 1, 1, 1, 2, 1]
+    assert history(second, "loss")[5][0] == history(second, "loss")[5][1]
+    expected = history(reference)
+    assert {s: v[-1] for s, v in history(second).items()} == {s: v[0] for s, v in expected.items()}
+    crcs, expected_crcs = history(second, "rows_crc"), history(reference, "rows_crc")
+    assert {s: v[-1] for s, v in crcs.items()} == {s: v[0] for s, v in expected_crcs.items()}
+    # The fault fired once, and its marker is in the run's storage where the new worker saw it.
+    markers = s3.list_objects_v2(Bucket=BUCKET, Prefix="plain/on-s3/.faults/")["Contents"]
+    files = [o["Key"] for o in markers if not o["Key"].endswith("/")]  # not folder markers
+    assert files == ["plain/on-s3/.faults/killed-rank1-step5"]
     # The exported model is in the run's storage, not on rank 0's disk.
     assert second.model_uri == f"s3://{BUCKET}/plain/on-s3/hf"
     listed = s3.list_objects_v2(Bucket=BUCKET, Prefix="plain/on-s3/hf/")["Contents"]
@@ -286,91 +301,66 @@ def test_upload_directory_raises_where_copy_files_does_not(s3, faulty, tmp_path)
     assert body == b"b" * 3000
 
 
-def test_slowdowns_are_retried_and_a_damaged_latest_checkpoint_is_skipped(
-    s3, faulty, root, reference, monkeypatch
-):
-    """The first 3 part uploads of each DCP shard are answered 503 SlowDown: more than
-    pyarrow's default of 3 attempts survives, so this also shows the workers retry with
-    llamaray.storage's strategy. Then the newest checkpoint loses an object (as an upload
-    whose error was dropped leaves it) and a relaunch, whose downloads are slowed down too,
-    resumes from the checkpoint before it."""
+# Ray Train uploads with pyarrow.fs.copy_files unless told otherwise, and that drops the
+# error (see test_upload_directory_raises_where_copy_files_does_not); RayLauncher passes
+# checkpoint_upload_fn=llamaray.orchestrate.ray_worker.upload_checkpoint, which raises.
+def test_s3_faults_lose_nothing(s3, faulty, root, reference, monkeypatch):
+    """Two launches through S3 faults, each a fault a long run meets:
+
+    1. Every part upload of a DCP shard is first answered 503 SlowDown 3 times (beyond
+       pyarrow's default of 3 attempts: the workers retry with llamaray.storage's
+       strategy), train_state.json once. At step 6 the request completing rank 1's last
+       object (its integrity record) reaches S3, but every answer to it is a 500: the
+       folder in S3 is complete and would verify, yet the launch fails and Ray Train never
+       registers it.
+    2. Step 4, the newest registered checkpoint, then loses an object (as an upload whose
+       error was dropped leaves it). The relaunch, its downloads slowed down too, passes
+       over step 4 and does not take step 6: it resumes from step 2, and every loss equals
+       the uninterrupted run's."""
     monkeypatch.setenv("AWS_ENDPOINT_URL", faulty.url)
-    prefix = f"/{BUCKET}/flaky/flaky/step-"
+    # 4 attempts: 3 slowdowns are survived, 4 answers of 500 fail the upload in seconds.
+    monkeypatch.setattr(llamaray.storage, "S3_MAX_ATTEMPTS", 4)
+    prefix = f"/{BUCKET}/faults/faults/step-"
+    record = f"{prefix}00000006/integrity-1.json"
 
     def slow_down(method, key, query, n):
-        # The shards' parts 3 times (beyond pyarrow's default attempts), train_state.json
-        # once: pyarrow does not retry a throttled read of an object smaller than the
-        # error's body, ray_worker._local_dir downloads again.
+        # pyarrow does not retry a throttled read of an object smaller than the error's
+        # body (train_state.json); ray_worker._local_dir downloads it again.
         shard, state = key.endswith(".distcp"), key.endswith("/train_state.json")
         limit = 3 if shard else 1 if state else 0
         if method in ("PUT", "GET") and key.startswith(prefix) and n <= limit:
             return 503, "SlowDown", False
         return None
 
-    faulty.reset(slow_down)
-    storage = f"storage=s3://{BUCKET}/flaky"
-    run = pretrain(config(root, "flaky", storage))
-    assert run.step == STEPS
+    def first_launch(method, key, query, n):
+        if method == "POST" and key == record and "uploadId=" in query:
+            return 500, "InternalError", True
+        return slow_down(method, key, query, n)
+
+    faulty.reset(first_launch)
+    storage = f"storage=s3://{BUCKET}/faults"
+    with pytest.raises(Exception, match="CompleteMultipartUpload"):
+        pretrain(config(root, "faults", storage))
     slowed = faulty.faults(503, "PUT")
     for step in (2, 4, 6):
         for name in ("__0_0.distcp", "__1_0.distcp", "train_state.json"):
             key = f"{prefix}{step:08d}/{name}"
             assert slowed[key] == (3 if name.endswith(".distcp") else 1), key
-    assert history(run) == history(reference)
-    folders = step_folders(s3, "flaky/flaky/")
+    assert faulty.faults(500)[record] >= 4  # retried, then given up
+    folders = step_folders(s3, "faults/faults/")
     assert folders == {f"step-{s:08d}": CHECKPOINT_FILES for s in (2, 4, 6)}
-    for step in (4, 6):
-        local = download(s3, f"flaky/flaky/step-{step:08d}/", root / f"flaky-{step}")
+    for step in (2, 4, 6):  # all complete; step 6 would load, if anything picked it
+        local = download(s3, f"faults/faults/step-{step:08d}/", root / f"faults-{step}")
         assert verify_checkpoint(local).step == step
 
-    s3.delete_object(Bucket=BUCKET, Key="flaky/flaky/step-00000006/__1_0.distcp")
+    s3.delete_object(Bucket=BUCKET, Key="faults/faults/step-00000004/__1_0.distcp")
     faulty.reset(lambda method, key, query, n: method == "GET" and slow_down(method, key, query, n))
-    again = pretrain(config(root, "flaky", storage))
+    again = pretrain(config(root, "faults", storage))
     assert again.step == STEPS
-    assert counts(again) == [1, 1, 1, 1, 2, 2]  # resumed from step 4
+    assert counts(again) == [1, 1, 2, 2, 2, 2]  # steps 3..6 ran again, from step 2
     losses = history(again)
     assert {s: v[-1] for s, v in losses.items()} == {s: v[0] for s, v in history(reference).items()}
     slowed = faulty.faults(503, "GET")
-    for step in (4, 6):  # step 6 was fetched and rejected, step 4 fetched and loaded
+    for step in (4, 2):  # step 4 was fetched and rejected, step 2 fetched and loaded
         assert slowed[f"{prefix}{step:08d}/__0_0.distcp"] == 3, step
         assert slowed[f"{prefix}{step:08d}/train_state.json"] == 1, step
-
-
-# Ray Train uploads with pyarrow.fs.copy_files unless told otherwise, and that drops the
-# error (see test_upload_directory_raises_where_copy_files_does_not); RayLauncher passes
-# checkpoint_upload_fn=llamaray.orchestrate.ray_worker.upload_checkpoint, which raises.
-def test_failed_upload_never_becomes_the_latest_checkpoint(
-    s3, faulty, root, reference, monkeypatch
-):
-    """Rank 1's last object of step 4 (its integrity record) reaches S3, but each answer
-    to the request completing its upload is a 500: the folder in S3 is complete and would
-    verify, yet the launch fails, Ray Train never registers it, and the relaunch resumes
-    from step 2, not from that folder."""
-    monkeypatch.setenv("AWS_ENDPOINT_URL", faulty.url)
-    monkeypatch.setattr(llamaray.storage, "S3_MAX_ATTEMPTS", 2)  # fail in seconds
-    record = f"/{BUCKET}/broken/broken/step-00000004/integrity-1.json"
-
-    def lose_answer(method, key, query, n):
-        if method == "POST" and key == record and "uploadId=" in query:
-            return 500, "InternalError", True
-        return None
-
-    faulty.reset(lose_answer)
-    storage = f"storage=s3://{BUCKET}/broken"
-    with pytest.raises(Exception, match="CompleteMultipartUpload"):
-        pretrain(config(root, "broken", storage))
-    assert faulty.faults(500)[record] >= 2
-    assert step_folders(s3, "broken/broken/") == {
-        "step-00000002": CHECKPOINT_FILES,
-        "step-00000004": CHECKPOINT_FILES,
-    }
-    partial = download(s3, "broken/broken/step-00000004/", root / "broken-4")
-    assert verify_checkpoint(partial).step == 4  # it would load, if anything picked it
-
-    faulty.reset()
-    again = pretrain(config(root, "broken", storage))
-    assert again.step == STEPS
-    # Steps 3 and 4 ran again after resuming from step 2; the repeats are bit for bit.
-    assert counts(again) == [1, 1, 2, 2, 1, 1]
-    losses, expected = history(again), history(reference)
-    assert {s: v[-1] for s, v in losses.items()} == {s: v[0] for s, v in expected.items()}

@@ -1,8 +1,8 @@
 """A sweep end to end on local Ray: `jobs/sweep.py` (the entry point `ray job submit` runs)
-drives a Tune Tuner whose 4 trials are Ray Train pretraining runs of the `debug` preset;
+drives a Tune Tuner whose 3 trials are Ray Train pretraining runs of the `debug` preset;
 ASHA stops the lagging ones; the driver is killed with SIGKILL in the middle of a trial
 and launched again, and the sweep completes; every trial is a child of the sweep's MLflow
-run, which holds the summary, the plot and best.yaml; best.yaml trains.
+run, which holds the summary, the plot and best.yaml, the best trial's config.
 
 Why a cluster of its own (`ray start --head`, with its dashboard) rather than the session
 cluster of conftest.py: a driver that dies must leave a cluster behind to resume on, and
@@ -23,7 +23,6 @@ cores, so the sweep runs once and every claim is checked on it.
 from __future__ import annotations
 
 import csv
-import math
 import os
 import signal
 import subprocess
@@ -35,10 +34,9 @@ import pytest
 import yaml
 from matplotlib import image
 from mlflow.tracking import MlflowClient
-from pretrain_helpers import config, history
+from pretrain_helpers import config
 
 from llamaray.config import load_config
-from llamaray.orchestrate.pretrain import pretrain
 from llamaray.tracking import PARENT_TAG, RUN_NAME_TAG
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -46,7 +44,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 16
 CHECKPOINT_EVERY = 4
-LRS = [3e-3, 1e-5, 1e-2, 3e-4]
+LRS = [3e-3, 1e-5, 1e-2]
 """Tried in this order. 1e-5 barely moves the weights in 2 steps: at the first rung (step
 2) its loss is far above the first trial's (3e-3), so ASHA must stop it there. The driver
 is killed while the third (1e-2) trains."""
@@ -174,7 +172,7 @@ def test_sweep_stops_early_nests_runs_resumes_and_writes_a_best_config(cluster, 
     assert second.returncode == 0, output[-6000:]
     assert "sweep sw: resuming" in output
     after = tune_trials(experiment_dir)
-    assert set(before) <= set(after) and len(after) == 4  # the same trials, no new ones
+    assert set(before) <= set(after) and len(after) == len(LRS)  # the same trials, no new ones
     assert all(status == "TERMINATED" for status, _ in after.values()), after
 
     # 3. ASHA stopped the hopeless LR at the first rung; the summary says so.
@@ -232,7 +230,7 @@ def test_sweep_stops_early_nests_runs_resumes_and_writes_a_best_config(cluster, 
     # 5. The sweep's run holds the search space, the summary, the plot and best.yaml.
     parent = client.get_run(parent.info.run_id)
     assert parent.info.status == "FINISHED" and PARENT_TAG not in parent.data.tags
-    assert parent.data.params["sweep.lr.values"] == "0.003,1e-05,0.01,0.0003"
+    assert parent.data.params["sweep.lr.values"] == "0.003,1e-05,0.01"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"summary.csv", "summary.md", "loss_vs_lr.png", "best.yaml", "sweep.yaml"} <= artifacts
     assert parent.data.metrics["best_val_loss"] == pytest.approx(
@@ -243,19 +241,27 @@ def test_sweep_stops_early_nests_runs_resumes_and_writes_a_best_config(cluster, 
     png = client.download_artifacts(parent.info.run_id, "loss_vs_lr.png", str(tmp_path))
     assert image.imread(png).shape[:2] == (450, 700)
 
-    # 6. best.yaml reloads and trains (here, on the session cluster).
+    # 6. best.yaml is the best trial's run as a config of its own: it loads, with the
+    # trial's LR, the full schedule and no parent (each trial trained this very config
+    # with its own LR, so it trains; a launch to show it again would cost ~35 s).
     best_yaml = out / "sweeps" / "sw" / "best.yaml"
     logged = client.download_artifacts(parent.info.run_id, "best.yaml", str(tmp_path))
     assert Path(logged).read_text() == best_yaml.read_text()
     cfg = load_config(best_yaml)
-    best_lr = float(by_name[best_row["trial"]].data.params["optimizer.lr"])
+    best_run = by_name[best_row["trial"]]
+    best_lr = float(best_run.data.params["optimizer.lr"])
     assert cfg.name == "sw-best" and (cfg.optimizer.lr, cfg.train.batch_tokens) == (best_lr, 512)
     assert cfg.train.steps == STEPS and cfg.train.stop_at_step is None
     assert cfg.tracking.parent_run_id is None and cfg.tracking.export_hf
     assert cfg.data.corpus == str(out / "corpus")
-    result = pretrain(cfg)
-    losses = history(result)
-    assert sorted(losses) == list(range(1, STEPS + 1))
-    assert all(math.isfinite(v) for values in losses.values() for v in values)
-    assert losses[STEPS][0] < losses[1][0] - 0.5, losses
-    assert PARENT_TAG not in client.get_run(result.mlflow_run_id).data.tags
+    # Everything else is what the best trial ran with (its params in MLflow).
+    for key in (
+        "model.preset",
+        "train.seq_len",
+        "train.micro_batch_size",
+        "optimizer.warmup_steps",
+    ):
+        value = cfg.model_dump()
+        for part in key.split("."):
+            value = value[part]
+        assert str(value) == best_run.data.params[key], key
