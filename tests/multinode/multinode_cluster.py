@@ -179,6 +179,7 @@ class NoSharedDiskCluster:
     _started: list[Node] = field(default_factory=list)  # every node ever started
     _worker_port_base: int = field(default_factory=lambda: random.randrange(20000, 28000, 400))
     _node_count: int = 0
+    _keep_dirs: list[Path] = field(default_factory=list)  # see _launch: a checkout under /tmp
 
     # ------------------------------------------------------------------ start and stop
 
@@ -254,6 +255,8 @@ class NoSharedDiskCluster:
                 proc.wait(timeout=10)
         left = _sweep(self.marker)  # anything of ours that escaped its node's namespace
         shutil.rmtree(self.root, ignore_errors=True)
+        for keep in self._keep_dirs:  # empty on the host: the mounts were the nodes' own
+            shutil.rmtree(keep, ignore_errors=True)
         return left
 
     _watchdog: subprocess.Popen | None = None
@@ -332,9 +335,20 @@ class NoSharedDiskCluster:
                 f"--num-cpus={self.cpus_per_worker}",
                 f"--resources={json.dumps(resources or {name: 1})}",
             ]
-        mounts = ["/tmp", "/dev/shm", *self.private_dirs]
         script = "set -e\n"
-        for path in mounts:
+        # A checkout under /tmp (`git clone . /tmp/x`) would vanish under the private /tmp:
+        # hold it on a mount point outside /tmp meanwhile, then move it back in place.
+        keep = None
+        if REPO.is_relative_to("/tmp"):
+            keep = Path(tempfile.mkdtemp(prefix=f"lrmn-keep-{name}-", dir="/var/tmp"))
+            self._keep_dirs.append(keep)
+            script += f"mount --bind {shlex.quote(str(REPO))} {shlex.quote(str(keep))}\n"
+        for path in ("/tmp", "/dev/shm"):
+            script += f"mount -t tmpfs -o mode=1777 lrmn-{name} {path}\n"
+        if keep is not None:
+            repo = shlex.quote(str(REPO))
+            script += f"mkdir -p {repo}\nmount --move {shlex.quote(str(keep))} {repo}\n"
+        for path in self.private_dirs:
             quoted = shlex.quote(path)
             script += f"mkdir -p {quoted}\nmount -t tmpfs -o mode=1777 lrmn-{name} {quoted}\n"
         # The private /tmp hides pytest's folders: give the node empty ones of its own.
