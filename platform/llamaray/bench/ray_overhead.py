@@ -24,9 +24,9 @@ Three figures per step come out, from rank 0:
   them: the step plus the next batch, the metrics and the launcher's report of the step
   before. Under Ray Train that report is `ray.train.report`, which waits at a barrier of
   all workers and then for the controller to take the previous result: the controller
-  polls every 2 s (`RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`), so reporting faster than that
-  holds training back to one report per poll. `--poll-interval` changes the interval
-  for a diagnosis.
+  polls every `RAY_TRAIN_HEALTH_CHECK_INTERVAL_S` (Ray's default 2 s; llamaray's driver
+  sets 0.5 s unless it is set), so reporting faster than that holds training back to one
+  report per poll. `--poll-interval` changes the interval for a diagnosis.
 - **cpu**: the worker process's CPU time per iteration (every thread, Ray's in-process
   ones included); the shared machine's load inflates it much less than wall time.
 
@@ -129,10 +129,10 @@ def bench_config(opts: argparse.Namespace, name: str, corpus: str | None = None)
 
 
 def _fresh(cfg: RunConfig) -> Path:
-    """Remove what an earlier bench left under this run name (it would be resumed)."""
-    run_dir = Path(cfg.output_dir) / cfg.name
+    """The run's folder (`cfg.run_uri`: where rank 0 writes steps.json, under both setups),
+    emptied of what an earlier bench left there (it would be resumed)."""
+    run_dir = Path(cfg.run_uri)
     shutil.rmtree(run_dir, ignore_errors=True)
-    shutil.rmtree(cfg.run_uri, ignore_errors=True)
     return run_dir
 
 
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--poll-interval",
         type=float,
         default=None,
-        help="diagnosis: RAY_TRAIN_HEALTH_CHECK_INTERVAL_S for the local Ray (Ray's default 2 s)",
+        help="diagnosis: RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (llamaray's default 0.5 s, Ray's 2 s)",
     )
     parser.add_argument(
         "--nice",
