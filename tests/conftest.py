@@ -226,6 +226,18 @@ def loopback_port():
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
+def is_zombie(pid: int) -> bool:
+    """True for a process that has exited and waits for its parent to reap it (state Z or
+    X). Its session and command line are still readable, but it holds nothing and cannot
+    be killed: waiting for it to go would wait for a parent that may never reap it."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state in (b"Z", b"X")
+
+
 def cluster_pids(session_id: int, marker: str) -> list[int]:
     """Live processes in session `session_id`, or whose command line contains `marker`."""
     pids = []
@@ -234,6 +246,8 @@ def cluster_pids(session_id: int, marker: str) -> list[int]:
             continue
         pid = int(entry)
         try:
+            if is_zombie(pid):
+                continue
             if os.getsid(pid) == session_id:
                 pids.append(pid)
                 continue
