@@ -90,7 +90,8 @@ def run_sweep(run: RunConfig, sweep: SweepConfig) -> SweepResult:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from llamaray.orchestrate.pretrain import corpus_for, read_manifest
+    from llamaray.data.packed_corpus import CorpusRows
+    from llamaray.orchestrate.pretrain import corpus_for
     from llamaray.placement import require_run_shared_state
     from llamaray.ray_session import start_ray
     from llamaray.storage import storage_location
@@ -103,7 +104,7 @@ def run_sweep(run: RunConfig, sweep: SweepConfig) -> SweepResult:
     # tracking store must be where every node reads them (s3://, an MLflow server).
     require_run_shared_state(run)
     corpus = corpus_for(run)  # once, here: trials never prepare the corpus concurrently
-    require_validation_rows(run, read_manifest(corpus), corpus)
+    require_validation_rows(run, CorpusRows.open(corpus).rows_per_source("validation"), corpus)
     uri = _absolute_sqlite(tracking_uri(run.tracking.uri, run.output_dir))
     parent_id = open_parent(run, sweep, space, uri)
     base = trial_base(run, corpus, uri)
@@ -219,26 +220,22 @@ def _local_absolute(path: str | None) -> str | None:
     return str(Path(path).resolve())
 
 
-def require_validation_rows(run: RunConfig, manifest: dict, corpus: str) -> None:
+def require_validation_rows(run: RunConfig, held_out: dict[str, int], corpus: str) -> None:
     """ASHA compares trials by val_loss, computed on the corpus's held-out rows: with none,
     no trial reports it and Tune's scheduler fails in the middle of the sweep. Checked
-    before the sweep's run or any trial starts.
+    before the sweep's run or any trial starts. `held_out`: validation rows per source
+    (`CorpusRows.rows_per_source("validation")`).
 
     >>> from llamaray.config import load_config
     >>> run = load_config(None, ["name=s", "data.corpus=c", "model.preset=debug",
     ...                          "train.seq_len=64"])
-    >>> held_out = {"web": {"splits": {"train": {"rows": 9}, "validation": {"rows": 1}}}}
-    >>> require_validation_rows(run, {"sources": held_out}, "c")  # passes
-    >>> manifest = {"sources": {"web": {"splits": {"train": {"rows": 9}}}}}
-    >>> require_validation_rows(run, manifest, "c")
+    >>> require_validation_rows(run, {"web": 1, "code": 0}, "c")  # passes
+    >>> require_validation_rows(run, {"web": 0, "code": 0}, "c")
     Traceback (most recent call last):
     ...
     llamaray.config.ConfigError: data.corpus: c holds out no rows (no validation split), ...
     """
-    held_out = sum(
-        s["splits"].get("validation", {}).get("rows", 0) for s in manifest["sources"].values()
-    )
-    if held_out:
+    if any(held_out.values()):
         return
     field = "data.corpus" if run.data.corpus else "data.prepare.validation_fraction"
     raise ConfigError(
