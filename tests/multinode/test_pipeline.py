@@ -13,10 +13,13 @@ server in the environment):
    the uninterrupted run's, bit for bit;
 4. eval of the pretrained run (checkpoint and corpus in S3) into the MLflow server (its
    artifacts land in S3);
-5. a short finetune from that run: instructions in S3, the tokenizer a file on the driver's
-   node only (the driver puts it in the run's storage for the ranks), a child MLflow run;
-6. a 2-trial sweep: trials' runs and the summary in the MLflow server, best.yaml in S3;
-   headless Chromium compares the two trials in the server's MLflow UI.
+5. a finetune of that run that lowers its held-out response loss: instructions in S3, the
+   tokenizer a file on the driver's node only (the driver puts it in the run's storage for
+   the ranks), a child MLflow run;
+6. a 3-trial sweep, ASHA stopping one early, whose driver is killed mid-trial and
+   submitted again: it resumes from Tune's state in S3; trials' runs and the summary in
+   the MLflow server, best.yaml in S3; headless Chromium compares the trials in the
+   server's MLflow UI.
 
 No step reads a path that only the driver has: everything the ranks and actors read is in
 S3 or comes from the MLflow server. A step that fails fails the test with the end of its
@@ -25,18 +28,29 @@ job's log; the steps after it skip as blocked.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shlex
 import shutil
+import signal
+import subprocess
+import sys
 import sysconfig
+import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from matplotlib import image
 
+from llamaray.config import load_config
+from llamaray.tracking import PARENT_TAG, RUN_NAME_TAG
+
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.multinode, pytest.mark.ray, pytest.mark.slow]
 
 BUCKET = "pipeline"
@@ -46,7 +60,12 @@ OUTPUT = f"s3://{BUCKET}/runs"
 CORPUS = f"s3://{BUCKET}/corpora/corpus"
 CHECKPOINTS = "runs/checkpoints"  # keys of the runs' storage (output_dir/checkpoints)
 INSTRUCTIONS = f"s3://{BUCKET}/instructions/train.jsonl"
-PARENT_TAG = "mlflow.parentRunId"
+FINETUNE_STEPS = 30
+SWEEP_STEPS, SWEEP_CHECKPOINT_EVERY = 16, 4  # ASHA's rungs at steps 2, 4 and 8
+SWEEP_LRS = [3e-3, 1e-5, 1e-2]
+"""Tried in this order. 1e-5 barely moves the weights in 2 steps: at the first rung its
+loss is far above the first trial's (3e-3), so ASHA stops it there. The driver is killed
+while the third (1e-2) trains."""
 
 
 def _s3(cluster):
@@ -166,9 +185,15 @@ def state(no_shared_disk_cluster):
         s3.put_object(
             Bucket=BUCKET, Key=f"raw/prose/part-{part}.jsonl", Body="\n".join(lines).encode()
         )
-    demo = Path(__file__).resolve().parents[2] / "jobs" / "data" / "instructions-demo.jsonl"
-    head = demo.read_text().splitlines()[:40]
-    s3.put_object(Bucket=BUCKET, Key=INSTRUCTIONS.split("/", 3)[3], Body="\n".join(head).encode())
+    # The project's generated instruction set (jobs/data/make_instructions.py), 400 examples.
+    with tempfile.TemporaryDirectory() as tmp:
+        made = Path(tmp) / "instructions.jsonl"
+        subprocess.run(
+            [sys.executable, str(REPO / "jobs" / "data" / "make_instructions.py"),
+             "--out", str(made), "--n", "400", "--seed", "0"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        s3.put_object(Bucket=BUCKET, Key=INSTRUCTIONS.split("/", 3)[3], Body=made.read_bytes())
     return {}
 
 
@@ -301,9 +326,13 @@ def test_eval_of_the_pretrained_run_goes_to_the_mlflow_server(no_shared_disk_clu
     state["eval"] = True
 
 
-def test_finetune_from_the_pretrained_run_with_a_driver_local_tokenizer(
+def test_finetune_lowers_the_heldout_loss_of_the_pretrained_run_with_a_driver_local_tokenizer(
     no_shared_disk_cluster, state
 ):
+    """Finetuning of the pretrained run on 400 generated instructions in S3 (360 to train,
+    40 held out), by 2 workers on the 2 nodes: the held-out response loss falls well below
+    the base model's, in a child of the base's MLflow run. The tokenizer is a file only the
+    driver's node has; the driver puts it in the run's storage for the ranks."""
     _blocked(state, "pretrain")
     cluster = no_shared_disk_cluster
     # The tokenizer as a file only the driver's node (the head) has: /tmp is private there.
@@ -312,21 +341,31 @@ def test_finetune_from_the_pretrained_run_with_a_driver_local_tokenizer(
     finetune = [
         "python", "jobs/finetune.py", "name=ft", f"output_dir={OUTPUT}", "model.preset=debug",
         "finetune.base=p", f"finetune.train_file={INSTRUCTIONS}", f"finetune.tokenizer={local}",
-        "finetune.validation_fraction=0.25", "optimizer.lr=3e-4", "optimizer.warmup_steps=1",
-        "train.seq_len=128", "train.batch_tokens=512", "train.micro_batch_size=2",
-        "train.num_workers=2", "train.cpus_per_worker=0.5", "train.steps=2",
-        "train.checkpoint_every=2", "train.log_every=1", "train.eval_every=2",
-        "tracking.system_metrics=false",
+        "finetune.validation_fraction=0.1", "optimizer.lr=3e-3", "optimizer.warmup_steps=3",
+        f"train.steps={FINETUNE_STEPS}", "train.seq_len=96", f"train.batch_tokens={16 * 96}",
+        "train.micro_batch_size=4", "train.num_workers=2", "train.cpus_per_worker=0.5",
+        "train.checkpoint_every=0", "train.log_every=5", "tracking.system_metrics=false",
     ]  # fmt: skip
     command = (
         f"{shlex.join(['python', '-c', fetch, state['prepare'], local])} && {shlex.join(finetune)}"
     )
     _submit(cluster, "finetune", ["sh", "-c", command], timeout=600)
-    run = _run(cluster, "ft")
+    client, run = _mlflow(cluster), _run(cluster, "ft")
     assert run.info.status == "FINISHED"
-    assert run.data.tags.get(PARENT_TAG) == state["pretrain"]["run_id"]
-    assert sorted(_history(cluster, run.info.run_id)) == [1, 2]
-    assert "val_loss" in run.data.metrics
+    base = state["pretrain"]["run_id"]
+    assert run.data.tags.get(PARENT_TAG) == base
+    assert run.data.tags["llamaray.kind"] == "finetune"
+    assert run.data.params["data.train.examples"] == "360"
+    assert run.data.params["data.validation.examples"] == "40"
+    val = _history(cluster, run.info.run_id, "val_loss")
+    assert sorted(val) == [0, FINETUNE_STEPS]  # the base model's, before any update; the end's
+    before, after = val[0][0], val[FINETUNE_STEPS][0]
+    assert after < 0.7 * before, (before, after)  # an untouched model stays at 1.0 x
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "data", "tokenizer", "model", "loss_curve.png"} <= artifacts
+    # The base run is left as it was: still one run of that name, finished, not reopened.
+    assert _run(cluster, "p").info.run_id == base
+    assert client.get_run(base).info.status == "FINISHED"
     keys = _keys(cluster, f"{CHECKPOINTS}/ft/")
     # The ranks read the driver's tokenizer from the run's storage, where the driver put it.
     copied = f"{CHECKPOINTS}/ft/base-tokenizer/tokenizer.model"
@@ -337,39 +376,224 @@ def test_finetune_from_the_pretrained_run_with_a_driver_local_tokenizer(
         s3.get_object(Bucket=BUCKET, Key=copied)["Body"].read()
         == s3.get_object(Bucket=BUCKET, Key=corpus_tokenizer)["Body"].read()
     )
-    assert any("/step-00000002/" in k for k in keys), keys
-    assert f"{CHECKPOINTS}/ft/hf/tokenizer.model" in keys, keys  # rank 0's export, in S3
+    # Its own final checkpoint, and rank 0's export of the finetuned model, in S3.
+    assert any(f"/step-{FINETUNE_STEPS:08d}/" in k for k in keys), keys
+    assert {f"{CHECKPOINTS}/ft/hf/{n}" for n in ("tokenizer.model", "model.safetensors")} <= set(
+        keys
+    )
     state["finetune"] = True
 
 
-def test_two_trial_sweep_reports_to_the_mlflow_server_and_s3(no_shared_disk_cluster, state):
+def _trial_runs(cluster) -> dict[str, tuple[str, str, int]]:
+    """The sweep's trial runs in the MLflow server: run name -> (run id, status, last step
+    with a logged loss)."""
+    client = _mlflow(cluster)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    out = {}
+    for run in client.search_runs(experiments, f"tags.`{RUN_NAME_TAG}` LIKE 'sw-%'"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+        out[run.data.tags[RUN_NAME_TAG]] = (run.info.run_id, run.info.status, max(steps, default=0))
+    return out
+
+
+def _tune_trials(cluster) -> dict[str, tuple[str, int]]:
+    """Trial id -> (status, last step reported), as Tune last saved them in S3."""
+    import pyarrow.fs
+    from ray.tune import ExperimentAnalysis
+
+    fs = pyarrow.fs.S3FileSystem(
+        access_key="testing", secret_key="testing", region="us-east-1",
+        endpoint_override=cluster.s3_endpoint,
+    )  # fmt: skip
+    analysis = ExperimentAnalysis(f"{BUCKET}/{CHECKPOINTS}/sw", storage_filesystem=fs)
+    return {t.trial_id: (t.status, int(t.last_result.get("step", 0))) for t in analysis.trials}
+
+
+def _kill_sweep_driver_mid_trial(cluster, argv, runtime_env):
+    """Submit the sweep and wait until Tune has a finished trial and a running one past its
+    first registered checkpoint (as the MLflow server and Tune's state in S3 both say), then
+    SIGKILL the job's driver on the head, as a lost driver. Returns Tune's trials as saved
+    then and the running trial's (run name, run id)."""
+    from ray.job_submission import JobSubmissionClient
+
+    job = f"sweep-{uuid.uuid4().hex[:8]}"
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(
+            cluster.submit, argv, runtime_env=runtime_env, timeout=600, submission_id=job
+        )
+        deadline = time.monotonic() + 540
+        while True:
+            if running.done():
+                rc, logs = running.result()
+                pytest.fail(
+                    f"the sweep ended (exit {rc}) before its driver was killed:\n{logs[-4000:]}"
+                )
+            assert time.monotonic() < deadline, "no trial got past its first checkpoint in 540 s"
+            time.sleep(0.25)
+            try:  # cheap first: the server says a trial is past its first checkpoint
+                runs = _trial_runs(cluster)
+            except Exception:  # the driver is creating the experiment
+                continue
+            if not any(
+                s == "RUNNING" and SWEEP_CHECKPOINT_EVERY < step < SWEEP_STEPS
+                for _, s, step in runs.values()
+            ):
+                continue
+            try:
+                trials = _tune_trials(cluster)
+            except Exception:  # not saved yet
+                continue
+            finished = [t for t, (s, _) in trials.items() if s == "TERMINATED"]
+            # A trial still going reads as PENDING from a saved state (it would be resumed).
+            going = [
+                t
+                for t, (s, step) in trials.items()
+                if s not in ("TERMINATED", "ERROR") and step >= SWEEP_CHECKPOINT_EVERY
+            ]
+            if (
+                finished
+                and going
+                and runs.get(f"sw-{going[0]}", ("", "", SWEEP_STEPS))[2] < SWEEP_STEPS
+            ):
+                break
+        # The driver runs on the head, in the head's mount namespace but this machine's
+        # process table: kill its process group (the entrypoint's shell and Python).
+        pid = JobSubmissionClient(cluster.dashboard_url).get_job_info(job).driver_info.pid
+        os.killpg(os.getpgid(int(pid)), signal.SIGKILL)
+        rc, _ = running.result()
+    assert rc != 0, "the killed sweep job reported success"
+    name = f"sw-{going[0]}"
+    return trials, (name, runs[name][0])
+
+
+def test_sweep_stops_early_survives_its_drivers_death_and_reports_to_the_server_and_s3(
+    no_shared_disk_cluster, state, tmp_path
+):
+    """A 3-trial sweep, one trial at a time in the grid's order (so ASHA's decisions do
+    not depend on timing): 1e-5 barely moves the weights, so ASHA stops it at its first
+    rung; the driver is killed with SIGKILL while the third trial trains, and the same
+    `ray job submit` again resumes the sweep from Tune's state in S3; every trial is a
+    child of the sweep's MLflow run, which holds the summary, the plot and best.yaml."""
     _blocked(state, "pretrain")
     cluster = no_shared_disk_cluster
-    _submit(
-        cluster,
-        "sweep",
-        ["python", "jobs/sweep.py", "name=sw", f"output_dir={OUTPUT}", f"data.corpus={CORPUS}",
-         *_model_overrides(), "train.batch_tokens=512", "train.micro_batch_size=4",
-         "train.num_workers=2", "train.cpus_per_worker=0.5", "train.steps=2",
-         "train.eval_every=2", "train.checkpoint_every=2", "train.log_every=1",
-         "data.eval_rows=4", "tracking.system_metrics=false", "sweep.num_samples=1",
-         "sweep.batch_tokens=[512]", "sweep.lr.values=[0.001, 0.003]"],
-        timeout=600,
-    )  # fmt: skip
-    parent = _run(cluster, "sw")
-    client = _mlflow(cluster)
-    trials = client.search_runs(
+    argv = [
+        "python", "jobs/sweep.py", "name=sw", f"output_dir={OUTPUT}", f"data.corpus={CORPUS}",
+        *_model_overrides(), "train.batch_tokens=512", "train.micro_batch_size=4",
+        "train.num_workers=1", "train.cpus_per_worker=1", f"train.steps={SWEEP_STEPS}",
+        "train.eval_every=2", f"train.checkpoint_every={SWEEP_CHECKPOINT_EVERY}",
+        "train.log_every=1", "optimizer.warmup_steps=2", "data.eval_rows=4",
+        "tracking.system_metrics=false", "sweep.num_samples=1", "sweep.batch_tokens=[512]",
+        f"sweep.lr.values=[{', '.join(map(str, SWEEP_LRS))}]", "sweep.asha.grace_period=2",
+        "sweep.asha.reduction_factor=2", "sweep.max_concurrent_trials=1",
+    ]  # fmt: skip
+    # Tune saves its experiment state at most every 10 s by default; every second here,
+    # so the state in S3 is current whenever the driver is killed.
+    runtime_env = cluster.runtime_env({"TUNE_GLOBAL_CHECKPOINT_S": "1"})
+
+    # 1. The driver dies in the middle of a trial.
+    before, (interrupted, interrupted_id) = _kill_sweep_driver_mid_trial(cluster, argv, runtime_env)
+    done_before = {t for t, (status, _) in before.items() if status == "TERMINATED"}
+    assert done_before, before  # the first trial(s) finished before the kill
+
+    # 2. Submitted again, it resumes the sweep from S3 and completes it.
+    logs = _submit(cluster, "sweep (resumed)", argv, runtime_env=runtime_env, timeout=600)
+    assert "sweep sw: resuming" in logs, logs[-4000:]
+    after = _tune_trials(cluster)
+    assert set(before) <= set(after) and len(after) == len(SWEEP_LRS)  # no new trials
+    assert all(status == "TERMINATED" for status, _ in after.values()), after
+
+    # 3. ASHA stopped the hopeless LR at the first rung; the summary (in S3) says so.
+    s3 = _s3(cluster)
+    summary = s3.get_object(Bucket=BUCKET, Key="runs/sweeps/sw/summary.csv")["Body"].read()
+    rows = {float(r["lr"]): r for r in csv.DictReader(io.StringIO(summary.decode()))}
+    assert sorted(rows) == sorted(SWEEP_LRS)
+    assert rows[1e-5]["status"] == "stopped early" and rows[1e-5]["steps"] == f"2/{SWEEP_STEPS}"
+    full = f"{SWEEP_STEPS}/{SWEEP_STEPS}"
+    assert rows[3e-3]["status"].startswith("finished") and rows[3e-3]["steps"] == full
+    finished = [r for r in rows.values() if r["status"].startswith("finished")]
+    best_row = min(finished, key=lambda r: float(r["val_loss"]))
+    assert best_row["status"] == "finished (best)"
+    assert [r["status"] for r in finished].count("finished (best)") == 1
+    stopped = [r for r in rows.values() if r["status"] == "stopped early"]
+    assert all(int(r["steps"].split("/")[0]) < SWEEP_STEPS for r in stopped)
+
+    # 4. Every trial is one child run of the sweep's run, marked with how it ended.
+    client, parent = _mlflow(cluster), _run(cluster, "sw")
+    children = client.search_runs(
         [parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'"
     )
-    assert len(trials) == 2, [t.info.run_name for t in trials]
-    assert sorted(float(t.data.params["optimizer.lr"]) for t in trials) == [0.001, 0.003]
-    for trial in trials:
-        assert sorted(_history(cluster, trial.info.run_id)) == [1, 2], trial.info.run_name
-        assert "val_loss" in trial.data.metrics, trial.info.run_name
-    assert "best.yaml" in [a.path for a in client.list_artifacts(parent.info.run_id)]
-    assert "runs/sweeps/sw/best.yaml" in _keys(cluster, "runs/sweeps/sw/")
+    by_name = {r.data.tags[RUN_NAME_TAG]: r for r in children}
+    assert (
+        sorted(by_name)
+        == sorted(f"sw-{t}" for t in after)
+        == sorted(r["trial"] for r in rows.values())
+    )
+    for row in rows.values():
+        run = by_name[row["trial"]]
+        assert float(run.data.params["optimizer.lr"]) == float(row["lr"])
+        assert run.data.metrics["final_val_loss"] == pytest.approx(float(row["val_loss"]), abs=1e-4)
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+        assert steps.count(1) == 1, row  # no trial started over from scratch
+        if row["status"] == "stopped early":
+            assert run.info.status == "KILLED", row
+            assert run.data.tags["llamaray.sweep.stopped_early"] == "true"
+            assert int(run.data.tags["llamaray.sweep.step_reached"]) < SWEEP_STEPS
+        else:
+            assert run.info.status == "FINISHED", row
+            assert sorted(set(steps)) == list(range(1, SWEEP_STEPS + 1))
+            val = [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")]
+            assert sorted(set(val)) == list(range(2, SWEEP_STEPS + 1, 2))
+    for trial in done_before:  # ended before the kill: not run again
+        steps = [
+            m.step for m in client.get_metric_history(by_name[f"sw-{trial}"].info.run_id, "loss")
+        ]
+        assert len(steps) == len(set(steps)), trial
+    # The interrupted trial went on in the same MLflow run from a checkpoint in S3: the
+    # steps up to its first checkpoint were trained once.
+    assert by_name[interrupted].info.run_id == interrupted_id
+    assert by_name[interrupted].info.status == "FINISHED"
+    resumed = [m.step for m in client.get_metric_history(interrupted_id, "loss")]
+    assert all(resumed.count(s) == 1 for s in range(1, SWEEP_CHECKPOINT_EVERY + 1)), resumed
+
+    # 5. The sweep's run holds the search space, the summary, the plot and best.yaml.
+    parent = client.get_run(parent.info.run_id)
+    assert parent.info.status == "FINISHED" and PARENT_TAG not in parent.data.tags
+    assert parent.data.params["sweep.lr.values"] == ",".join(map(str, SWEEP_LRS))
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"summary.csv", "summary.md", "loss_vs_lr.png", "best.yaml", "sweep.yaml"} <= artifacts
+    assert parent.data.metrics["best_val_loss"] == pytest.approx(
+        float(best_row["val_loss"]), abs=1e-4
+    )
+    assert parent.data.metrics["trials_stopped_early"] == len(stopped)
+    assert parent.data.tags["llamaray.sweep.best_run_id"] == by_name[best_row["trial"]].info.run_id
+    png = client.download_artifacts(parent.info.run_id, "loss_vs_lr.png", str(tmp_path))
+    assert image.imread(png).shape[:2] == (450, 700)
     assert _keys(cluster, f"{CHECKPOINTS}/sw/"), "no Tune experiment state in S3"
-    state["sweep"] = {"experiment": parent.info.experiment_id, "trials": trials}
+
+    # 6. best.yaml (in S3 and in MLflow) is the best trial's run as a config of its own:
+    # it loads, with the trial's LR, the full schedule and no parent.
+    stored = s3.get_object(Bucket=BUCKET, Key="runs/sweeps/sw/best.yaml")["Body"].read().decode()
+    logged = client.download_artifacts(parent.info.run_id, "best.yaml", str(tmp_path))
+    assert Path(logged).read_text() == stored
+    cfg = load_config(Path(logged))
+    best_run = by_name[best_row["trial"]]
+    best_lr = float(best_run.data.params["optimizer.lr"])
+    assert cfg.name == "sw-best" and (cfg.optimizer.lr, cfg.train.batch_tokens) == (best_lr, 512)
+    assert cfg.train.steps == SWEEP_STEPS and cfg.train.stop_at_step is None
+    assert cfg.tracking.parent_run_id is None and cfg.tracking.export_hf
+    assert cfg.data.corpus == CORPUS
+    dumped = cfg.model_dump()
+    for key in (
+        "model.preset",
+        "train.seq_len",
+        "train.micro_batch_size",
+        "optimizer.warmup_steps",
+    ):
+        value = dumped
+        for part in key.split("."):
+            value = value[part]
+        assert str(value) == best_run.data.params[key], key
+    state["sweep"] = {"experiment": parent.info.experiment_id, "trials": children}
 
 
 def test_mlflow_ui_compares_the_sweep_trials_in_chromium(no_shared_disk_cluster, state, tmp_path):
