@@ -104,27 +104,42 @@ def test_a_killed_node_is_replaced_by_one_with_an_empty_disk(no_shared_disk_clus
     assert f"{tag}-node_b" not in listing.stdout, listing.stdout  # a fresh, private disk
 
 
-def test_the_demo_runs_or_stops_at_once_naming_what_to_set(no_shared_disk_cluster):
+def test_the_demos_local_defaults_stop_at_once_in_one_line_naming_what_to_set(
+    no_shared_disk_cluster,
+):
     """Issue 14, "Done when": the demo's local defaults (output under `runs/`, SQLite
-    tracking) on a cluster whose nodes share no disk either run, or stop before any work
-    with a message naming the settings to change, not a traceback. Before the fix it
-    failed in the read tasks ('no non-blank lines to train a tokenizer on in
-    [.../runs/corpus-x/tokenizer/train.txt]': the sample was on the driver's disk)."""
+    tracking) on a cluster whose nodes share no disk stop before any work, with one line
+    naming each setting to change and the opt-out for a shared file system; exit code 2,
+    no traceback. Before the fix it failed in the read tasks ('no non-blank lines to train
+    a tokenizer on in [.../runs/corpus-x/tokenizer/train.txt]': the sample was on the
+    driver's disk). The rule itself (`placement.py`, also for a head with no CPUs and no
+    workers yet) is unit-tested in tests/unit/test_placement.py."""
+    from ray.job_submission import JobSubmissionClient
+    from ray.util.state import list_actors, list_tasks
+
+    cluster = no_shared_disk_cluster
+    job = f"demo-{uuid.uuid4().hex[:8]}"
     started = time.monotonic()
-    rc, logs = no_shared_disk_cluster.submit(
-        ["python", "jobs/demo.py", "name=x", "train.steps=20", "data.prepare.sample_mb=0.25",
-         "data.prepare.tokenizer.vocab_size=512", "tokenizer.vocab_size=512",
-         "model.preset=debug", "train.eval_every=0", "tracking.system_metrics=false"],
-        runtime_env=no_shared_disk_cluster.runtime_env(shared=False),  # the local defaults
+    rc, logs = cluster.submit(
+        ["python", "jobs/demo.py", "name=x", "train.steps=20"],
+        runtime_env=cluster.runtime_env(shared=False),  # the local defaults
         timeout=600,
-    )  # fmt: skip
+        submission_id=job,
+    )
     elapsed = time.monotonic() - started
-    if rc == 0:
-        assert "step 20" in logs, logs[-4000:]
-        return
+    info = JobSubmissionClient(cluster.dashboard_url).get_job_info(job)
+    assert rc != 0 and "exit code 2" in (info.message or ""), (info.message, logs[-4000:])
     assert "Traceback" not in logs, logs[-4000:]
-    for setting in ("output_dir=s3://", "tracking.uri="):
-        assert setting in logs, logs[-4000:]
+    ours = [line for line in logs.splitlines() if "share no disk" in line]
+    assert len(ours) == 1, logs[-4000:]
+    for setting in ("output_dir=s3://", "storage=s3://", "tracking.uri=http://"):
+        assert setting in ours[0], setting
+    assert "shared_filesystem=true" in ours[0]
+    # Stopped before any work: the job started no task and no actor on the cluster.
+    filters = [("job_id", "=", info.job_id)]
+    address = cluster.dashboard_url
+    assert not list_tasks(address=address, filters=filters, raise_on_missing_output=False)
+    assert not list_actors(address=address, filters=filters, raise_on_missing_output=False)
     # A minute of the job's own time; the rest is `ray job submit` uploading the checkout
     # and starting the driver on a loaded 2-core machine.
     assert elapsed < 180, f"{elapsed:.0f} s before the demo stopped"
