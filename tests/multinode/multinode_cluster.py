@@ -30,8 +30,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -179,6 +181,7 @@ class NoSharedDiskCluster:
     _started: list[Node] = field(default_factory=list)  # every node ever started
     _worker_port_base: int = field(default_factory=lambda: random.randrange(20000, 28000, 400))
     _node_count: int = 0
+    _count_lock: threading.Lock = field(default_factory=threading.Lock)
     _keep_dirs: list[Path] = field(default_factory=list)  # see _launch: a checkout under /tmp
 
     # ------------------------------------------------------------------ start and stop
@@ -227,8 +230,11 @@ class NoSharedDiskCluster:
             ],
             {**os.environ, **S3_ENV, "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint},
         )
-        for _ in range(self.workers):  # one at a time: the machine has few cores
-            self.add_node()
+        # The worker nodes start together: each waits mostly on its own processes' imports,
+        # and a failed start is retried alone (`_launch`).
+        names = [f"node_{chr(ord('a') + i)}" for i in range(self.workers)]
+        with ThreadPoolExecutor(len(names)) as pool:
+            self.nodes.extend(pool.map(self._launch, names))
         try:
             wait_until_serving(self.mlflow_uri + "/health", mlflow, 180, "mlflow server")
         except RuntimeError as err:
@@ -310,8 +316,9 @@ class NoSharedDiskCluster:
             "--metrics-export-port": free_port(),
         }
         # Disjoint worker port ranges: every node listens on the same IP.
-        low = self._worker_port_base + 100 * self._node_count
-        self._node_count += 1
+        with self._count_lock:  # worker nodes start concurrently
+            low = self._worker_port_base + 100 * self._node_count
+            self._node_count += 1
         args = [
             RAY, "start", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}",
             f"--min-worker-port={low}", f"--max-worker-port={low + 99}",

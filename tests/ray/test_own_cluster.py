@@ -69,24 +69,30 @@ def test_the_planted_file_is_the_one_ray_reads(stale_temp, ray_init_args):
     assert "When connecting to an existing cluster" in done.stdout, done.stdout[-3000:]
 
 
-def test_the_tests_cluster_starts_despite_a_stale_current_cluster_file(stale_temp, ray_init_args):
-    done = run_init(ray_init_args, stale_temp)
-    assert done.returncode == 0, done.stdout[-3000:]
-    assert f"CPUS {float(ray_init_args['num_cpus'])}" in done.stdout, done.stdout[-3000:]
-
-
-START_RAY = """
-import json, sys, ray
+BOTH = """
+import json, os, sys, ray
+from pathlib import Path
 from llamaray.ray_session import start_ray
-start_ray(**json.loads(sys.argv[1]))
-print("CPUS", ray.cluster_resources().get("CPU"), flush=True)
+stale = Path(os.environ["RAY_TMPDIR"], "ray", "ray_current_cluster")
+planted = stale.read_text()
+ray.init(**json.loads(sys.argv[1]))
+print("TESTS-CPUS", ray.cluster_resources().get("CPU"), flush=True)
+ray.shutdown()
+stale.write_text(planted)  # the dead head again, whatever the first start wrote there
+start_ray(num_cpus=1, include_dashboard=False)
+print("DRIVER-CPUS", ray.cluster_resources().get("CPU"), flush=True)
 ray.shutdown()
 """
 
 
-def test_the_drivers_start_ray_starts_its_own_cluster_despite_a_stale_file(stale_temp):
-    """llamaray.ray_session.start_ray, every driver's way in (pretrain, prepare, eval, jobs/),
-    with no RAY_ADDRESS: a new local cluster, never the dead head the file names."""
-    done = run_init({"num_cpus": 1, "include_dashboard": False}, stale_temp, START_RAY)
+def test_the_tests_and_the_drivers_start_their_own_cluster_despite_a_stale_file(
+    stale_temp, ray_init_args
+):
+    """Both ways in, one after the other in one process (a Ray start costs seconds): the
+    tests' `ray.init(**RAY_INIT)`, and llamaray.ray_session.start_ray, every driver's way
+    in (pretrain, prepare, eval, jobs/), with no RAY_ADDRESS. Each starts a new local
+    cluster, never the dead head the file names."""
+    done = run_init(ray_init_args, stale_temp, BOTH)
     assert done.returncode == 0, done.stdout[-3000:]
-    assert "CPUS 1.0" in done.stdout, done.stdout[-3000:]
+    assert f"TESTS-CPUS {float(ray_init_args['num_cpus'])}" in done.stdout, done.stdout[-3000:]
+    assert "DRIVER-CPUS 1.0" in done.stdout, done.stdout[-3000:]
