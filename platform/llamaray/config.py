@@ -175,7 +175,12 @@ class OptimizerConfig(_Section):
 
 class TrainConfig(_Section):
     steps: int = Field(100_000, gt=0, description="Optimizer steps.")
-    seq_len: int = Field(2048, gt=0, description="Tokens per training row.")
+    seq_len: int | None = Field(
+        None,  # RunConfig fills it in: after validation it is always set
+        gt=0,
+        description="Tokens per training row; None: the model's max_seq_len (2048 for the "
+        "paper's presets).",
+    )
     batch_tokens: int | None = Field(None, gt=0, description="Tokens per step; None: preset's.")
     micro_batch_size: int = Field(1, gt=0, description="Rows per worker per forward pass.")
     num_workers: int = Field(1, gt=0, description="Training processes (Ray Train workers).")
@@ -355,6 +360,8 @@ class RunConfig(_Section):
             # Map ModelArgs' messages (which name their own fields) onto config paths.
             problems += [f"model.{p}" for p in str(err).splitlines()[1:]]
             args = None
+        if t.seq_len is None:  # the default: as long as the model's rotary table
+            t.seq_len = args.max_seq_len if args is not None else 2048
         if args is not None and t.seq_len > args.max_seq_len:
             problems.append(
                 f"train.seq_len: {t.seq_len} exceeds the model's max_seq_len={args.max_seq_len}"

@@ -18,7 +18,8 @@ def error_of(overrides: list[str], path=None) -> str:
 
 
 def test_defaults_follow_the_paper():
-    cfg = load_config(None, ["model.preset=7B", "train.seq_len=2048"])
+    cfg = load_config(None, ["model.preset=7B"])
+    assert cfg.train.seq_len == 2048  # the paper's context, the 7B preset's rotary table
     assert cfg.peak_lr == 3e-4 and cfg.batch_tokens == 4 * 1024 * 1024
     assert (cfg.optimizer.beta1, cfg.optimizer.beta2, cfg.optimizer.weight_decay) == (
         0.9,
@@ -28,6 +29,15 @@ def test_defaults_follow_the_paper():
     assert (cfg.optimizer.warmup_steps, cfg.optimizer.final_lr_ratio, cfg.optimizer.grad_clip) == (
         2000, 0.1, 1.0)  # fmt: skip
     assert cfg.grad_accum_steps == 2048  # one 2048-token row per micro-batch, one worker
+
+
+def test_the_default_row_length_is_the_models_context():
+    # The default preset (tiny) has a 512-token rotary table: a bare config must be valid.
+    cfg = load_config(None, ["name=x"])
+    assert (cfg.model.preset, cfg.train.seq_len) == ("tiny", 512)
+    assert load_config(None, ["model.max_seq_len=256"]).train.seq_len == 256
+    assert load_config(None, ["train.seq_len=128"]).train.seq_len == 128  # set: kept
+    assert "train.seq_len: 1024 exceeds" in error_of(["train.seq_len=1024"])
 
 
 def test_overrides_are_typed_and_nested():
