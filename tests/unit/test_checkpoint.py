@@ -34,15 +34,10 @@ from llamaray.train.checkpoint import (
     step_dirs,
     verify_checkpoint,
 )
+from llamaray.train.launcher import LocalLauncher, ensure_process_group
 from llamaray.train.optim import build_optimizer
 from llamaray.train.step import train_step
-from llamaray.train.worker import (
-    LocalLauncher,
-    WorkerSpec,
-    build_parallel_model,
-    ensure_process_group,
-    run_worker,
-)
+from llamaray.train.worker import WorkerSpec, build_parallel_model, run_worker
 
 VOCAB = 64
 SEQ_LEN = 16

@@ -35,9 +35,10 @@ from llamaray.model.loss import IGNORE_INDEX as LOSS_IGNORE_INDEX
 from llamaray.orchestrate.finetune import check_architecture, prepare_finetune, resolve_base
 from llamaray.tokenizer import train_tokenizer
 from llamaray.train.batches import InstructionFeed
+from llamaray.train.launcher import LocalLauncher, ensure_process_group
 from llamaray.train.optim import build_optimizer
 from llamaray.train.step import train_step
-from llamaray.train.worker import LocalLauncher, WorkerSpec, ensure_process_group, run_worker
+from llamaray.train.worker import WorkerSpec, run_worker
 
 SEQ_LEN = 96
 

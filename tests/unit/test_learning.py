@@ -21,7 +21,8 @@ from llamaray.data.prepare import MANIFEST, TOKENIZER, TokenizePack, write_shard
 from llamaray.data.sample_text import iter_texts, write_stdlib_sample
 from llamaray.storage import filesystem
 from llamaray.tokenizer import train_tokenizer
-from llamaray.train.worker import LocalLauncher, WorkerSpec, ensure_process_group, run_worker
+from llamaray.train.launcher import LocalLauncher, ensure_process_group
+from llamaray.train.worker import WorkerSpec, run_worker
 
 VOCAB = 1024
 SEQ_LEN = 64

@@ -322,13 +322,9 @@ def test_a_corpus_outside_the_paper_trains_end_to_end(prose_corpus, tmp_path):
     from llamaray.model import Llama
     from llamaray.orchestrate.pretrain import plan_data
     from llamaray.storage import local_copy
-    from llamaray.train.worker import (
-        LocalLauncher,
-        WorkerSpec,
-        ensure_process_group,
-        model_uri,
-        run_worker,
-    )
+    from llamaray.train.launcher import LocalLauncher, ensure_process_group
+    from llamaray.train.outputs import model_uri
+    from llamaray.train.worker import WorkerSpec, run_worker
 
     ensure_process_group()  # one gloo rank, never destroyed (see tests/unit/test_checkpoint.py)
     cfg = run_config(tmp_path)

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from llamaray.train.worker import Launcher, LocalLauncher, WorkerSpec, run_worker
+from llamaray.train.launcher import Launcher, LocalLauncher
+from llamaray.train.worker import WorkerSpec, run_worker
 
 STEPS_FILE = "steps.json"
 

@@ -27,7 +27,8 @@ from llamaray.config import ConfigError, RunConfig
 from llamaray.console import logger
 from llamaray.data.mixture import MixturePlan
 from llamaray.ray_session import start_ray
-from llamaray.train.worker import WorkerSpec, model_uri
+from llamaray.train.outputs import model_uri
+from llamaray.train.worker import WorkerSpec
 
 log = logger()  # the drivers' lines: [llamaray] ...
 

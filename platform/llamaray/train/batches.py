@@ -3,7 +3,7 @@
 One loop trains both ways; what differs is behind `TrainingFeed`:
 
 - `CorpusFeed` (pretraining): packed rows of a prepared corpus, in the mixture's order
-  (`data.packed_corpus.MixedStream`), read ahead in a background thread; every position is a target.
+  (`data.mixed_stream.MixedStream`), read ahead in a background thread; every position is a target.
 - `InstructionFeed` (finetuning): tokenized instruction/response examples
   (`data.instructions`), held in memory, drawn per step from seeded per-epoch
   permutations; targets are -100 on the prompt and padding, so only responses are learned.
@@ -89,8 +89,9 @@ class CorpusFeed:
     a run with no driver (in-process, torchrun) applies the same rule here."""
 
     def __init__(self, cfg: RunConfig, corpus_dir: str, proportions: dict[str, float] | None):
+        from llamaray.data.mixed_stream import MixedStream
         from llamaray.data.mixture import mixture_weights
-        from llamaray.data.packed_corpus import CorpusRows, MixedStream
+        from llamaray.data.packed_corpus import CorpusRows
 
         self.cfg = cfg
         self.corpus = CorpusRows.open(corpus_dir)
@@ -116,7 +117,7 @@ class CorpusFeed:
         return f"corpus {self.corpus.corpus_dir} ({', '.join(self.corpus.source_names)})"
 
     def batches(self, dp_rank: int, dp: int, start_step: int) -> Iterator[StepBatch]:
-        from llamaray.data.packed_corpus import Prefetcher
+        from llamaray.data.prefetch import Prefetcher
 
         rows = self.stream.batches(dp_rank, dp, self.cfg.rows_per_step, start_step=start_step)
         return Prefetcher(self._steps(rows))
@@ -134,7 +135,7 @@ class CorpusFeed:
     def validation_batches(self, dp_rank: int, dp: int, micro: int) -> dict[str, list]:
         """Each rank takes an equal slice of every source's held-out rows, so up to dp - 1
         rows per source go unused; a source with fewer rows than dp is left out."""
-        from llamaray.data.packed_corpus import validation_rows
+        from llamaray.data.mixed_stream import validation_rows
 
         if not self.cfg.data.eval_rows:
             return {}

@@ -21,41 +21,26 @@ import json
 import math
 import os
 import resource
-import signal
-import tempfile
 import time
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Protocol
 
 import torch
 import torch.distributed as dist
 
 from llamaray.config import RunConfig
-from llamaray.console import logger
 from llamaray.model.args import ModelArgs
 from llamaray.model.device import pick_device
 from llamaray.model.flops import PEAK_FLOPS, mfu, param_count
 from llamaray.model.loss import IGNORE_INDEX
 from llamaray.train.batches import open_feed
 from llamaray.train.checkpoint import TrainState, restore_latest
+from llamaray.train.faults import maybe_kill
+from llamaray.train.launcher import Launcher
 from llamaray.train.optim import build_optimizer
+from llamaray.train.outputs import log_loss_curve, publish_model
+from llamaray.train.progress import progress_line, rank0_console
 from llamaray.train.schedule import lr_at
 from llamaray.train.step import autocast, train_step
-
-
-class Launcher(Protocol):
-    """What the process launcher provides to `run_worker`."""
-
-    def checkpoint_candidates(self) -> Iterable[Callable[[], Path]]:
-        """Checkpoint directories to resume from, newest first (fetched when called)."""
-
-    def save_checkpoint(self, model, optimizer, state: TrainState, metrics: dict) -> None:
-        """Save a checkpoint of `state.step` (collective) and report `metrics` with it."""
-
-    def report(self, metrics: dict) -> None:
-        """Report metrics (collective: every rank calls at the same steps)."""
 
 
 @dataclass
@@ -168,7 +153,7 @@ def run_worker(spec: WorkerSpec, launcher: Launcher) -> WorkerResult:
     """
     cfg = RunConfig.model_validate(spec.config)
     t, rank, world = cfg.train, dist.get_rank(), dist.get_world_size()
-    say = _console(rank)
+    say = rank0_console(rank)
     device = worker_device(t.device)
     if device.type == "cpu":
         torch.set_num_threads(max(1, math.floor(t.cpus_per_worker)))
@@ -292,7 +277,7 @@ def run_worker(spec: WorkerSpec, launcher: Launcher) -> WorkerResult:
                 history.append(last)
                 done = state.step - first_step
                 eta = (time.perf_counter() - start) / done * (last_step - state.step)
-                say(_progress(last, t.steps, eta))
+                say(progress_line(last, t.steps, eta))
                 if tracker:
                     tracker.log({k: v for k, v in last.items() if k != "step"}, state.step)
             if checkpoint:
@@ -300,7 +285,7 @@ def run_worker(spec: WorkerSpec, launcher: Launcher) -> WorkerResult:
                 launcher.save_checkpoint(model, optimizer, state, report)
             elif log_now:
                 launcher.report(last | {"stopped": ""})
-            _maybe_kill(cfg, rank, state.step, spec.run_dir)
+            maybe_kill(cfg, rank, state.step, spec.run_dir)
             if stopped:
                 say(f"stopping: {stopped}")
                 break
@@ -308,7 +293,7 @@ def run_worker(spec: WorkerSpec, launcher: Launcher) -> WorkerResult:
         if complete and cfg.tracking.export_hf:
             publish_model(model, args, rank, feed.tokenizer_path, spec.run_dir, tracker)
         if tracker:
-            _log_curve(tracker, history, cfg.name)
+            log_loss_curve(tracker, history, cfg.name)
     except BaseException:
         if tracker:
             tracker.finish("FAILED")
@@ -369,169 +354,3 @@ def _as_tensors(batch):
     if isinstance(batch, tuple):
         return tuple(torch.from_numpy(x) for x in batch)
     return torch.from_numpy(batch)
-
-
-def model_uri(run_dir: str) -> str:
-    """Where a run's exported model (Hugging Face format) lives in its storage."""
-    from llamaray.storage import join
-
-    return join(run_dir, "hf")
-
-
-def publish_model(
-    model: torch.nn.Module,
-    args: ModelArgs,
-    rank: int,
-    tokenizer: str | None,
-    run_dir: str,
-    tracker=None,
-) -> str | None:
-    """Export the model (collective) and, on rank 0, put the folder into the run's storage
-    at `model_uri(run_dir)` (replacing an earlier export) and into MLflow as `model`. The
-    folder is written to a temporary directory on rank 0's node and removed after: nothing
-    is left on a disk only that node has. Returns the model's URI on rank 0, else None."""
-    from llamaray import storage
-
-    with tempfile.TemporaryDirectory(prefix="llamaray-export-") as tmp:
-        folder = export_hf(model, args, Path(tmp) / "hf", rank, tokenizer)
-        if folder is None:
-            return None
-        target = model_uri(run_dir)
-        storage.delete_tree(target)
-        storage.upload(folder, target)
-        if tracker:
-            tracker.artifact(folder, "model")
-    return target
-
-
-def export_hf(
-    model: torch.nn.Module, args: ModelArgs, out_dir: Path, rank: int, tokenizer: str | None = None
-) -> Path | None:
-    """Gather the full weights (collective) and write them in Hugging Face format on rank 0,
-    with the tokenizer (a local path or s3:// URI) beside them so the folder is
-    self-contained."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    from llamaray.model import Llama
-    from llamaray.model.formats import save_hf, write_hf_tokenizer
-
-    full = get_model_state_dict(
-        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-    )
-    if rank != 0:
-        return None
-    with torch.device("meta"):
-        plain = Llama(args)
-    plain.load_state_dict(full, assign=True)
-    out = save_hf(plain, out_dir)
-    if tokenizer:
-        from llamaray import storage
-
-        if storage.exists(tokenizer):
-            with storage.local_copy(tokenizer) as local:
-                write_hf_tokenizer(out, local, args.max_seq_len)
-        else:  # e.g. a path only the driver's disk has: say so rather than ship a half folder
-            logger("train").warning(f"tokenizer {tokenizer} not found; exported without it")
-    return out
-
-
-def fault_marker(run_dir: str, rank: int, step: int) -> str:
-    """Where `faults.kill_*` records that it fired, in the run's storage: a replacement
-    worker on another node must see it too."""
-    from llamaray.storage import join
-
-    return join(run_dir, ".faults", f"killed-rank{rank}-step{step}")
-
-
-def _maybe_kill(cfg: RunConfig, rank: int, step: int, run_dir: str) -> None:
-    from llamaray import storage
-
-    f = cfg.faults
-    if f.kill_rank != rank or f.kill_at_step != step:
-        return
-    marker = fault_marker(run_dir, rank, step)
-    if storage.exists(marker):  # once per run name: the restarted worker must get past it
-        return
-    storage.write_text(marker, f"killed at step {step}\n")
-    logger("fault").warning(f"killing rank {rank} at step {step}")
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _log_curve(tracker, history: list[dict], name: str) -> None:
-    """The loss curve from MLflow's stored history, which spans earlier launches too."""
-    from llamaray.tracking import loss_curve_png
-
-    client, run_id = tracker.client, tracker.run_id
-    points: dict[int, dict] = {h["step"]: dict(h) for h in history}
-    for key in ("loss", "val_loss"):
-        for m in client.get_metric_history(run_id, key):
-            points.setdefault(m.step, {"step": m.step})[key] = m.value
-    with tempfile.TemporaryDirectory() as tmp:
-        path = loss_curve_png(
-            sorted(points.values(), key=lambda h: h["step"]), Path(tmp) / "loss_curve.png", name
-        )
-        tracker.artifact(path)
-
-
-def _progress(m: dict, total: int, eta: float) -> str:
-    line = (
-        f"step {m['step']:>6}/{total}  loss {m['loss']:7.4f}  lr {m['lr']:.2e}  "
-        f"grad {m['grad_norm']:6.3f}  {m['tokens_per_s']:8.0f} tok/s  "
-        f"mem {m['memory_gb']:5.2f} GB  eta {_duration(eta)}"
-    )
-    if "mfu" in m:
-        line += f"  mfu {m['mfu']:.1%}"
-    if "val_loss" in m:
-        line += f"  val {m['val_loss']:.4f}"
-    return line
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return (
-        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-        if seconds >= 3600
-        else f"{seconds // 60}m{seconds % 60:02d}s"
-    )
-
-
-def _console(rank: int) -> Callable[[str], None]:
-    """Rank 0's progress lines, `[train] ...` (llamaray.console's format); other ranks are
-    silent. Through `logging`, not `print`: Ray Train patches print into a logger of its
-    own, and tees it again when a library (MLflow) has wrapped sys.stdout."""
-    log = logger("train")
-
-    def say(msg: str) -> None:
-        if rank == 0:
-            log.info(msg)
-
-    return say
-
-
-def ensure_process_group(backend: str = "gloo") -> None:
-    """A one-process group when none is set up, so `run_worker` runs in a plain script."""
-    if dist.is_initialized():
-        return
-    store = dist.HashStore()
-    dist.init_process_group(backend, store=store, rank=0, world_size=1)
-
-
-class LocalLauncher:
-    """Checkpoints in a shared local directory; metrics kept in memory. For torchrun and
-    in-process runs (no Ray)."""
-
-    def __init__(self, checkpoint_root: str | Path, keep: int = 3):
-        from llamaray.train.checkpoint import LocalCheckpoints
-
-        self.checkpoints = LocalCheckpoints(checkpoint_root, keep)
-        self.reports: list[dict] = []
-
-    def checkpoint_candidates(self):
-        return self.checkpoints.candidates()
-
-    def save_checkpoint(self, model, optimizer, state: TrainState, metrics: dict) -> None:
-        self.checkpoints.save(model, optimizer, state)
-        self.reports.append(dict(metrics))
-
-    def report(self, metrics: dict) -> None:
-        self.reports.append(dict(metrics))
