@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from llamaray.data.read import expand_paths, from_row, iter_file, read_corpus, to_row
+from llamaray.data.files import expand_paths
+from llamaray.data.read import from_row, iter_file, read_corpus, to_row
 from llamaray.data.records import Document, Rejected
 
 pytestmark = pytest.mark.ray

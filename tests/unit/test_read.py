@@ -10,17 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from llamaray.data import read
-from llamaray.data.read import (
-    REASONS,
-    CorpusError,
-    QuarantineWriter,
-    ReadStats,
-    expand_paths,
-    from_row,
-    iter_file,
-    to_row,
-)
+from llamaray.data import files, read
+from llamaray.data.files import expand_paths
+from llamaray.data.read import REASONS, CorpusError, from_row, iter_file, to_row
 from llamaray.data.records import Document, Rejected
 
 MAX = 1000  # max_chars for the mixed files: cheap to exceed
@@ -89,7 +81,7 @@ def write_mixed(tmp_path, kind: str | None) -> str:
 def test_mixed_jsonl_accounts_for_every_record(tmp_path, monkeypatch, kind, chunk):
     if chunk:  # lines split across many reads, compressed input fed a few bytes at a time
         monkeypatch.setattr(read, "_CHUNK", chunk)
-        monkeypatch.setattr(read, "_RAW_CHUNK", 5)
+        monkeypatch.setattr(files, "_RAW_CHUNK", 5)
     path = write_mixed(tmp_path, kind)
     items = list(iter_file(path, "c4", max_chars=MAX))
     assert summarize(items) == expected_mixed(path)
@@ -352,53 +344,25 @@ def test_expand_paths(tmp_path):
     ]
 
 
-def test_quarantine_writer(tmp_path):
+def test_quarantine_lines(tmp_path):
     path = write_mixed(tmp_path, None)
     rejected = [i for i in iter_file(path, "c4", max_chars=MAX) if isinstance(i, Rejected)]
-    qfile = tmp_path / "out" / "quarantine.jsonl"
-    with QuarantineWriter(qfile) as q:
-        for r in rejected:
-            q.write(r)
-        assert q.count == len(rejected) == 10
-    with QuarantineWriter(qfile) as q:  # appends
-        q.write(Rejected("x.jsonl:3", "empty", "books", "\ud800 lone surrogate, Grüße"))
-    lines = qfile.read_text(encoding="utf-8").splitlines()
-    assert [json.loads(line) for line in lines[:-1]] == [
+    assert len(rejected) == 10
+    lines = [r.quarantine_line() for r in rejected]
+    assert all(line.endswith("\n") and line.count("\n") == 1 for line in lines)
+    assert [json.loads(line) for line in lines] == [
         {"origin": r.origin, "reason": r.reason, "source": "c4", "excerpt": r.excerpt}
         for r in rejected
     ]
-    assert json.loads(lines[-1]) == {
+    odd = Rejected("x.jsonl:3", "empty", "books", "\ud800 lone surrogate, Grüße")
+    line = odd.quarantine_line()
+    line.encode("utf-8")  # a lone surrogate is escaped, so the line can be written as UTF-8
+    assert json.loads(line) == {
         "origin": "x.jsonl:3",
         "reason": "empty",
         "source": "books",
         "excerpt": "\ud800 lone surrogate, Grüße",
     }
-
-
-def test_read_stats(tmp_path):
-    mixed = write_mixed(tmp_path, "gz")
-    stats_a = ReadStats().update(iter_file(mixed, "c4", max_chars=MAX))
-    stats_b = ReadStats().update(iter_file(str(tmp_path / "gone.jsonl"), "books"))
-    stats_b.add(Document("t", "books", "x:1"))
-    total = stats_a + stats_b
-    expected = {
-        "documents": {"books": 1, "c4": 4},
-        "rejected": {
-            "books": {"missing_file": 1},
-            "c4": {
-                "empty": 2,
-                "invalid_utf8": 2,
-                "malformed_json": 1,
-                "missing_text": 3,
-                "too_long": 2,
-            },
-        },
-    }
-    assert total.to_dict() == expected
-    assert json.loads(json.dumps(total.to_dict())) == expected
-    assert (total.total_documents, total.total_rejected) == (5, 11)
-    assert ReadStats.from_dict(expected) == total
-    assert stats_a.to_dict()["documents"] == {"c4": 4}  # `+` left its operands alone
 
 
 def test_rows_round_trip(tmp_path):

@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from llamaray.data.read import expand_paths, iter_file
+from llamaray.data.files import expand_paths
+from llamaray.data.read import iter_file
 from llamaray.data.records import Document
 
 BUCKET = "corpus"

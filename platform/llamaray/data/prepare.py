@@ -44,7 +44,7 @@ from llamaray.console import logger
 from llamaray.data.clean import DEDUPLICATORS, clean_document
 from llamaray.data.clean.commoncrawl import skipped_steps
 from llamaray.data.packing import Packer
-from llamaray.data.read import from_row, quarantine_line, read_corpus, to_row
+from llamaray.data.read import from_row, read_corpus, to_row
 from llamaray.data.records import Document
 from llamaray.storage import (
     delete_tree,
@@ -340,7 +340,7 @@ def write_quarantine_block(batch: pa.Table, fs, root: str) -> pa.Table:
     rejected = of_kind(batch, "rejected")
     if not rejected.num_rows:
         return _RECORD.empty_table()
-    data = "".join(quarantine_line(from_row(r)) for r in rejected.to_pylist()).encode()
+    data = "".join(from_row(r).quarantine_line() for r in rejected.to_pylist()).encode()
     relative = f"{QUARANTINE_DIR}/{_digest(data)}.jsonl"
     put_bytes(fs, f"{root}/{relative}", data)
     return pa.Table.from_pylist(

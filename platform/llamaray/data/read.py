@@ -29,16 +29,13 @@ from __future__ import annotations
 
 import codecs
 import contextlib
-import fnmatch
-import glob
 import json
 import os
 import zlib
-from collections import Counter
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any
 
+from llamaray.data.files import exists, expand_paths, is_s3, open_stream, s3_path
 from llamaray.data.records import Document, Rejected
 
 REASONS: dict[str, str] = {
@@ -57,7 +54,6 @@ REASONS: dict[str, str] = {
 MAX_CHARS = 50_000_000
 EXCERPT_CHARS = 200
 _CHUNK = 1 << 20
-_RAW_CHUNK = 1 << 18  # compressed bytes a read; kept small as output can be 10x
 _JSONL = (".jsonl", ".json", ".ndjson")
 _PARQUET = (".parquet", ".pq")
 _TEXT = (".txt", ".text")
@@ -97,13 +93,13 @@ def _iter_file(path: str, source: str, max_chars: int, s3) -> Iterator[Document 
     fmt, compression = _format_of(path)
     try:
         if fmt is None or (fmt == "parquet" and compression):
-            if not _exists(path, s3):
+            if not exists(path, s3):
                 raise FileNotFoundError(path)
             yield Rejected(f"{path}:0", "unsupported_format", source, os.path.basename(path))
         elif fmt == "parquet":
             yield from _iter_parquet(path, source, max_chars, s3)
         else:
-            with _open_stream(path, compression, s3) as stream:
+            with open_stream(path, compression, s3) as stream:
                 if fmt == "jsonl":
                     yield from _iter_jsonl(stream, path, source, max_chars)
                 else:
@@ -242,8 +238,8 @@ def _iter_parquet(path: str, source: str, max_chars: int, s3=None) -> Iterator[D
     import pyarrow.parquet as pq
 
     with contextlib.ExitStack() as stack:
-        if _is_s3(path):
-            fs, key = _s3_path(path, s3)
+        if is_s3(path):
+            fs, key = s3_path(path, s3)
             f = stack.enter_context(fs.open_input_file(key))
         else:
             f = path
@@ -367,230 +363,6 @@ def _as_meta(meta: Any) -> dict:
     return {"meta": meta}
 
 
-# --------------------------------------------------------------------------- opening
-
-
-@contextlib.contextmanager
-def _open_stream(path: str, compression: str | None, s3=None):
-    """A binary stream with `.read(n)`, decompressed; truncation raises EOFError."""
-    with contextlib.ExitStack() as stack:
-        if _is_s3(path):
-            from pyarrow import fs as pafs
-
-            s3, key = _s3_path(path, s3)
-            if s3.get_file_info(key).type == pafs.FileType.NotFound:
-                raise FileNotFoundError(f"No such file: {path}")
-            raw = stack.enter_context(s3.open_input_stream(key, compression=None))
-        else:
-            raw = stack.enter_context(open(path, "rb"))
-        yield _Decompressed(raw, compression) if compression else raw
-
-
-class _Decompressed:
-    """Streaming gzip or zstandard reader that notices truncation (raises EOFError).
-
-    Concatenated gzip members and zstd frames are read in turn. (`gzip.GzipFile.read` drops
-    the data it decompressed when a truncation error ends a read, and zstandard's
-    `stream_reader` returns a clean EOF on a truncated frame: neither does here.)
-    """
-
-    def __init__(self, raw, kind: str):
-        self._raw = raw
-        self._kind = kind
-        self._obj = None
-        if kind == "zstd":
-            import zstandard
-
-            self._dctx = zstandard.ZstdDecompressor()
-
-    def _new(self):
-        if self._kind == "gzip":
-            return zlib.decompressobj(16 + zlib.MAX_WBITS)
-        return self._dctx.decompressobj()
-
-    def read(self, n: int = _CHUNK) -> bytes:
-        while data := self._raw.read(_RAW_CHUNK):
-            out = []
-            while data:
-                if self._obj is None:
-                    if self._kind == "gzip":  # gzip(1) tolerates zero padding after a member
-                        data = data.lstrip(b"\x00")
-                        if not data:
-                            break
-                    self._obj = self._new()
-                out.append(self._obj.decompress(data))
-                if self._obj.eof:
-                    data, self._obj = self._obj.unused_data, None
-                else:
-                    data = b""
-            if result := b"".join(out):
-                return result
-        if self._obj is not None:
-            raise EOFError(f"{self._kind} stream ended before the end of its last frame")
-        return b""
-
-
-def _is_s3(path: str) -> bool:
-    return path.startswith("s3://")
-
-
-def _s3_path(path: str, s3=None):
-    """(`s3`, or else the S3 filesystem of `llamaray.storage`, "bucket/key") for
-    "s3://bucket/key"."""
-    from llamaray.storage import filesystem
-
-    if s3 is not None:
-        return s3, path[len("s3://") :].rstrip("/")
-    return filesystem(path)
-
-
-def _exists(path: str, s3=None) -> bool:
-    if _is_s3(path):
-        from pyarrow import fs as pafs
-
-        s3, key = _s3_path(path, s3)
-        return s3.get_file_info(key).type != pafs.FileType.NotFound
-    return os.path.exists(path)
-
-
-# --------------------------------------------------------------------------- listing
-
-
-def expand_paths(patterns: list[str]) -> list[str]:
-    """Files named by local globs (`**` recursive), directories and `s3://` prefixes.
-
-    Directories and prefixes are listed recursively; each pattern's files are sorted, the
-    patterns keep their order, and a file named twice is listed once. A pattern that matches
-    nothing is returned as is, so `iter_file` reports it as "missing_file".
-    """
-    out: dict[str, None] = {}
-    for pattern in patterns:
-        found = _expand_s3(pattern) if _is_s3(pattern) else _expand_local(pattern)
-        for path in found or [pattern]:
-            out.setdefault(path, None)
-    return list(out)
-
-
-def _expand_local(pattern: str) -> list[str]:
-    matches = glob.glob(pattern, recursive=True) if glob.has_magic(pattern) else [pattern]
-    files: set[str] = set()
-    for m in matches:
-        if os.path.isdir(m):
-            for root, _dirs, names in os.walk(m):
-                files.update(os.path.join(root, n) for n in names)
-        elif os.path.exists(m):
-            files.add(m)
-    return sorted(files)
-
-
-def _expand_s3(pattern: str) -> list[str]:
-    from pyarrow import fs as pafs
-
-    s3, key = _s3_path(pattern)
-    magic = glob.has_magic(key)
-    try:
-        if magic:
-            first = min(key.index(c) for c in "*?[" if c in key)
-            base = key[:first].rsplit("/", 1)[0]
-        else:
-            base = key.rstrip("/")
-            if s3.get_file_info(base).type == pafs.FileType.File:
-                return [pattern]
-        selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
-        infos = s3.get_file_info(selector)
-    except OSError:
-        return []  # iter_file reports the pattern itself
-    paths = sorted(i.path for i in infos if i.type == pafs.FileType.File)
-    if magic:  # fnmatch's "*" also crosses "/"
-        paths = [p for p in paths if fnmatch.fnmatchcase(p, key)]
-    return ["s3://" + p for p in paths]
-
-
-# --------------------------------------------------------------------------- bookkeeping
-
-
-def quarantine_line(rejected: Rejected) -> str:
-    """One quarantine record: a JSON line {origin, reason, source, excerpt} with its newline."""
-    record = {
-        "origin": rejected.origin,
-        "reason": rejected.reason,
-        "source": rejected.source,
-        "excerpt": rejected.excerpt,
-    }
-    # ASCII escapes: an excerpt may hold lone surrogates, which UTF-8 cannot encode.
-    return json.dumps(record) + "\n"
-
-
-class QuarantineWriter:
-    """Append each `Rejected` to a local file as one `quarantine_line`. (`llamaray prepare`
-    has each Ray task write its block's rejections to the output storage instead.)"""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = os.fspath(path)
-        self.count = 0
-        parent = os.path.dirname(self.path)
-        if parent:
-            os.makedirs(parent, exist_ok=True)
-        self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
-
-    def write(self, rejected: Rejected) -> None:
-        self._f.write(quarantine_line(rejected))
-        self.count += 1
-
-    def close(self) -> None:
-        self._f.close()
-
-    def __enter__(self) -> QuarantineWriter:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-@dataclass
-class ReadStats:
-    """Documents read per source and rejections per (source, reason); add with `+`."""
-
-    documents: Counter = field(default_factory=Counter)
-    rejected: Counter = field(default_factory=Counter)
-    """Keyed by (source, reason)."""
-
-    def add(self, item: Document | Rejected) -> None:
-        if isinstance(item, Document):
-            self.documents[item.source] += 1
-        else:
-            self.rejected[(item.source, item.reason)] += 1
-
-    def update(self, items: Iterable[Document | Rejected]) -> ReadStats:
-        for item in items:
-            self.add(item)
-        return self
-
-    def __add__(self, other: ReadStats) -> ReadStats:
-        return ReadStats(self.documents + other.documents, self.rejected + other.rejected)
-
-    @property
-    def total_documents(self) -> int:
-        return sum(self.documents.values())
-
-    @property
-    def total_rejected(self) -> int:
-        return sum(self.rejected.values())
-
-    def to_dict(self) -> dict:
-        rejected: dict[str, dict[str, int]] = {}
-        for (source, reason), n in sorted(self.rejected.items()):
-            rejected.setdefault(source, {})[reason] = n
-        return {"documents": dict(sorted(self.documents.items())), "rejected": rejected}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ReadStats:
-        rejected = Counter(
-            {(s, r): n for s, reasons in d.get("rejected", {}).items() for r, n in reasons.items()}
-        )
-        return cls(Counter(d.get("documents", {})), rejected)
-
-
 # --------------------------------------------------------------------------- Ray Data
 
 
@@ -647,7 +419,7 @@ def read_corpus(sources: dict[str, list[str]], *, strict: bool = False, max_char
     ]
     if not items:
         raise ValueError("read_corpus: no sources or no path patterns given")
-    s3 = filesystem("s3://x")[0] if any(_is_s3(i["path"]) for i in items) else None
+    s3 = filesystem("s3://x")[0] if any(is_s3(i["path"]) for i in items) else None
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     return ds.flat_map(_file_rows, fn_kwargs={"strict": strict, "max_chars": max_chars, "s3": s3})
 

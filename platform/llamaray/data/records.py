@@ -6,6 +6,7 @@ manifest can account for every input: documents in = kept + dropped by reason.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 
@@ -36,3 +37,15 @@ class Rejected:
     @staticmethod
     def of(doc: Document, reason: str, excerpt_chars: int = 200) -> Rejected:
         return Rejected(doc.origin, reason, doc.source, doc.text[:excerpt_chars])
+
+    def quarantine_line(self) -> str:
+        """Its quarantine record: a JSON line {origin, reason, source, excerpt} with its
+        newline. ASCII escapes: an excerpt may hold lone surrogates, which UTF-8 cannot
+        encode."""
+        record = {
+            "origin": self.origin,
+            "reason": self.reason,
+            "source": self.source,
+            "excerpt": self.excerpt,
+        }
+        return json.dumps(record) + "\n"
