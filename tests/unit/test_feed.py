@@ -13,7 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from llamaray.data.packed_corpus import CorpusRows, MixedStream, Prefetcher, validation_rows
+from llamaray.data.mixed_stream import MixedStream, validation_rows
+from llamaray.data.packed_corpus import CorpusRows
+from llamaray.data.prefetch import Prefetcher
 
 SEQ_LEN = 8
 W = SEQ_LEN + 1

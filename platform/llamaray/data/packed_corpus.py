@@ -8,11 +8,8 @@ and, per source and split, Parquet shards whose `tokens` column holds one packed
   Parquet footers (read once per file, on a split's first access) map a row index to
   (file, row group, offset); only the row groups holding the asked-for rows are read, and a
   small LRU cache, bounded in bytes, keeps recently decoded row groups.
-- `MixedStream` is the mixture (`mixture.plan_mixture` / `mixed_order`) over those rows: per
-  optimizer step, one rank's share of the global batch (`mixture.worker_rows`), fetched with
-  one `rows()` call per source.
-- `Prefetcher` runs such a stream in a background thread, so reading overlaps compute.
-- `validation_rows` gives the first rows of a source's held-out split, the same every time.
+- `data.mixed_stream.MixedStream` is the mixture over those rows, per step and rank, and
+  `data.prefetch.Prefetcher` reads it ahead in a background thread.
 
 Why index-based random access rather than streaming the shards (e.g. Ray Data's
 `streaming_split`): the row a rank trains on at step `t` is a pure function of (corpus,
@@ -32,25 +29,21 @@ or `AWS_ENDPOINT_URL`, `AWS_REGION` or `AWS_DEFAULT_REGION`, the usual credentia
 
 from __future__ import annotations
 
-import contextlib
 import json
 import posixpath
-import queue
 import threading
-import weakref
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
-from llamaray.data.mixture import MixturePlan, mixed_order, plan_mixture, worker_rows
 from llamaray.storage import filesystem, join
 
 MANIFEST = "manifest.json"
@@ -436,175 +429,3 @@ def _decode(table: pa.Table, path: str, expected_rows: int, width: int) -> np.nd
     block = values.reshape(len(column), width)
     block.flags.writeable = False  # shared through the cache: callers get copies
     return block
-
-
-# ------------------------------------------------------------------------------- mixture
-
-
-class MixedStream:
-    """The training stream: the mixture of a corpus's train rows, per step and rank.
-
-    `plan` is `plan_mixture(corpus.rows_per_source("train"), token_budget, seq_len,
-    proportions, seed)` (proportions None: the paper's, restricted to the sources present)
-    and `order` its `mixed_order`, an array of (source index, row index) with source index
-    into `corpus.source_names`.
-    """
-
-    def __init__(
-        self,
-        corpus: CorpusRows,
-        token_budget: int,
-        proportions: Mapping[str, float] | None = None,
-        seed: int = 0,
-    ):
-        self.corpus = corpus
-        self.plan: MixturePlan = plan_mixture(
-            corpus.rows_per_source("train"), token_budget, corpus.seq_len, proportions, seed
-        )
-        self.order: np.ndarray = mixed_order(self.plan)
-
-    def steps(self, rows_per_step: int) -> int:
-        """Optimizer steps in the stream (a final partial global batch is dropped)."""
-        if rows_per_step <= 0:
-            raise ValueError(f"rows_per_step must be positive, got {rows_per_step}")
-        return len(self.order) // rows_per_step
-
-    def batches(
-        self, rank: int, world_size: int, rows_per_step: int, start_step: int = 0
-    ) -> Iterator[np.ndarray]:
-        """This rank's rows, one int64 (rows_per_step // world_size, row_tokens) array a step.
-
-        Step `t` gives rows `order[t * rows_per_step + rank : (t + 1) * rows_per_step :
-        world_size]` (see `mixture.worker_rows`), starting at `start_step`: a run resumed
-        at step `t` gets the same arrays as an uninterrupted one from `t` on. Arguments are
-        checked now (ValueError), not at the first `next()`.
-        """
-        steps = worker_rows(self.order, rank, world_size, rows_per_step, start_step)
-        return self._fetch(steps)
-
-    def _fetch(self, steps: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
-        names = self.plan.source_names
-        width = self.corpus.row_tokens
-        for pairs in steps:
-            out = np.empty((len(pairs), width), dtype=np.int64)
-            # One rows() call per source a step: its row groups are then read once each.
-            for s in np.unique(pairs[:, 0]):
-                where = pairs[:, 0] == s
-                out[where] = self.corpus.rows(names[s], pairs[where, 1])
-            yield out
-
-
-def validation_rows(corpus: CorpusRows, source: str, max_rows: int) -> np.ndarray:
-    """The first `max_rows` rows (fewer if it has fewer) of `source`'s validation split.
-
-    Storage order, so every evaluation of every run scores the same rows.
-    """
-    if max_rows < 0:
-        raise ValueError(f"max_rows must be >= 0, got {max_rows}")
-    n = min(max_rows, corpus.rows_per_source("validation")[source])
-    return corpus.rows(source, np.arange(n, dtype=np.int64), split="validation")
-
-
-# ------------------------------------------------------------------------------ prefetch
-
-T = TypeVar("T")
-_ITEM, _END, _ERROR = range(3)
-_POLL_S = 0.05
-
-
-class Prefetcher(Generic[T]):
-    """Iterate `iterable` in a background thread, keeping up to `depth` items ready.
-
-    An exception the producer raises is raised by the consumer's `next()` at the point it
-    would have come. `close()` (or leaving a `with` block) stops the producer and waits for
-    its thread; dropping an unclosed Prefetcher stops the producer without waiting. The
-    producer notices either after the item it is computing (an item is not interrupted);
-    it then closes the iterator (a generator's `finally` runs in the producer thread).
-    """
-
-    def __init__(self, iterable: Iterable[T], depth: int = 2, *, name: str = "llamaray-prefetch"):
-        if depth < 1:
-            raise ValueError(f"depth must be >= 1, got {depth}")
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._done = False
-        # The thread must not reference self, or an abandoned Prefetcher could never be
-        # collected (the running thread would keep it alive) and never stop.
-        self._thread = threading.Thread(
-            target=_produce, args=(iter(iterable), self._queue, self._stop), name=name, daemon=True
-        )
-        weakref.finalize(self, self._stop.set)
-        self._thread.start()
-
-    def __iter__(self) -> Prefetcher[T]:
-        return self
-
-    def __next__(self) -> T:
-        if self._done:
-            raise StopIteration
-        while True:
-            try:
-                kind, value = self._queue.get(timeout=_POLL_S)
-                break
-            except queue.Empty:
-                # Dead and empty: stopped by close() from another thread; nothing is coming.
-                if not self._thread.is_alive() and self._queue.empty():
-                    self._finish()
-                    raise StopIteration from None
-        if kind == _ITEM:
-            return value
-        self._finish()
-        if kind == _ERROR:
-            raise value
-        raise StopIteration
-
-    def close(self, timeout: float | None = None) -> None:
-        """Stop the producer and wait (up to `timeout` s) for its thread to end."""
-        self._stop.set()
-        self._finish(timeout)
-
-    def _finish(self, timeout: float | None = None) -> None:
-        self._done = True
-        self._drain()  # frees the queued items; the producer is never blocked on a full queue
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout)
-        self._drain()
-
-    def _drain(self) -> None:
-        try:
-            while True:
-                self._queue.get_nowait()
-        except queue.Empty:
-            pass
-
-    def __enter__(self) -> Prefetcher[T]:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def _offer(q: queue.Queue, stop: threading.Event, message: tuple) -> bool:
-    """Put `message`, waiting for room; False (not put) once `stop` is set."""
-    while not stop.is_set():
-        try:
-            q.put(message, timeout=_POLL_S)
-            return True
-        except queue.Full:
-            continue
-    return False
-
-
-def _produce(it: Iterator, q: queue.Queue, stop: threading.Event) -> None:
-    try:
-        for item in it:
-            if not _offer(q, stop, (_ITEM, item)):
-                return
-        _offer(q, stop, (_END, None))
-    except BaseException as e:  # every failure, KeyboardInterrupt too, goes to the consumer
-        _offer(q, stop, (_ERROR, e))
-    finally:
-        close = getattr(it, "close", None)
-        if close is not None:
-            with contextlib.suppress(Exception):  # nobody is left to report it to
-                close()

@@ -38,7 +38,8 @@ class PerplexityStats:
 
 def heldout_rows(corpus_dir: str, rows_per_source: int) -> dict[str, np.ndarray]:
     """Up to `rows_per_source` validation rows of every source, as the trainers read them."""
-    from llamaray.data.packed_corpus import CorpusRows, validation_rows
+    from llamaray.data.mixed_stream import validation_rows
+    from llamaray.data.packed_corpus import CorpusRows
 
     corpus = CorpusRows.open(corpus_dir)
     out = {name: validation_rows(corpus, name, rows_per_source) for name in corpus.source_names}
