@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     from llamaray.eval.harness_cli import add_harness_parser  # imports no torch or lm-eval
 
     add_harness_parser(sub)
-    from llamaray.orchestrate.finetune import add_finetune_parser  # imports no Ray or torch
+    from llamaray.finetune.driver import add_finetune_parser  # imports no Ray or torch
 
     add_finetune_parser(sub)
     return parser

@@ -15,7 +15,7 @@ import pytest
 
 from llamaray.config import load_config
 from llamaray.data.instructions import InstructionDataError
-from llamaray.orchestrate.finetune import finetune
+from llamaray.finetune.driver import finetune
 from llamaray.tracking import find_run
 
 pytestmark = pytest.mark.ray

@@ -29,10 +29,11 @@ from llamaray.data.instructions import (
     split_examples,
 )
 from llamaray.data.sample_text import write_stdlib_sample
+from llamaray.finetune.base import check_architecture, resolve_base
+from llamaray.finetune.driver import prepare_finetune
 from llamaray.model import Llama, get_preset
 from llamaray.model.formats import save_hf
 from llamaray.model.loss import IGNORE_INDEX as LOSS_IGNORE_INDEX
-from llamaray.orchestrate.finetune import check_architecture, prepare_finetune, resolve_base
 from llamaray.tokenizer import train_tokenizer
 from llamaray.train.batches import InstructionFeed
 from llamaray.train.launcher import LocalLauncher, ensure_process_group
@@ -400,7 +401,7 @@ def process_group():
 
 
 def finetune_in_process(cfg) -> tuple:
-    """What `orchestrate.finetune.finetune` does, with run_worker in this process."""
+    """What `finetune.driver.finetune` does, with run_worker in this process."""
     plan = prepare_finetune(cfg)
     root = Path(cfg.output_dir)
     spec = WorkerSpec(cfg.model_dump(), "", str(root / cfg.name), base=plan.base.spec(),

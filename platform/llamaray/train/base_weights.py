@@ -1,6 +1,6 @@
 """A finetune's starting point: a base model's weights loaded into the sharded model.
 
-Two kinds of base, as the driver resolved them (`orchestrate.finetune.resolve_base`):
+Two kinds of base, as the driver resolved them (`finetune.base.resolve_base`):
 
 - `checkpoint`: a training checkpoint folder (DCP). Only its "model" entries are read,
   straight into each rank's shards (DCP reshards on load, so the base may have been
