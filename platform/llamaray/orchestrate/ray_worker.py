@@ -23,7 +23,13 @@ import ray.train
 from ray.train import Checkpoint
 
 from llamaray.storage import adopt_s3, upload_directory
-from llamaray.train.checkpoint import STEP_DIR, TrainState, save_checkpoint, step_dir_name
+from llamaray.train.checkpoint import (
+    STEP_DIR,
+    TrainState,
+    list_step_folders,
+    save_checkpoint,
+    step_dir_name,
+)
 from llamaray.train.worker import WorkerSpec, run_worker
 
 
@@ -127,21 +133,10 @@ def _local_dir(checkpoint: Checkpoint) -> Path:
 
 def _older_siblings(latest: Checkpoint) -> list[Checkpoint]:
     """Step folders next to `latest` with a lower step, newest first."""
-    import pyarrow.fs
-
     fs, path = latest.filesystem, latest.path.rstrip("/")
     parent, name = path.rsplit("/", 1)
     match = STEP_DIR.match(name)
     if match is None:
         return []
-    infos = fs.get_file_info(pyarrow.fs.FileSelector(parent))
-    found = []
-    for info in infos:
-        m = STEP_DIR.match(info.base_name)
-        if (
-            info.type == pyarrow.fs.FileType.Directory
-            and m
-            and int(m.group(1)) < int(match.group(1))
-        ):
-            found.append((int(m.group(1)), info.path))
-    return [Checkpoint(path=p, filesystem=fs) for _, p in sorted(found, reverse=True)]
+    step = int(match.group(1))
+    return [Checkpoint(path=p, filesystem=fs) for s, p in list_step_folders(fs, parent) if s < step]

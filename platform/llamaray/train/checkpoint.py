@@ -222,13 +222,27 @@ def restore_latest(
 # ------------------------------------------------------------------ a directory of steps
 
 
+def list_step_folders(fs, path: str) -> list[tuple[int, str]]:
+    """(step, path) of the `step-NNNNNNNN` folders directly under `path` on the pyarrow
+    file system `fs` (local, S3, or the one Ray Train stores a run with), newest first;
+    [] when `path` does not exist. The one listing of a run's checkpoints."""
+    import pyarrow.fs
+
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+    found = [
+        (int(m.group(1)), info.path)
+        for info in infos
+        if info.type == pyarrow.fs.FileType.Directory and (m := STEP_DIR.match(info.base_name))
+    ]
+    return sorted(found, reverse=True)
+
+
 def step_dirs(root: str | Path) -> list[Path]:
-    """`root/step-NNNNNNNN` directories, newest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name))]
-    return [p for _, p in sorted(found, reverse=True)]
+    """`root/step-NNNNNNNN` directories on this machine, newest first."""
+    import pyarrow.fs
+
+    root = Path(root).absolute()
+    return [Path(p) for _, p in list_step_folders(pyarrow.fs.LocalFileSystem(), str(root))]
 
 
 def newest_complete(candidates: Iterable[Path]) -> tuple[Path, TrainState]:

@@ -20,13 +20,14 @@ import io
 import json
 import os
 import pickle
+import posixpath
 
 from llamaray import storage
 from llamaray.train.checkpoint import (
-    STEP_DIR,
     TRAIN_STATE,
     CheckpointError,
     TrainState,
+    list_step_folders,
     verify_checkpoint,
 )
 
@@ -36,16 +37,11 @@ DCP_METADATA = ".metadata"
 def step_folders(root: str) -> list[tuple[int, str]]:
     """(step, URI) of the `step-NNNNNNNN` folders directly under `root`, newest first;
     [] when `root` does not exist."""
-    import pyarrow.fs
-
     fs, path = storage.filesystem(root)
-    infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
-    found = [
-        (int(m.group(1)), storage.join(root, i.base_name))
-        for i in infos
-        if i.type == pyarrow.fs.FileType.Directory and (m := STEP_DIR.match(i.base_name))
+    return [
+        (step, storage.join(root, posixpath.basename(found)))
+        for step, found in list_step_folders(fs, path)
     ]
-    return sorted(found, reverse=True)
 
 
 def is_step_folder(uri: str) -> bool:
