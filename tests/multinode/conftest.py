@@ -11,10 +11,26 @@ import pytest
 from multinode_cluster import REPO, NoSharedDiskCluster, unavailable_reason
 
 
+def _is_multinode(item) -> bool:
+    return "tests/multinode/" in str(item.path).replace("\\", "/")
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
-        if "tests/multinode/" in str(item.path).replace("\\", "/"):
+        if _is_multinode(item):
             item.add_marker(pytest.mark.multinode)
+
+
+_STARTED: list[NoSharedDiskCluster] = []
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """Stop the cluster as soon as the last test here is done, not at the end of the
+    session: the tiers after this one run for a quarter of an hour, and an idle cluster
+    (three raylets with their agents, a dashboard, MLflow, moto) takes CPU from them."""
+    if nextitem is None or not _is_multinode(nextitem):
+        for cluster in _STARTED:
+            cluster.stop()
 
 
 @contextlib.contextmanager
@@ -49,6 +65,7 @@ def no_shared_disk_cluster(tmp_path_factory):
         pytest.skip(f"no-shared-disk cluster: {reason}")
     private = [str(REPO / "runs"), str(tmp_path_factory.getbasetemp())]
     cluster = NoSharedDiskCluster(private_dirs=private)
+    _STARTED.append(cluster)
     with _sigterm_as_interrupt():
         try:
             yield cluster.start()

@@ -242,7 +242,16 @@ class NoSharedDiskCluster:
         return self
 
     def stop(self) -> list[int]:
-        """Stop every node and service; returns the PIDs still alive (should be none)."""
+        """Stop every node and service; returns the PIDs still alive (should be none).
+        Stopping again returns what the first stop returned."""
+        if self._stopped is not None:
+            return self._stopped
+        self._stopped = self._stop()
+        return self._stopped
+
+    _stopped: list[int] | None = None
+
+    def _stop(self) -> list[int]:
         if self._watchdog is not None:
             self._watchdog.kill()
             self._watchdog.wait(timeout=10)

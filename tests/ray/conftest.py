@@ -11,6 +11,15 @@ import pytest
 RAY_INIT = {"address": "local", "num_cpus": 2, "include_dashboard": False, "log_to_driver": False}
 
 
+def pytest_runtest_teardown(item, nextitem):
+    """Shut the session's cluster down once the last test here is done: the unit tier runs
+    after this one, and needs no Ray."""
+    if nextitem is None or "tests/ray/" not in str(nextitem.path).replace("\\", "/"):
+        import ray
+
+        ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def ray_init_args() -> dict:
     """The keyword arguments of the tests' `ray.init` (for tests that start it elsewhere)."""
