@@ -338,6 +338,15 @@ def test_unknown_task_is_refused_before_any_model_is_loaded(task_files):
         task_manager(["agree_mc", "no_such_task"], [task_files["harness"]], False)
 
 
+def test_tasks_all_in_the_include_path_need_only_that_folder_indexed(task_files):
+    """Indexing the harness's ~15,000 tasks takes seconds; when one of them is asked for
+    the whole index is read (the CLI test below asks for arc_easy)."""
+    from llamaray.eval.harness import task_manager
+
+    own = task_manager(["agree_mc"], [task_files["harness"]]).all_tasks
+    assert "agree_mc" in own and "arc_easy" not in own
+
+
 def test_cli_scores_a_model_folder_and_writes_the_results(folder, task_files, tmp_path, capsys):
     from llamaray.cli import main
 
@@ -350,7 +359,9 @@ def test_cli_scores_a_model_folder_and_writes_the_results(folder, task_files, tm
     results = json.loads(out.read_text())
     assert len(results["samples"]["agree_mc"]) == 8
 
-    assert main(["harness", "--model", str(folder), "--tasks", "nope"]) == 2
-    assert "unknown harness task(s): nope" in capsys.readouterr().err
+    # arc_easy is one of the harness's own: found in its whole index, unlike "nope".
+    argv = ["harness", "--model", str(folder), "--tasks", "agree_mc,arc_easy,nope"]
+    assert main([*argv, "--include-path", str(task_files["harness"])]) == 2
+    assert "unknown harness task(s): nope;" in capsys.readouterr().err
     assert main(["harness", "--tasks", "agree_mc"]) == 2
     assert "either the training run" in capsys.readouterr().err

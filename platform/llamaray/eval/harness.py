@@ -138,20 +138,28 @@ def task_manager(
 ):
     """The harness's task index (its own tasks unless `include_defaults` is false, and those
     under `include_path`), after checking that every name in `tasks` is a task, group or tag
-    there, or a task YAML. Indexing the harness's own ~15,000 tasks takes about 9 s."""
+    there, or a task YAML. Indexing the harness's own ~15,000 tasks takes about 9 s, so when
+    the `include_path` folders hold every task asked for, only they are indexed."""
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(
-        include_path=[str(p) for p in include_path] or None, include_defaults=include_defaults
-    )
-    known = set(manager.all_tasks)
-    missing = [t for t in tasks if t not in known and not Path(t).is_file()]
+    paths = [str(p) for p in include_path]
+    if paths and include_defaults:
+        own = TaskManager(include_path=paths, include_defaults=False)
+        if not _missing(own, tasks):
+            return own
+    manager = TaskManager(include_path=paths or None, include_defaults=include_defaults)
+    missing = _missing(manager, tasks)
     if missing:
         raise ValueError(
             f"unknown harness task(s): {', '.join(missing)}; `lm-eval ls tasks` lists the "
             "harness's own, --include-path adds a folder of task YAML"
         )
     return manager
+
+
+def _missing(manager, tasks: Sequence[str]) -> list[str]:
+    known = set(manager.all_tasks)
+    return [t for t in tasks if t not in known and not Path(t).is_file()]
 
 
 def evaluate_with_harness(
