@@ -14,7 +14,8 @@ ready to train.
 Resuming: the Tune experiment lives at `<storage>/<sweep name>`. Relaunching the same
 sweep finds it (`Tuner.can_restore`) and restores it: finished trials stay finished,
 unfinished ones start again under the same run name and so resume their pretraining
-checkpoints and their MLflow runs.
+checkpoints and their MLflow runs. ASHA's rungs are restored with it (`rungs.py`), so the
+resumed sweep stops the trials the first driver would have stopped.
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ def run_sweep(run: RunConfig, sweep: SweepConfig) -> SweepResult:
     from llamaray.placement import require_run_shared_state
     from llamaray.ray_session import start_ray
     from llamaray.storage import storage_location
+    from llamaray.sweep.rungs import KeepRungs
     from llamaray.sweep.trial import ProgressLines, run_trial
     from llamaray.tracking import tracking_uri
 
@@ -137,6 +139,12 @@ def run_sweep(run: RunConfig, sweep: SweepConfig) -> SweepResult:
     else:
         concurrency = _concurrency(run, sweep, space, ray)
         log.info(f"sweep {run.name}: {space.n_trials} trial(s); " + _describe(space, asha))
+        scheduler = ASHAScheduler(
+            time_attr="step",
+            max_t=asha.max_t,
+            grace_period=asha.grace_period,
+            reduction_factor=asha.reduction_factor,
+        )
         tuner = tune.Tuner(
             trainable,
             param_space=space.param_space(),
@@ -148,12 +156,7 @@ def run_sweep(run: RunConfig, sweep: SweepConfig) -> SweepResult:
                 # next to a BasicVariantGenerator passed as search_alg (which we need for
                 # its seed).
                 search_alg=search_algorithm(space, concurrency),
-                scheduler=ASHAScheduler(
-                    time_attr="step",
-                    max_t=asha.max_t,
-                    grace_period=asha.grace_period,
-                    reduction_factor=asha.reduction_factor,
-                ),
+                scheduler=scheduler,
                 # Never reused: ending a trial's actor is what ends its Ray Train run.
                 reuse_actors=False,
             ),
@@ -161,7 +164,8 @@ def run_sweep(run: RunConfig, sweep: SweepConfig) -> SweepResult:
                 name=run.name,
                 storage_path=storage,
                 storage_filesystem=storage_fs,
-                callbacks=[ProgressLines(run.name, asha.max_t)],
+                # KeepRungs: Tune does not save ASHA's rungs with the experiment (rungs.py).
+                callbacks=[ProgressLines(run.name, asha.max_t), KeepRungs(scheduler)],
                 verbose=0,  # ProgressLines says what happens, one line per event
             ),
         )
