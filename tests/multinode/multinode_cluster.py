@@ -228,7 +228,14 @@ class NoSharedDiskCluster:
                 "--workers",
                 "1",
             ],
-            {**os.environ, **S3_ENV, "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint},
+            {
+                **os.environ,
+                **S3_ENV,
+                "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint,
+                # Tracking needs none of the server's job runner (GenAI jobs): 8 processes,
+                # about 25 s of CPU to start, taken from the nodes starting beside it.
+                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            },
         )
         # The worker nodes start together: each waits mostly on its own processes' imports,
         # and a failed start is retried alone (`_launch`).

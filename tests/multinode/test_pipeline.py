@@ -16,10 +16,11 @@ server in the environment):
 5. a finetune of that run that lowers its held-out response loss: instructions in S3, the
    tokenizer a file on the driver's node only (the driver puts it in the run's storage for
    the ranks), a child MLflow run;
-6. a 3-trial sweep, ASHA stopping one early, whose driver is killed mid-trial and
-   submitted again: it resumes from Tune's state in S3; trials' runs and the summary in
-   the MLflow server, best.yaml in S3; headless Chromium compares the trials in the
-   server's MLflow UI.
+6. a 2-trial sweep whose driver is killed in the middle of the first trial and submitted
+   again: it resumes from Tune's state in S3, ASHA's rungs included, and stops the second
+   trial at its first rung, as it would have without the kill; trials' runs and the
+   summary in the MLflow server, best.yaml in S3; headless Chromium compares the trials in
+   the server's MLflow UI.
 
 No step reads a path that only the driver has: everything the ranks and actors read is in
 S3 or comes from the MLflow server. A step that fails fails the test with the end of its
@@ -62,10 +63,10 @@ CHECKPOINTS = "runs/checkpoints"  # keys of the runs' storage (output_dir/checkp
 INSTRUCTIONS = f"s3://{BUCKET}/instructions/train.jsonl"
 FINETUNE_STEPS = 30
 SWEEP_STEPS, SWEEP_CHECKPOINT_EVERY = 16, 4  # ASHA's rungs at steps 2, 4 and 8
-SWEEP_LRS = [3e-3, 1e-5, 1e-2]
-"""Tried in this order. 1e-5 barely moves the weights in 2 steps: at the first rung its
-loss is far above the first trial's (3e-3), so ASHA stops it there. The driver is killed
-while the third (1e-2) trains."""
+SWEEP_LRS = [3e-3, 1e-5]
+"""Tried in this order. The driver is killed while the first (3e-3) trains. 1e-5 barely
+moves the weights in 2 steps: at the first rung its loss is far above the first trial's,
+so ASHA stops it there, by the first trial's score that ASHA recorded before the kill."""
 
 
 def _s3(cluster):
@@ -410,10 +411,10 @@ def _tune_trials(cluster) -> dict[str, tuple[str, int]]:
 
 
 def _kill_sweep_driver_mid_trial(cluster, argv, runtime_env):
-    """Submit the sweep and wait until Tune has a finished trial and a running one past its
-    first registered checkpoint (as the MLflow server and Tune's state in S3 both say), then
-    SIGKILL the job's driver on the head, as a lost driver. Returns Tune's trials as saved
-    then and the running trial's (run name, run id)."""
+    """Submit the sweep and wait until its first trial is past its first registered
+    checkpoint (as the MLflow server and Tune's state in S3 both say), then SIGKILL the
+    job's driver on the head, as a lost driver. Returns Tune's trials as saved then and the
+    running trial's (run name, run id)."""
     from ray.job_submission import JobSubmissionClient
 
     job = f"sweep-{uuid.uuid4().hex[:8]}"
@@ -429,7 +430,7 @@ def _kill_sweep_driver_mid_trial(cluster, argv, runtime_env):
                     f"the sweep ended (exit {rc}) before its driver was killed:\n{logs[-4000:]}"
                 )
             assert time.monotonic() < deadline, "no trial got past its first checkpoint in 540 s"
-            time.sleep(0.25)
+            time.sleep(1)  # each look costs the server and moto CPU the trial needs
             try:  # cheap first: the server says a trial is past its first checkpoint
                 runs = _trial_runs(cluster)
             except Exception:  # the driver is creating the experiment
@@ -443,18 +444,13 @@ def _kill_sweep_driver_mid_trial(cluster, argv, runtime_env):
                 trials = _tune_trials(cluster)
             except Exception:  # not saved yet
                 continue
-            finished = [t for t, (s, _) in trials.items() if s == "TERMINATED"]
             # A trial still going reads as PENDING from a saved state (it would be resumed).
             going = [
                 t
                 for t, (s, step) in trials.items()
                 if s not in ("TERMINATED", "ERROR") and step >= SWEEP_CHECKPOINT_EVERY
             ]
-            if (
-                finished
-                and going
-                and runs.get(f"sw-{going[0]}", ("", "", SWEEP_STEPS))[2] < SWEEP_STEPS
-            ):
+            if going and runs.get(f"sw-{going[0]}", ("", "", SWEEP_STEPS))[2] < SWEEP_STEPS:
                 break
         # The driver runs on the head, in the head's mount namespace but this machine's
         # process table: kill its process group (the entrypoint's shell and Python).
@@ -469,11 +465,13 @@ def _kill_sweep_driver_mid_trial(cluster, argv, runtime_env):
 def test_sweep_stops_early_survives_its_drivers_death_and_reports_to_the_server_and_s3(
     no_shared_disk_cluster, state, tmp_path
 ):
-    """A 3-trial sweep, one trial at a time in the grid's order (so ASHA's decisions do
-    not depend on timing): 1e-5 barely moves the weights, so ASHA stops it at its first
-    rung; the driver is killed with SIGKILL while the third trial trains, and the same
-    `ray job submit` again resumes the sweep from Tune's state in S3; every trial is a
-    child of the sweep's MLflow run, which holds the summary, the plot and best.yaml."""
+    """A 2-trial sweep, one trial at a time in the grid's order (so ASHA's decisions do
+    not depend on timing). The driver is killed with SIGKILL while the first trial trains,
+    and the same `ray job submit` again resumes the sweep from Tune's state in S3: the
+    first trial from its checkpoint, in the same MLflow run; the second (1e-5, which barely
+    moves the weights) is stopped at ASHA's first rung by the score the first trial had
+    there before the kill. Every trial is a child of the sweep's MLflow run, which holds
+    the summary, the plot and best.yaml."""
     _blocked(state, "pretrain")
     cluster = no_shared_disk_cluster
     argv = [
@@ -492,8 +490,6 @@ def test_sweep_stops_early_survives_its_drivers_death_and_reports_to_the_server_
 
     # 1. The driver dies in the middle of a trial.
     before, (interrupted, interrupted_id) = _kill_sweep_driver_mid_trial(cluster, argv, runtime_env)
-    done_before = {t for t, (status, _) in before.items() if status == "TERMINATED"}
-    assert done_before, before  # the first trial(s) finished before the kill
 
     # 2. Submitted again, it resumes the sweep from S3 and completes it.
     logs = _submit(cluster, "sweep (resumed)", argv, runtime_env=runtime_env, timeout=600)
@@ -502,7 +498,9 @@ def test_sweep_stops_early_survives_its_drivers_death_and_reports_to_the_server_
     assert set(before) <= set(after) and len(after) == len(SWEEP_LRS)  # no new trials
     assert all(status == "TERMINATED" for status, _ in after.values()), after
 
-    # 3. ASHA stopped the hopeless LR at the first rung; the summary (in S3) says so.
+    # 3. ASHA stopped the hopeless LR at the first rung, as without the kill: its rungs came
+    # back from S3 with Tune's state (empty rungs would have let it past step 2). The
+    # summary (in S3) says so.
     s3 = _s3(cluster)
     summary = s3.get_object(Bucket=BUCKET, Key="runs/sweeps/sw/summary.csv")["Body"].read()
     rows = {float(r["lr"]): r for r in csv.DictReader(io.StringIO(summary.decode()))}
@@ -543,14 +541,10 @@ def test_sweep_stops_early_survives_its_drivers_death_and_reports_to_the_server_
             assert sorted(set(steps)) == list(range(1, SWEEP_STEPS + 1))
             val = [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")]
             assert sorted(set(val)) == list(range(2, SWEEP_STEPS + 1, 2))
-    for trial in done_before:  # ended before the kill: not run again
-        steps = [
-            m.step for m in client.get_metric_history(by_name[f"sw-{trial}"].info.run_id, "loss")
-        ]
-        assert len(steps) == len(set(steps)), trial
     # The interrupted trial went on in the same MLflow run from a checkpoint in S3: the
     # steps up to its first checkpoint were trained once.
     assert by_name[interrupted].info.run_id == interrupted_id
+    assert float(by_name[interrupted].data.params["optimizer.lr"]) == SWEEP_LRS[0]
     assert by_name[interrupted].info.status == "FINISHED"
     resumed = [m.step for m in client.get_metric_history(interrupted_id, "loss")]
     assert all(resumed.count(s) == 1 for s in range(1, SWEEP_CHECKPOINT_EVERY + 1)), resumed
