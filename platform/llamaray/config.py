@@ -13,6 +13,7 @@ starts:
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +33,23 @@ from llamaray.prompts import DEFAULT_TEMPLATE, DEFAULT_TEMPLATE_WITH_INPUT, chec
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message lists each bad field and why."""
+
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+"""A run's or a corpus's name: it becomes one folder under `output_dir` and `storage` (a
+key prefix in S3) and a word in MLflow's search filters. So no separator, nothing that
+starts with a dot ("..", ".hidden"), no quote, no space, not empty."""
+
+
+def check_name(value: str) -> str:
+    """`value` if it is a name (NAME), else ValueError saying what a name may hold."""
+    if not NAME.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a name: 1-128 letters, digits, '.', '_' or '-', starting with "
+            "a letter or digit (it names a folder under output_dir and storage, and the "
+            "MLflow run)"
+        )
+    return value
 
 
 class _Section(BaseModel):
@@ -124,6 +142,11 @@ class CorpusConfig(_Section):
         "documents, gathered on the driver); the manifest says when a sample was taken.",
     )
     seed: int = 0
+
+    @field_validator("name")
+    @classmethod
+    def _a_name(cls, value: str) -> str:
+        return check_name(value)
 
     @field_validator("sources")
     @classmethod
@@ -340,6 +363,11 @@ class RunConfig(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     faults: FaultConfig = Field(default_factory=FaultConfig)
     finetune: FinetuneConfig | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _a_name(cls, value: str) -> str:
+        return check_name(value)
 
     @model_validator(mode="after")
     def _check_consistency(self) -> RunConfig:

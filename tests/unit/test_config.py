@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,30 @@ def test_yaml_round_trip(tmp_path):
     cfg = load_config(None, ["model.preset=debug", "train.seq_len=64", "train.batch_tokens=256"])
     (tmp_path / "c.yaml").write_text(cfg.to_yaml())
     assert load_config(tmp_path / "c.yaml") == cfg
+
+
+@pytest.mark.parametrize(
+    "bad", ["..", ".", "", "/etc", "../elsewhere", "a/b", "it's", "a b", ".hidden"]
+)
+def test_names_that_would_leave_their_folder_or_break_a_lookup_are_refused(bad):
+    """A run's and a corpus's name become a folder under output_dir and storage and an MLflow
+    run name: '..' or an absolute path would write outside them, a quote would break the
+    run's lookup (a filter string)."""
+    quoted = json.dumps(bad)  # a YAML string, "" included (a bare `name=` is null)
+    assert f"name: {bad!r} is not a name" in error_of([f"name={quoted}"])
+    assert f"data.prepare.name: {bad!r} is not a name" in error_of([f"data.prepare.name={quoted}"])
+    with pytest.raises(ConfigError, match=r"(?m)^  name: .* is not a name"):
+        load_config(None, [f"name={quoted}"], CorpusConfig)
+
+
+def test_names_of_letters_digits_dots_dashes_and_underscores_are_kept():
+    for name in ("demo", "llama-7b", "sw-4f2a1_00003", "run.2", "A1"):
+        assert load_config(None, [f"name={name}"]).name == name
+
+
+def test_the_cli_refuses_a_bad_name_before_any_work(capsys):
+    from llamaray.cli import main
+
+    assert main(["train", "name=.."]) == 2
+    err = capsys.readouterr().err
+    assert "name: '..' is not a name" in err and "Traceback" not in err
