@@ -477,6 +477,17 @@ def test_stopped_and_resumed_worker_matches_the_uninterrupted_run(corpus, uninte
     ]
 
 
+def test_more_skipped_steps_than_allowed_stop_the_run(corpus, tmp_path):
+    """train.max_skipped_steps=1: the second skipped step ends the run there, saying why."""
+    result, launcher = run(
+        corpus, tmp_path, "faults.nan_at_steps=[2,4]", "train.max_skipped_steps=1"
+    )
+    assert (result.step, result.skipped_steps) == (4, 2)
+    assert "2 steps skipped for non-finite values" in result.stopped
+    assert "train.max_skipped_steps=1" in result.stopped and "at step 4" in result.stopped
+    assert sorted(by_step(launcher.reports)) == [1, 2, 3, 4]  # nothing trained after it
+
+
 def test_nan_step_is_skipped_and_parameters_stay_finite(corpus, uninterrupted, tmp_path):
     result, launcher = run(corpus, tmp_path, "faults.nan_at_steps=[2]")
     assert (result.step, result.skipped_steps, result.stopped) == (STEPS, 1, None)

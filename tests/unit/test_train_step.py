@@ -97,3 +97,33 @@ def test_flops_per_token_palm_formula():
     assert mfu(1000, args, 2048, flops_per_token(args, 2048) * 1000) == pytest.approx(1.0)
     with pytest.raises(ValueError):
         mfu(1.0, args, 2048, 0)
+
+
+def _inf_loss(sign: float):
+    def hook(model):  # the loss the model returns, times +-inf
+        return model.register_forward_hook(lambda module, args, loss: loss * (sign * math.inf))
+
+    return hook
+
+
+def _inf_gradient(model):  # a finite loss, one parameter's gradient infinite
+    return model.output.weight.register_hook(lambda grad: torch.full_like(grad, math.inf))
+
+
+@pytest.mark.parametrize(
+    "make_non_finite",
+    [_inf_loss(1.0), _inf_loss(-1.0), _inf_gradient],
+    ids=["+inf loss", "-inf loss", "finite loss, infinite gradient norm"],
+)
+def test_infinite_steps_are_not_applied_like_nan(make_non_finite):
+    torch.manual_seed(0)
+    model = Llama(get_preset("debug").args.with_(vocab_size=97))
+    opt = build_optimizer(model, 1e-3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    make_non_finite(model)
+    stats = train_step(model, opt, [torch.randint(0, 97, (2, 9))], lr=1e-3)
+    assert not stats.finite
+    assert not (math.isfinite(stats.loss) and math.isfinite(stats.grad_norm)), stats
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # no parameter moved
+    assert not opt.state  # and Adam took no step: no moments, no step count
