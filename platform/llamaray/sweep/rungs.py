@@ -37,13 +37,13 @@ class KeepRungs(ray.tune.Callback):
         saved = state["brackets"]
         brackets = self.scheduler._brackets
         milestones = [[step for step, _ in bracket] for bracket in saved]
-        if milestones != [[step for step, _ in rungs(b)] for b in brackets]:
+        current = [[step for step, _ in rungs(bracket)] for bracket in brackets]
+        if milestones != current:
             # The sweep config is checked against the parent run's before a resume, so this
-            # is a Tune that builds its brackets differently: ranking against the wrong
-            # steps would be worse than starting the rungs empty.
+            # is a Tune that builds its brackets differently. Ranking trials at other steps
+            # would silently change which are stopped: refuse instead.
             raise ValueError(
-                f"ASHA's saved rungs are at steps {milestones}, this scheduler's at "
-                f"{[[s for s, _ in rungs(b)] for b in brackets]}"
+                f"ASHA's saved rungs are at steps {milestones}, this scheduler's at {current}"
             )
         for bracket, rungs_saved in zip(brackets, saved, strict=True):
             for (_, recorded), (_, scores) in zip(bracket._rungs, rungs_saved, strict=True):
