@@ -204,10 +204,20 @@ def main(argv: list[str] | None = None) -> int:
     opts = build_parser().parse_args(argv)
     try:
         return opts.func(opts)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except Exception as err:
+        if not isinstance(err, (ConfigError, FileNotFoundError, ValueError, *_loaded_errors())):
+            raise
         # User errors get one clear line (the config error lists every field), no traceback.
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def _loaded_errors() -> tuple[type[Exception], ...]:
+    """User-facing error classes of modules the command imported (a damaged or refused
+    checkpoint); modules it never imported cannot have raised theirs, and importing them
+    here would import torch into every command."""
+    module = sys.modules.get("llamaray.train.checkpoint")
+    return (module.CheckpointError,) if module else ()
 
 
 if __name__ == "__main__":

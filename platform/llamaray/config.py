@@ -226,6 +226,11 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(500, ge=0, description="Steps between checkpoints; 0: at end.")
     keep_checkpoints: int = Field(3, gt=0, description="Newest complete checkpoints kept.")
     max_failures: int = Field(0, ge=0, description="Worker failures survived by restarting.")
+    start_over_if_damaged: bool = Field(
+        False,
+        description="When every checkpoint of the run fails verification, train from step 0 "
+        "instead of refusing (the damaged ones are named either way).",
+    )
     nan_policy: Literal["skip", "stop"] = Field(
         "skip", description="Non-finite loss or gradients: skip the step, or stop the run."
     )

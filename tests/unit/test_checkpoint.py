@@ -9,6 +9,7 @@ this process that needs one finds it already there.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -291,21 +292,32 @@ def test_newest_complete_passes_over_damaged_candidates_and_names_them(tmp_path)
         newest_complete([])
 
 
-def test_restore_latest_returns_none_when_nothing_is_complete(tmp_path):
+def test_restore_latest_refuses_to_start_over_when_every_checkpoint_is_damaged(tmp_path):
     checkpoints, _ = _save_steps(tmp_path, [2, 4])
     _truncate(tmp_path / step_dir_name(4))
     (tmp_path / step_dir_name(2) / "integrity-0.json").unlink()
 
     model, optimizer = build(seed=1)
     before = params(model)
-    messages: list[str] = []
-    assert restore_latest(checkpoints.candidates(), model, optimizer, messages.append) is None
+    with pytest.raises(CheckpointError) as refused:
+        restore_latest(checkpoints.candidates(), model, optimizer, lambda _: None)
+    message = str(refused.value)
+    assert "train.start_over_if_damaged" in message
+    assert f"{tmp_path / step_dir_name(4)}" in message and "truncated" in message
+    assert f"{tmp_path / step_dir_name(2)}" in message and "never finished writing" in message
     assert_same(params(model), before)
-    assert [m.split(":")[0] for m in messages] == [
+
+    # Asked for explicitly: the damaged ones are named, and training starts from scratch.
+    messages: list[str] = []
+    assert restore_latest(checkpoints.candidates(), model, optimizer, messages.append,
+                          start_over_if_damaged=True) is None  # fmt: skip
+    assert_same(params(model), before)
+    assert [m.split(":")[0] for m in messages[:2]] == [
         f"skipping checkpoint {tmp_path / step_dir_name(4)}",
         f"skipping checkpoint {tmp_path / step_dir_name(2)}",
     ]
-    # No checkpoint directory at all: nothing to offer, nothing loaded.
+    assert "starting from step 0" in messages[2]
+    # No checkpoint directory at all: a new run, nothing to refuse.
     empty = LocalCheckpoints(tmp_path / "none")
     assert restore_latest(empty.candidates(), model, optimizer, messages.append) is None
 
@@ -508,3 +520,110 @@ def test_nan_step_is_skipped_and_parameters_stay_finite(corpus, uninterrupted, t
     assert all(torch.isfinite(p).all() for p in params(model).values())
     steps = {float(s["step"]) for s in optim_state(model, optimizer).values()}
     assert steps == {STEPS - 1.0}
+
+
+# ------------------------------------------------------------- checkpoints never run code
+
+
+class _RunsCode:
+    """Unpickling this writes `marker`: what a tampered checkpoint could do to its reader."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+def _tamper_metadata(directory: Path, marker: Path) -> None:
+    """Hide a `_RunsCode` in the checkpoint's DCP metadata and recompute the integrity
+    record, as someone who can write the folder could."""
+    import pickle
+
+    metadata = pickle.loads((directory / ".metadata").read_bytes())  # our own, trusted
+    metadata.planner_data = _RunsCode(marker)
+    (directory / ".metadata").write_bytes(pickle.dumps(metadata))
+    record_file = directory / "integrity-0.json"
+    record = json.loads(record_file.read_text())
+    record[".metadata"] = {
+        "size": (directory / ".metadata").stat().st_size,
+        "sha256": hashlib.sha256((directory / ".metadata").read_bytes()).hexdigest(),
+    }
+    record_file.write_text(json.dumps(record))
+
+
+@pytest.fixture
+def tampered(saved, tmp_path) -> tuple[Path, Path]:
+    """(a run folder whose only checkpoint has code in its metadata, the marker it writes)"""
+    run = tmp_path / "storage" / "tampered-run"
+    step = Path(shutil.copytree(saved["dir"], run / step_dir_name(2)))
+    marker = tmp_path / "code-ran"
+    _tamper_metadata(step, marker)
+    return step, marker
+
+
+def test_a_tampered_metadata_file_would_run_code_under_plain_pickle(tampered, tmp_path):
+    # The control for the tests below: the file really is an attack, and it passes the
+    # size and digest checks, so only how it is unpickled stands in its way.
+    import pickle
+
+    step, marker = tampered
+    pickle.loads((step / ".metadata").read_bytes())
+    assert marker.read_text() == "ran"
+
+
+def test_resume_refuses_a_checkpoint_whose_metadata_runs_code(tampered):
+    step, marker = tampered
+    model, optimizer = build(seed=1)
+    with pytest.raises(CheckpointError) as refused:
+        restore_latest([lambda: step], model, optimizer, lambda _: None)
+    assert ".metadata: not DCP metadata" in str(refused.value)
+    assert "builtins.exec" in str(refused.value)
+    # Loading it without verifying first is refused too (the reader itself is restricted;
+    # DCP raises its CheckpointException, a BaseException).
+    with pytest.raises(BaseException, match=r"builtins\.exec"):
+        load_checkpoint(step, model, optimizer)
+    assert not marker.exists()
+
+
+def test_eval_and_finetune_refuse_a_checkpoint_whose_metadata_runs_code(tampered):
+    from llamaray.config import ConfigError
+    from llamaray.eval.checkpoint import load_dcp_model, run_target
+    from llamaray.finetune.base import FinetuneBase, base_shapes, resolve_base
+    from llamaray.train.safe_dcp import UnsafeCheckpoint
+
+    step, marker = tampered
+    storage_root = step.parent.parent
+    cfg = load_config(None, ["model.preset=debug", f"storage={storage_root}",
+                             "name=tampered-run"])  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"builtins\.exec"):
+        run_target(cfg)  # `llamaray eval --run tampered-run`
+    with pytest.raises(UnsafeCheckpoint, match=r"builtins\.exec"):
+        load_dcp_model(step, cfg)  # a step folder named directly
+    finetune = load_config(None, [
+        "model.preset=debug", f"storage={storage_root}", "name=ft",
+        "finetune.train_file=x.jsonl", f"finetune.base={step}", "optimizer.lr=1e-5",
+    ])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"builtins\.exec"):
+        resolve_base(finetune)  # the finetune driver, before any Ray work
+    with pytest.raises(UnsafeCheckpoint, match=r"builtins\.exec"):
+        base_shapes(FinetuneBase("checkpoint", str(step), "tampered-run", 2), VOCAB)
+    assert not marker.exists()
+
+
+def test_byte_entries_are_read_without_running_code(tmp_path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    from llamaray.train.safe_dcp import SafeFileSystemReader, SafeLoadPlanner
+
+    marker = tmp_path / "code-ran"
+    dcp.save({"extra": _RunsCode(marker)}, checkpoint_id=str(tmp_path / "ckpt"))
+    with pytest.raises(BaseException, match=r"Weights only load failed|Unsupported global"):
+        dcp.load({"extra": None}, storage_reader=SafeFileSystemReader(str(tmp_path / "ckpt")),
+                 planner=SafeLoadPlanner())  # fmt: skip
+    assert not marker.exists()
+    # torch's default planner would have run it (the control).
+    dcp.load({"extra": None}, storage_reader=SafeFileSystemReader(str(tmp_path / "ckpt")),
+             planner=DefaultLoadPlanner())  # fmt: skip
+    assert marker.read_text() == "ran"

@@ -68,6 +68,7 @@ def load_dcp_model(step_dir: str | Path, cfg: RunConfig, device: str = "cpu") ->
     only the model's bytes, never the optimizer state) in an unsharded `Llama`."""
     import torch.distributed.checkpoint as dcp
 
+    from llamaray.train.safe_dcp import SafeLoadPlanner
     from llamaray.train.stored_checkpoints import dcp_reader
 
     uri = os.fspath(step_dir)
@@ -80,7 +81,8 @@ def load_dcp_model(step_dir: str | Path, cfg: RunConfig, device: str = "cpu") ->
         model = Llama(cfg.model.args(vocab_size), attention_backend="sdpa")
     model.to_empty(device=device)
     state = {MODEL_PREFIX + k: v for k, v in model.state_dict().items()}
-    dcp.load(state, storage_reader=dcp_reader(uri))  # reads only the keys asked for
+    # Reads only the keys asked for.
+    dcp.load(state, storage_reader=dcp_reader(uri), planner=SafeLoadPlanner())
     model.load_state_dict({k.removeprefix(MODEL_PREFIX): v for k, v in state.items()})
     return model.eval()
 
@@ -123,12 +125,12 @@ def folder_target(model_dir: str | Path, tokenizer: str | Path | None = None) ->
 
 def corpus_dir_of(cfg: RunConfig) -> str:
     """The run's prepared corpus: `data.corpus`, or where `data.prepare` put it."""
+    from llamaray.data.corpus_layout import MANIFEST, corpus_location
+
     if cfg.data.corpus:
         return cfg.data.corpus
-    out = storage.join(cfg.output_dir, cfg.data.prepare.name)
-    if not storage.is_s3(out):
-        out = str(Path(out).resolve())
-    if not storage.exists(storage.join(out, "manifest.json")):
+    out = corpus_location(cfg.output_dir, cfg.data.prepare.name)
+    if not storage.exists(storage.join(out, MANIFEST)):
         raise FileNotFoundError(f"the run's corpus {out} is not prepared (no manifest.json)")
     return out
 

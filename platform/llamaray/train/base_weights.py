@@ -40,6 +40,7 @@ BASE_KINDS = ("checkpoint", "folder")
 def load_base_weights(model: torch.nn.Module, base: dict) -> None:
     """Replace the (freshly initialized) weights of `model` with the base's."""
     from llamaray import storage
+    from llamaray.train.safe_dcp import SafeLoadPlanner
     from llamaray.train.stored_checkpoints import dcp_reader
 
     kind, path = base["kind"], base["path"]
@@ -47,7 +48,7 @@ def load_base_weights(model: torch.nn.Module, base: dict) -> None:
         state = {"model": get_model_state_dict(model)}
         # Reads only the keys asked for: on S3 each of this rank's model shards is one
         # ranged read; the optimizer state in the same files is never fetched.
-        dcp.load(state, storage_reader=dcp_reader(path))
+        dcp.load(state, storage_reader=dcp_reader(path), planner=SafeLoadPlanner())
         set_model_state_dict(model, state["model"])
     elif kind == "folder":
         full: dict[str, torch.Tensor] = {}

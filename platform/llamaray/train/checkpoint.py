@@ -39,6 +39,13 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from llamaray.train.safe_dcp import (
+    METADATA_FILE,
+    SafeFileSystemReader,
+    SafeLoadPlanner,
+    load_metadata,
+)
+
 TRAIN_STATE = "train_state.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -76,7 +83,7 @@ def _own_files(directory: Path, rank: int) -> list[Path]:
     DCP metadata and the train state."""
     names = [p for p in directory.glob(f"__{rank}_*.distcp")] + [directory / f"rng-{rank}.pt"]
     if rank == 0:
-        names += [directory / ".metadata", directory / TRAIN_STATE]
+        names += [directory / METADATA_FILE, directory / TRAIN_STATE]
     return sorted(p for p in names if p.exists())
 
 
@@ -152,7 +159,18 @@ def verify_checkpoint(directory: str | Path, rank: int | None = None) -> TrainSt
                 )
             if (rank is None or rank == r) and _sha256(path) != expected_sha256:
                 raise CheckpointError(f"{path}: sha256 differs from the one recorded at save")
+    check_metadata((directory / METADATA_FILE).read_bytes(), str(directory / METADATA_FILE))
     return state
+
+
+def check_metadata(data: bytes, where: str) -> None:
+    """CheckpointError unless `data` is DCP metadata that `safe_dcp.load_metadata` reads:
+    a `.metadata` whose pickle would run code is damage like any other, found before a
+    load is attempted."""
+    try:
+        load_metadata(data, where)
+    except Exception as err:  # any unpickling failure: the file is not DCP metadata
+        raise CheckpointError(f"{where}: not DCP metadata ({err})") from None
 
 
 def load_checkpoint(
@@ -165,7 +183,9 @@ def load_checkpoint(
         "model": get_model_state_dict(model),
         "optim": get_optimizer_state_dict(model, optimizer),
     }
-    dcp.load(state_dict, checkpoint_id=str(directory))
+    dcp.load(
+        state_dict, storage_reader=SafeFileSystemReader(str(directory)), planner=SafeLoadPlanner()
+    )
     set_model_state_dict(model, state_dict["model"])
     set_optimizer_state_dict(model, optimizer, state_dict["optim"])
     rng_file = directory / f"rng-{dist.get_rank()}.pt"
@@ -180,18 +200,22 @@ def restore_latest(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     log: Callable[[str], None],
+    start_over_if_damaged: bool = False,
 ) -> TrainState | None:
     """Load the newest complete checkpoint among `candidates` (newest first, each a callable
     giving a local directory, so remote ones are fetched only when reached). Every rank
     must pass the same candidates in the same order. Returns None when there is none.
 
-    An incomplete or corrupt checkpoint is passed over for an older one. One that could not
-    be fetched (a storage error after retries) is passed over too, but if nothing loads
-    after such an error this raises CheckpointError instead of returning None: starting
-    from scratch because storage was briefly unreachable would silently throw a run away.
+    An incomplete or corrupt checkpoint is passed over for an older one. When candidates
+    exist but none loads, this raises CheckpointError naming each one and its damage:
+    starting from step 0 over a run's checkpoints would silently throw the run away (and
+    so would a storage error, after its retries). With `start_over_if_damaged` (the
+    user's explicit `train.start_over_if_damaged`) damaged checkpoints are passed over and
+    None is returned; a storage error still refuses, since the checkpoints may be fine.
     """
     rank = dist.get_rank()
     fetch_failed = torch.zeros(1, dtype=torch.int32)
+    damage: list[str] = []
     for index, fetch in enumerate(candidates):
         directory, problem = None, ""
         try:
@@ -209,13 +233,25 @@ def restore_latest(
             log(f"resumed from {directory} at step {state.step}")
             return state
         where = directory or f"candidate {index} (newest first)"
-        log(f"skipping checkpoint {where}: {problem or 'incomplete on another rank'}")
+        problem = problem or "incomplete on another rank"
+        damage.append(f"{where}: {problem}")
+        log(f"skipping checkpoint {where}: {problem}")
     dist.all_reduce(fetch_failed, op=dist.ReduceOp.MAX)
     if fetch_failed.item():
         raise CheckpointError(
             "no checkpoint could be loaded and at least one could not be fetched from "
             "storage; refusing to start from step 0 (see the messages above)"
         )
+    if damage and not start_over_if_damaged:
+        raise CheckpointError(
+            "every checkpoint of this run is damaged, so it cannot resume; refusing to start "
+            "from step 0 over them. Set train.start_over_if_damaged=true to train from "
+            "scratch anyway. Candidates (newest first):\n"
+            + "\n".join(f"  {line}" for line in damage)
+        )
+    if damage:
+        log(f"starting from step 0: all {len(damage)} checkpoint(s) are damaged and "
+            "train.start_over_if_damaged is set")  # fmt: skip
     return None
 
 

@@ -19,7 +19,6 @@ import functools
 import io
 import json
 import os
-import pickle
 import posixpath
 
 from llamaray import storage
@@ -27,11 +26,12 @@ from llamaray.train.checkpoint import (
     TRAIN_STATE,
     CheckpointError,
     TrainState,
+    check_metadata,
     list_step_folders,
     verify_checkpoint,
 )
-
-DCP_METADATA = ".metadata"
+from llamaray.train.safe_dcp import METADATA_FILE as DCP_METADATA
+from llamaray.train.safe_dcp import load_metadata
 
 
 def step_folders(root: str) -> list[tuple[int, str]]:
@@ -86,6 +86,8 @@ def verify_stored(uri: str) -> TrainState:
             raise CheckpointError(
                 f"{uri}/{name}: {info.size} bytes, expected {expected[name]} (truncated?)"
             )
+    metadata_uri = storage.join(uri, DCP_METADATA)
+    check_metadata(storage.read_bytes(metadata_uri), metadata_uri)
     return state
 
 
@@ -103,11 +105,12 @@ def newest_stored(root: str) -> tuple[str, TrainState]:
 
 def dcp_reader(uri: str):
     """A DCP `StorageReader` for the checkpoint at `uri`: torch's own for a local folder,
-    else a `StoredReader` (ranged reads through the storage layer)."""
+    else a `StoredReader` (ranged reads through the storage layer). Neither runs code from
+    the checkpoint (`safe_dcp`); pass `safe_dcp.SafeLoadPlanner()` to `dcp.load` with it."""
     if not storage.is_s3(uri):
-        from torch.distributed.checkpoint import FileSystemReader
+        from llamaray.train.safe_dcp import SafeFileSystemReader
 
-        return FileSystemReader(str(uri))
+        return SafeFileSystemReader(str(uri))
     return _stored_reader_class()(uri)
 
 
@@ -115,9 +118,10 @@ def dcp_reader(uri: str):
 def _stored_reader_class():
     # Built on first use: importing torch's DCP module is not free for callers that only
     # list or verify checkpoints.
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.filesystem import FileSystemBase
     from torch.distributed.checkpoint.metadata import StorageMeta
+
+    from llamaray.train.safe_dcp import SafeFileSystemReader
 
     class _StoredFiles(FileSystemBase):
         """The read side of DCP's file-system interface over `llamaray.storage`."""
@@ -148,9 +152,9 @@ def _stored_reader_class():
 
         mkdir = rm_file = rename
 
-    class StoredReader(FileSystemReader):
-        """torch's FileSystemReader reading from `s3://` through `llamaray.storage`: each
-        tensor is one ranged read of exactly its bytes."""
+    class StoredReader(SafeFileSystemReader):
+        """`safe_dcp`'s reader reading from `s3://` through `llamaray.storage`: each tensor
+        is one ranged read of exactly its bytes."""
 
         def __init__(self, uri: str):
             super().__init__(".")  # a placeholder: torch's local FileSystem resolves paths
@@ -178,11 +182,7 @@ def _stored_reader_class():
 
 def model_metadata(uri: str):
     """The DCP metadata (tensor names, shapes, where each is stored) of a checkpoint in
-    storage, without its tensors."""
-    if not storage.is_s3(uri):
-        from torch.distributed.checkpoint import FileSystemReader
-
-        return FileSystemReader(str(uri)).read_metadata()
-    # DCP's FileSystemReader unpickles this file; our own checkpoints wrote it, so it is
-    # as trusted as the tensors DCP loads from the same folder.
-    return pickle.loads(storage.read_bytes(storage.join(uri, DCP_METADATA)))
+    storage, without its tensors; `safe_dcp.UnsafeCheckpoint` when its pickle names
+    anything but DCP's own classes."""
+    where = storage.join(uri, DCP_METADATA)
+    return load_metadata(storage.read_bytes(where), where)

@@ -167,7 +167,9 @@ def run_worker(spec: WorkerSpec, launcher: Launcher) -> WorkerResult:
         model, cfg.peak_lr, (opt.beta1, opt.beta2), opt.weight_decay, opt.eps
     )
 
-    state = restore_latest(launcher.checkpoint_candidates(), model, optimizer, say)
+    state = restore_latest(
+        launcher.checkpoint_candidates(), model, optimizer, say, t.start_over_if_damaged
+    )
     if state is None:
         if spec.base is not None:
             from llamaray.train.base_weights import load_base_weights
