@@ -226,6 +226,11 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(500, ge=0, description="Steps between checkpoints; 0: at end.")
     keep_checkpoints: int = Field(3, gt=0, description="Newest complete checkpoints kept.")
     max_failures: int = Field(0, ge=0, description="Worker failures survived by restarting.")
+    allow_changes: list[str] = Field(
+        default_factory=list,
+        description="Course fields (e.g. train.steps, data.corpus) a relaunch may change on "
+        "purpose; any other change from the checkpoint's course is refused (train/course.py).",
+    )
     start_over_if_damaged: bool = Field(
         False,
         description="When every checkpoint of the run fails verification, train from step 0 "

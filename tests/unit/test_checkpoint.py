@@ -410,7 +410,17 @@ STEPS = 6
 
 
 def run(corpus: Path, root: Path, *overrides: str):
-    cfg = load_config(
+    """The worker in this process, with its checkpoints in the run's folder, as Ray Train
+    keeps them (`<root>/checkpoints/inproc`)."""
+    cfg = run_config(root, *overrides)
+    launcher = LocalLauncher(cfg.run_uri, keep=cfg.train.keep_checkpoints)
+    spec = WorkerSpec(config=cfg.model_dump(), corpus_dir=str(corpus), run_dir=str(root / "run"))
+    result = run_worker(spec, launcher)
+    return result, launcher
+
+
+def run_config(root: Path, *overrides: str):
+    return load_config(
         None,
         [
             "name=inproc",
@@ -432,10 +442,6 @@ def run(corpus: Path, root: Path, *overrides: str):
             *overrides,
         ],
     )
-    launcher = LocalLauncher(root / "checkpoints", keep=cfg.train.keep_checkpoints)
-    spec = WorkerSpec(config=cfg.model_dump(), corpus_dir=str(corpus), run_dir=str(root / "run"))
-    result = run_worker(spec, launcher)
-    return result, launcher
 
 
 def by_step(reports: list[dict]) -> dict[int, dict]:
@@ -469,7 +475,7 @@ def test_stopped_and_resumed_worker_matches_the_uninterrupted_run(corpus, uninte
     expected = by_step(uninterrupted[1].reports)
     first, launcher = run(corpus, tmp_path, "train.stop_at_step=3")
     assert (first.step, first.stopped) == (3, None)
-    assert [p.name for p in step_dirs(tmp_path / "checkpoints")] == ["step-00000003",
+    assert [p.name for p in step_dirs(tmp_path / "checkpoints" / "inproc")] == ["step-00000003",
                                                                      "step-00000002"]  # fmt: skip
     before = by_step(launcher.reports)
     assert sorted(before) == [1, 2, 3]
@@ -482,11 +488,68 @@ def test_stopped_and_resumed_worker_matches_the_uninterrupted_run(corpus, uninte
         for key in ("loss", "grad_norm", "lr", "rows_crc"):
             assert report[key] == expected[step][key], (step, key)  # bit for bit
     assert second.last["val_loss"] == uninterrupted[0].last["val_loss"]
-    assert [p.name for p in step_dirs(tmp_path / "checkpoints")] == [
+    assert [p.name for p in step_dirs(tmp_path / "checkpoints" / "inproc")] == [
         "step-00000006",
         "step-00000004",
         "step-00000003",
     ]
+
+
+def test_a_relaunch_that_changes_the_course_is_refused_naming_each_change(corpus, tmp_path):
+    from llamaray.config import ConfigError
+    from llamaray.orchestrate.pretrain import COURSE_TAG, record_course_changes
+    from llamaray.train.course import relaunch_changes, trajectory
+
+    run(corpus, tmp_path, "train.stop_at_step=3")
+    run_dir = tmp_path / "checkpoints" / "inproc"
+    saved = json.loads((run_dir / step_dir_name(3) / TRAIN_STATE).read_text())
+    assert (saved["extra"]["course"]["train.steps"], saved["extra"]["course"]["train.seed"]) \
+        == (str(STEPS), "0")  # fmt: skip
+
+    # The driver's check, before any cluster work: every change named; layout and run
+    # control (workers, logging, checkpoint cadence) are not changes of course.
+    changed = run_config(tmp_path, "train.seed=1", f"train.steps={STEPS + 2}",
+                         "train.log_every=2", "train.checkpoint_every=3")  # fmt: skip
+    with pytest.raises(ConfigError) as refused:
+        relaunch_changes(changed, trajectory(changed, None))
+    message = str(refused.value)
+    assert "train.seed: 0 -> 1" in message and f"train.steps: {STEPS} -> {STEPS + 2}" in message
+    assert "log_every" not in message and "checkpoint_every" not in message
+    assert "step 3" in message  # which checkpoint's course it compared with
+    # A corpus with other contents is another course, wherever it is stored.
+    same = run_config(tmp_path)
+    with pytest.raises(ConfigError, match=r"data\.corpus: null -> 0123abcd"):
+        relaunch_changes(same, trajectory(same, "0123abcd"))
+    assert relaunch_changes(same, trajectory(same, None)) == []
+
+    # The workers' own check (torchrun has no driver): refused before any step.
+    with pytest.raises(ConfigError, match=r"train\.seed: 0 -> 1"):
+        run(corpus, tmp_path, "train.seed=1")
+    assert [p.name for p in step_dirs(run_dir)] == ["step-00000003", "step-00000002"]
+
+    # On purpose: listed in train.allow_changes, the run goes on and says so.
+    on_purpose = (f"train.steps={STEPS + 2}", "train.allow_changes=[train.steps]")
+    allowed = run_config(tmp_path, *on_purpose)
+    changes = relaunch_changes(allowed, trajectory(allowed, None))
+    assert changes == [f"train.steps: {STEPS} -> {STEPS + 2}"]
+    result, launcher = run(corpus, tmp_path, *on_purpose)
+    assert result.step == STEPS + 2 and sorted(by_step(launcher.reports))[0] == 4
+    # ... and the new course is the one later launches are held to.
+    assert relaunch_changes(run_config(tmp_path, f"train.steps={STEPS + 2}"), trajectory(
+        run_config(tmp_path, f"train.steps={STEPS + 2}"), None)) == []  # fmt: skip
+    typo = run_config(tmp_path, f"train.steps={STEPS + 2}", "train.allow_changes=[train.log_every]")
+    with pytest.raises(ConfigError, match=r"train\.allow_changes: train\.log_every not a"):
+        relaunch_changes(typo, trajectory(typo, None))
+
+    # Recorded in the run's MLflow run.
+    from llamaray import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id, _ = tracking.open_run(uri, "course", "inproc")
+    record_course_changes(uri, run_id, changes)
+    record_course_changes(uri, run_id, ["train.seed: 0 -> 1"])
+    tags = tracking.client(uri).get_run(run_id).data.tags
+    assert tags[COURSE_TAG] == f"train.steps: {STEPS} -> {STEPS + 2}; train.seed: 0 -> 1"
 
 
 def test_more_skipped_steps_than_allowed_stop_the_run(corpus, tmp_path):
@@ -514,7 +577,7 @@ def test_nan_step_is_skipped_and_parameters_stay_finite(corpus, uninterrupted, t
     # The final checkpoint: finite weights, and Adam stepped 5 times, not 6.
     model, optimizer = build(seed=1)
     state = restore_latest(
-        LocalCheckpoints(tmp_path / "checkpoints").candidates(), model, optimizer, print
+        LocalCheckpoints(tmp_path / "checkpoints" / "inproc").candidates(), model, optimizer, print
     )
     assert (state.step, state.skipped_steps) == (STEPS, 1)
     assert all(torch.isfinite(p).all() for p in params(model).values())

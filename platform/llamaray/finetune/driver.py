@@ -228,17 +228,22 @@ def finetune(cfg: RunConfig, callbacks: Sequence = ()):
 
     >>> finetune(load_config("jobs/configs/finetune-demo.yaml"))  # doctest: +SKIP
     """
-    from llamaray.orchestrate.pretrain import launch
+    from llamaray.orchestrate.pretrain import launch, record_course_changes
     from llamaray.ray_session import start_ray
+    from llamaray.train.course import data_digest, relaunch_changes, trajectory
     from llamaray.train.worker import WorkerSpec
 
     plan = prepare_finetune(cfg)
+    examples = plan.instructions()
+    digest = data_digest({split: examples[split] for split in ("train", "validation")})
+    changes = relaunch_changes(cfg, trajectory(cfg, digest))  # refuses a changed course
     start_ray()
     require_finetune_shared_state(cfg, plan)  # seconds after joining, before any work
     run_id = None
     if plan.tracking_uri:
         run_id, parent = open_finetune_tracking(cfg, plan)
         log.info(f"MLflow run {run_id}" + (f", a child of {parent}" if parent else ""))
+        record_course_changes(plan.tracking_uri, run_id, changes)
     spec = WorkerSpec(
         cfg.model_dump(),
         corpus_dir="",
@@ -246,7 +251,8 @@ def finetune(cfg: RunConfig, callbacks: Sequence = ()):
         tracking_uri=plan.tracking_uri,
         mlflow_run_id=run_id,
         base=plan.base.spec(),
-        instructions=plan.instructions(),
+        instructions=examples,
+        data_digest=digest,
     )
     return launch(cfg, spec, callbacks=callbacks)
 

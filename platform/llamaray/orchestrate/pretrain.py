@@ -27,6 +27,7 @@ from llamaray.config import ConfigError, RunConfig
 from llamaray.console import logger
 from llamaray.data.mixture import MixturePlan
 from llamaray.ray_session import start_ray
+from llamaray.train.course import data_digest, relaunch_changes, trajectory
 from llamaray.train.outputs import model_uri
 from llamaray.train.worker import WorkerSpec
 
@@ -182,11 +183,34 @@ def pretrain(cfg: RunConfig, callbacks: Sequence = ()) -> PretrainResult:
         f"{s.name} {s.realized_proportion:.1%} ({s.epochs:.2f} epochs)" for s in plan.sources
     ))  # fmt: skip
 
+    digest = data_digest(manifest)
+    changes = relaunch_changes(cfg, trajectory(cfg, digest))  # refuses a changed course
+
     uri = run_id = None
     if cfg.tracking.enabled:
         uri, run_id = open_tracking(cfg, corpus_dir, manifest, plan.to_dict())
-    spec = WorkerSpec(cfg.model_dump(), corpus_dir, cfg.run_uri, uri, run_id, weights)
+        record_course_changes(uri, run_id, changes)
+    spec = WorkerSpec(
+        cfg.model_dump(), corpus_dir, cfg.run_uri, uri, run_id, weights, data_digest=digest
+    )
     return launch(cfg, spec, callbacks=callbacks)
+
+
+def record_course_changes(uri: str, run_id: str, changes: list[str]) -> None:
+    """The changes `train.allow_changes` let a relaunch make, said on the console and kept
+    in the MLflow run's tag `llamaray.course_changes` (each launch's changes appended)."""
+    if not changes:
+        return
+    from llamaray import tracking
+
+    for change in changes:
+        log.info(f"relaunch changes the run's course, as train.allow_changes permits: {change}")
+    client = tracking.client(uri)
+    earlier = client.get_run(run_id).data.tags.get(COURSE_TAG)
+    client.set_tag(run_id, COURSE_TAG, "; ".join(([earlier] if earlier else []) + changes))
+
+
+COURSE_TAG = "llamaray.course_changes"
 
 
 CONTROLLER_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"

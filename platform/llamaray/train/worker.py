@@ -16,8 +16,6 @@ and measures its validation loss once before the first update (step 0).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import resource
@@ -34,6 +32,7 @@ from llamaray.model.flops import PEAK_FLOPS, mfu, param_count
 from llamaray.model.loss import IGNORE_INDEX
 from llamaray.train.batches import open_feed
 from llamaray.train.checkpoint import TrainState, restore_latest
+from llamaray.train.course import check_course, data_digest, trajectory
 from llamaray.train.faults import maybe_kill
 from llamaray.train.launcher import Launcher
 from llamaray.train.optim import build_optimizer
@@ -64,6 +63,9 @@ class WorkerSpec:
     instructions: dict | None = None
     """Finetuning: the tokenized examples, `{"train", "validation"}` as
     `EncodedInstructions.to_dict()`, plus `vocab_size` and `tokenizer_path`."""
+    data_digest: str | None = None
+    """What the run trains on, by content (`course.data_digest` of the corpus manifest or
+    of the encoded examples): part of the run's course."""
 
 
 @dataclass
@@ -74,14 +76,6 @@ class WorkerResult:
     """Why training stopped before train.steps (non-finite values), or None. A launch that
     ended at train.stop_at_step is not stopped: `step` < train.steps says it is paused."""
     last: dict
-
-
-def config_hash(cfg: RunConfig) -> str:
-    """Hash of what decides the trajectory (not run control such as stop_at_step)."""
-    keep = cfg.model_dump(exclude={"train": {"stop_at_step", "log_every", "max_failures"}})
-    for key in ("faults", "tracking", "shared_filesystem"):
-        keep.pop(key, None)
-    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def worker_device(name: str) -> torch.device:
@@ -167,6 +161,7 @@ def run_worker(spec: WorkerSpec, launcher: Launcher) -> WorkerResult:
         model, cfg.peak_lr, (opt.beta1, opt.beta2), opt.weight_decay, opt.eps
     )
 
+    course = trajectory(cfg, spec.data_digest)
     state = restore_latest(
         launcher.checkpoint_candidates(), model, optimizer, say, t.start_over_if_damaged
     )
@@ -177,13 +172,19 @@ def run_worker(spec: WorkerSpec, launcher: Launcher) -> WorkerResult:
             load_base_weights(model, spec.base)
             say(f"starting from the base model {spec.base['path']} (fresh optimizer)")
         state = TrainState(step=0, world_size=world, rows_per_step=cfg.rows_per_step)
-    elif state.rows_per_step and state.rows_per_step != cfg.rows_per_step:
-        raise ValueError(
-            f"the checkpoint was trained with {state.rows_per_step} rows per step, this "
-            f"config has {cfg.rows_per_step}: its data position would not carry over"
-        )
-    state.world_size, state.config_hash = world, config_hash(cfg)
-    state.rows_per_step = cfg.rows_per_step
+    else:
+        # The driver checked the newest checkpoint's course before launching; this checks
+        # the one actually loaded (an older one when the newest was damaged) and runs
+        # without a driver (torchrun).
+        check_course(state.extra.get("course"), course, t.allow_changes,
+                     f"its checkpoint at step {state.step}")  # fmt: skip
+        if state.rows_per_step and state.rows_per_step != cfg.rows_per_step:
+            raise ValueError(
+                f"the checkpoint was trained with {state.rows_per_step} rows per step, this "
+                f"config has {cfg.rows_per_step}: its data position would not carry over"
+            )
+    state.world_size, state.rows_per_step = world, cfg.rows_per_step
+    state.extra["course"], state.config_hash = course, data_digest(course)
 
     dp, dp_rank = cfg.data_parallel, mesh["dp"].get_local_rank()
     batches = feed.batches(dp_rank, dp, start_step=state.step)
