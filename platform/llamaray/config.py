@@ -52,6 +52,13 @@ def check_name(value: str) -> str:
     return value
 
 
+MAX_DOCUMENT_CHARS = 8_000_000
+"""Default `corpus.max_document_chars`: longer documents are rejected as "too_long". 8M
+characters is a long book several times over (most of the paper's documents are under
+100k); it also bounds what reading holds of one record, about 12 bytes a character
+(`llamaray.data.read.max_line_bytes`): ~97 MiB."""
+
+
 class _Section(BaseModel):
     # Unknown keys are errors: a typo must not silently fall back to a default.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -124,6 +131,13 @@ class CorpusConfig(_Section):
         0.01, ge=0, lt=0.5, description="Documents held out per source (by hash of the text)."
     )
     strict: bool = Field(False, description="Fail at the first bad record, naming file:line.")
+    max_document_chars: int = Field(
+        MAX_DOCUMENT_CHARS,
+        gt=0,
+        description="Longest document kept, in characters; a longer one (or a JSONL line of "
+        "more than 12 bytes a character + 1 MiB) is rejected as too_long, read but never "
+        "held whole. It bounds a reading task's memory: ~12 bytes a character.",
+    )
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     github_extra_licenses: list[str] = Field(
         default_factory=list,

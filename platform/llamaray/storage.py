@@ -34,6 +34,21 @@ be registered as the latest. `upload_directory` (behind the workers' `checkpoint
 `orchestrate.ray_worker.upload_checkpoint`) closes every object itself, so such an error
 fails the report, and checks each object's size before Ray Train registers the checkpoint.
 
+Retries (`retry`, `open_input`): one policy for every S3 access of llamaray. Each request
+gets the SDK's retry strategy above. On top of it, every read of a corpus, a shard, a
+manifest or a checkpoint file, every listing and every existence check is retried as a
+whole, `S3_MAX_ATTEMPTS` times with the same kind of backoff, when it fails with a
+transient error (`is_transient`: throttling such as 503 SlowDown, a 5xx or 429, a reset
+or cut-off connection). The SDK alone is not enough: pyarrow reads an object range into
+a buffer of the range's size, so the error answer to a small ranged GET (a small file, the
+end of a file, a Parquet footer or column chunk) overflows it and comes back as a
+non-retried "Failed to flush response stream"; 429 and some 502s are not retried either.
+A read that still fails after every attempt raises `StorageUnavailable`, never an
+`OSError`: the corpus reader records an `OSError` as a bad record ("unreadable_file"),
+and a storage outage is not bad data. Permanent errors (not found, access denied, a
+corrupt object) are raised at once, as they are. In the worst case, a store that stays
+down, the attempts multiply (SDK x ours, several minutes of backoff) before the error.
+
 On a cluster, the endpoint of an S3-compatible store must still be in the job's
 environment for everything that is not checkpoints (a corpus on S3 is read by the workers
 through `llamaray.data.read`): `ray job submit --runtime-env-json
@@ -45,8 +60,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import random
+import re
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -144,6 +162,170 @@ def _env_credentials() -> dict[str, str]:
     return env if "AWS_ACCESS_KEY_ID" in env and "AWS_SECRET_ACCESS_KEY" in env else {}
 
 
+# ------------------------------------------------------------------ the retry policy
+# Transient S3 errors, as pyarrow words them ("AWS Error <TYPE> ..." or "AWS Error UNKNOWN
+# (HTTP status <code>) ..."): what an S3 client should retry. Anything else (not found,
+# access denied, invalid arguments, a local disk's error) is permanent.
+_TRANSIENT_TYPES = frozenset(
+    {
+        "SLOW_DOWN",
+        "THROTTLING",
+        "SERVICE_UNAVAILABLE",
+        "INTERNAL_FAILURE",  # a 500, and pyarrow's unreadable error answer to a small GET
+        "NETWORK_CONNECTION",  # reset, refused, cut off mid-body
+        "REQUEST_TIMEOUT",
+    }
+)
+_AWS_ERROR = re.compile(r"AWS Error ([A-Z_]+)(?: \(HTTP status (\d+)\))?")
+RETRY_BASE_DELAY_S = 0.1
+"""The first backoff between two attempts of a read (then doubled each time, with jitter)."""
+RETRY_MAX_DELAY_S = 20.0
+
+
+class StorageUnavailable(RuntimeError):
+    """An S3 access that kept failing with transient errors through every attempt of the
+    retry policy. Not an OSError on purpose: the data may be fine; what failed is the store
+    (see the module docstring)."""
+
+
+def is_transient(error: BaseException) -> bool:
+    """True for an S3 error worth retrying: throttling (503 SlowDown, 429), a 5xx, a reset
+    or cut-off connection. False for everything else, 404 and 403 included.
+
+    >>> is_transient(OSError("AWS Error SLOW_DOWN during GetObject operation: ..."))
+    True
+    >>> is_transient(OSError("AWS Error ACCESS_DENIED during HeadObject operation: ..."))
+    False
+    """
+    if not isinstance(error, OSError) or isinstance(error, FileNotFoundError):
+        return False
+    match = _AWS_ERROR.search(str(error))
+    if match is None:
+        return False
+    kind, status = match.groups()
+    return kind in _TRANSIENT_TYPES or (
+        status is not None and (status == "429" or status.startswith("5"))
+    )
+
+
+def retry_delay(attempt: int) -> float:
+    """Seconds to wait after failed attempt number `attempt` (1-based): exponential, capped
+    at RETRY_MAX_DELAY_S, with jitter so that many readers throttled together spread out."""
+    cap = min(RETRY_MAX_DELAY_S, RETRY_BASE_DELAY_S * 2 ** (attempt - 1))
+    return cap * random.uniform(0.5, 1.0)
+
+
+def retry(call, what: str, attempts: int = S3_MAX_ATTEMPTS, on_retry=None):
+    """`call()`, again after a backoff while it raises a transient error (`is_transient`),
+    at most `attempts` times in all; then `StorageUnavailable` naming `what`. Other errors
+    propagate at once. `on_retry()`, if given, runs before each new attempt."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except OSError as e:
+            if not is_transient(e):
+                raise
+            if attempt == attempts:
+                raise StorageUnavailable(
+                    f"{what}: S3 failed {attempts} times in a row with transient errors, "
+                    f"the last: {e}. The data was not marked bad; run again when the store "
+                    "answers (llamaray.storage.S3_MAX_ATTEMPTS sets the attempts)"
+                ) from e
+            time.sleep(retry_delay(attempt))
+            if on_retry is not None:
+                on_retry()
+    raise ValueError(f"attempts must be >= 1, got {attempts}")
+
+
+def attempts_of(fs: pyarrow.fs.FileSystem) -> int:
+    """The attempts `retry` makes on `fs`: an `S3Storage`'s own, S3_MAX_ATTEMPTS for another
+    S3 filesystem, 1 (no retry) for a local one."""
+    if isinstance(fs, S3Storage):
+        return fs.max_attempts
+    return S3_MAX_ATTEMPTS if isinstance(fs, pyarrow.fs.S3FileSystem) else 1
+
+
+def file_info(fs: pyarrow.fs.FileSystem, path_or_selector):
+    """`fs.get_file_info(...)` under the retry policy (a HEAD, or a listing)."""
+    where = getattr(path_or_selector, "base_dir", path_or_selector)
+    return retry(lambda: fs.get_file_info(path_or_selector), f"listing {where}", attempts_of(fs))
+
+
+def open_input(fs: pyarrow.fs.FileSystem, path: str):
+    """A seekable binary file for reading `path` on `fs` whose reads follow the retry
+    policy: on S3 a `RetryingFile`, locally pyarrow's own file. FileNotFoundError if there
+    is nothing at `path`. Hand it to `pyarrow.parquet.ParquetFile` or read it with
+    `.read(n)`; close it (or use `with`)."""
+    if attempts_of(fs) == 1:
+        return fs.open_input_file(path)
+    return RetryingFile(fs, path)
+
+
+class RetryingFile:
+    """An S3 object open for reading whose `read`s retry transient errors (`retry`) at the
+    same offset, so a reader that already used the bytes before the failure goes on where
+    it was. pyarrow's S3 file is stateless between reads (each is one ranged GET), so a
+    retry is a new GET of the same range. Duck-types a binary file (read, seek, tell, size,
+    close) for `pyarrow.PythonFile`, which is how Parquet reads it."""
+
+    def __init__(self, fs: pyarrow.fs.FileSystem, path: str):
+        self._fs, self._path = fs, path
+        self._attempts = attempts_of(fs)
+        self._file = retry(lambda: fs.open_input_file(path), f"opening {path}", self._attempts)
+        self._size = self._file.size()
+        self._pos = 0
+        self.closed = False
+
+    def read(self, n: int = -1) -> bytes:
+        n = self._size - self._pos if n is None or n < 0 else min(n, self._size - self._pos)
+        if n <= 0:
+            return b""
+
+        def attempt() -> bytes:
+            self._file.seek(self._pos)
+            return self._file.read(n)
+
+        data = retry(attempt, f"reading {self._path} at byte {self._pos}", self._attempts)
+        self._pos += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._size}[whence]
+        if base + offset < 0:
+            raise ValueError(f"negative seek position {base + offset}")
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def size(self) -> int:
+        return self._size
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._file.close()
+
+    def __enter__(self) -> RetryingFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"RetryingFile({self._path!r}, attempts={self._attempts})"
+
+
 # ------------------------------------------------------------------ one filesystem layer
 # Every read and write of a corpus, a run's outputs or a checkpoint goes through these, so a
 # path means the same thing to every process: a local path on one machine (or a shared
@@ -228,13 +410,13 @@ def join(uri: str | os.PathLike, *parts: str) -> str:
 
 def exists(uri: str | os.PathLike) -> bool:
     fs, path = filesystem(uri)
-    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+    return file_info(fs, path).type != pyarrow.fs.FileType.NotFound
 
 
 def read_bytes(uri: str | os.PathLike) -> bytes:
     fs, path = filesystem(uri)
     try:
-        with fs.open_input_stream(path, compression=None) as f:
+        with open_input(fs, path) as f:
             return f.read()
     except FileNotFoundError:
         raise FileNotFoundError(f"{os.fspath(uri)} does not exist") from None
@@ -272,7 +454,7 @@ def list_files(uri: str | os.PathLike) -> list[str]:
     """Files under `uri` (recursively), as paths relative to it, sorted; [] when absent."""
     fs, root = filesystem(uri)
     selector = pyarrow.fs.FileSelector(root, recursive=True, allow_not_found=True)
-    infos = fs.get_file_info(selector)
+    infos = file_info(fs, selector)
     return sorted(
         i.path[len(root) :].lstrip("/") for i in infos if i.type == pyarrow.fs.FileType.File
     )
@@ -281,7 +463,7 @@ def list_files(uri: str | os.PathLike) -> list[str]:
 def delete_tree(uri: str | os.PathLike) -> None:
     """Remove `uri` and everything under it; nothing happens when it is absent."""
     fs, path = filesystem(uri)
-    info = fs.get_file_info(path)
+    info = file_info(fs, path)
     if info.type == pyarrow.fs.FileType.Directory:
         fs.delete_dir(path)
     elif info.type == pyarrow.fs.FileType.File:
@@ -304,7 +486,7 @@ def download(uri: str | os.PathLike, local: str | os.PathLike) -> Path:
     returns `local`. Raises FileNotFoundError naming `uri` when nothing is there."""
     fs, path = filesystem(uri)
     local = Path(local)
-    info = fs.get_file_info(path)
+    info = file_info(fs, path)
     if info.type == pyarrow.fs.FileType.File:
         local.parent.mkdir(parents=True, exist_ok=True)
         local.write_bytes(read_bytes(uri))
@@ -314,8 +496,7 @@ def download(uri: str | os.PathLike, local: str | os.PathLike) -> Path:
     for relative in list_files(uri):
         target = local / relative
         target.parent.mkdir(parents=True, exist_ok=True)
-        source = fs.open_input_stream(f"{path}/{relative}", compression=None)
-        with source as f, target.open("wb") as out:
+        with open_input(fs, f"{path}/{relative}") as f, target.open("wb") as out:
             while chunk := f.read(_CHUNK):
                 out.write(chunk)
     return local
@@ -353,3 +534,4 @@ def upload_directory(local: str | Path, fs: pyarrow.fs.FileSystem, destination: 
         if info.type != pyarrow.fs.FileType.File or info.size != size:
             found = f"{info.size} bytes" if info.type == pyarrow.fs.FileType.File else "nothing"
             raise OSError(f"{key}: {found} in storage after the upload of {size} bytes")
+

@@ -472,3 +472,78 @@ def test_same_rows_through_s3(s3_client, corpus_dir):
         np.testing.assert_array_equal(x, y)
     with pytest.raises(FileNotFoundError):
         CorpusRows.open(f"s3://{BUCKET}/corpora/none")
+
+
+def upload_corpus(s3_client, corpus_dir, prefix: str) -> str:
+    existing = {b["Name"] for b in s3_client.list_buckets()["Buckets"]}
+    if BUCKET not in existing:
+        s3_client.create_bucket(Bucket=BUCKET)
+    for path in corpus_dir.rglob("*"):
+        if path.is_file():
+            key = f"{prefix}/{path.relative_to(corpus_dir).as_posix()}"
+            s3_client.put_object(Bucket=BUCKET, Key=key, Body=path.read_bytes())
+    return f"s3://{BUCKET}/{prefix}"
+
+
+@pytest.fixture
+def faulty_s3(s3_endpoint, monkeypatch):
+    """A FaultyS3 proxy in front of moto, adopted as this process's S3 filesystem (as a
+    training worker adopts the driver's), with 3 attempts per request and per read."""
+    from llamaray import storage
+    from s3_faults import FaultyS3
+
+    proxy = FaultyS3(s3_endpoint)
+    monkeypatch.setattr(storage, "_ADOPTED_S3", None)
+    storage.adopt_s3(storage.S3Storage(proxy.url, "us-east-1", max_attempts=3))
+    yield proxy
+    proxy.close()
+
+
+def test_the_feed_rides_out_transient_s3_errors(s3_client, corpus_dir, faulty_s3):
+    """S3 throttles the feed: every other GET of a shard (its footer, then each row group
+    read) and the first request for the manifest and each shard's HEAD is answered 503
+    SlowDown; the first GET of the manifest gets its connection reset. The training stream,
+    prefetched as a worker reads it, gives exactly the local corpus's rows."""
+    uri = upload_corpus(s3_client, corpus_dir, "corpora/flaky")
+
+    def rule(method, key, query, n):
+        if not key.startswith(f"/{BUCKET}/corpora/flaky/"):
+            return None
+        if key.endswith(".parquet") and method == "GET":
+            return (503, "SlowDown", False) if n % 2 == 0 else None
+        if key.endswith("manifest.json") and method == "GET" and n == 1:
+            return 0, "reset", False
+        return (503, "SlowDown", False) if n == 1 else None
+
+    faulty_s3.reset(rule)
+    remote = CorpusRows.open(uri)
+    steps = MixedStream(remote, 200 * SEQ_LEN, seed=5).batches(1, 2, 8, start_step=2)
+    with Prefetcher(steps, depth=2) as feed:
+        got = list(feed)
+    local = MixedStream(CorpusRows.open(corpus_dir), 200 * SEQ_LEN, seed=5)
+    want = list(local.batches(1, 2, 8, start_step=2))
+    assert len(got) == len(want) > 0
+    for x, y in zip(got, want, strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert remote.cache_stats().row_groups_read > 0
+    shard_faults = [k for m, k, s in faulty_s3.failed if m == "GET" and k.endswith(".parquet")]
+    assert len(set(shard_faults)) > 3 and faulty_s3.faults(503, "GET")
+
+
+def test_the_feed_fails_with_storage_unavailable_when_s3_stays_down(
+    s3_client, corpus_dir, faulty_s3
+):
+    """A shard that S3 never serves: the feed raises StorageUnavailable (a storage error that
+    restarts the run from its checkpoint), not a corrupt-data error, and not at once."""
+    from llamaray.storage import StorageUnavailable
+
+    uri = upload_corpus(s3_client, corpus_dir, "corpora/down")
+    remote = CorpusRows.open(uri)
+    faulty_s3.reset(
+        lambda method, key, query, n: (
+            (503, "SlowDown", False) if method == "GET" and key.endswith(".parquet") else None
+        )
+    )
+    with pytest.raises(StorageUnavailable, match=r"corpora/down/shards/.*\.parquet"):
+        remote.rows("c4", np.arange(3))
+    assert sum(faulty_s3.faults(503, "GET").values()) >= 3

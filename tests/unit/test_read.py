@@ -2,6 +2,9 @@
 
 import gzip
 import json
+import os
+import subprocess
+import sys
 import time
 import zlib
 
@@ -375,3 +378,127 @@ def test_rows_round_trip(tmp_path):
     assert [from_row(r).meta for r in rows if r["kind"] == "doc"] == [
         i.meta for i in items if isinstance(i, Document)
     ]
+
+
+# ------------------------------------------------------------------ compression bombs
+# Gigabytes of one byte, no newline, in a file of kilobytes, then normal lines. Read in a
+# child process that reports its peak RSS while reading and how its records came out.
+# Peak RSS is the kernel's VmHWM, which starts afresh with the child's own memory at exec;
+# ru_maxrss would not do: Linux carries it over from the forking parent (a test that held
+# 700 MB before would hide the child's peak). Before the output of a decompression was
+# bounded, reading the zstd file below took 4 GB.
+
+BOMB_GOOD_LINES = 1000
+_READ_IN_CHILD = """
+import json, sys
+from llamaray.data.read import iter_file
+
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
+path, max_chars = sys.argv[1], int(sys.argv[2])
+before = status("VmRSS")  # after the imports
+records = []
+for item in iter_file(path, "c4", max_chars=max_chars):
+    text = getattr(item, "text", None)
+    records.append([item.origin, getattr(item, "reason", "doc"), len(getattr(item, "excerpt", "")),
+                    text if text is None or len(text) < 100 else len(text)])
+peak = status("VmHWM")
+print(json.dumps({"growth_mib": peak - before, "peak_mib": peak, "records": records}))
+"""
+
+
+def write_bomb(path, kind: str, giant_mib: int, lines_after: bool = True) -> None:
+    """`giant_mib` MiB of b"a" with no newline, then (lines_after) a newline and
+    BOMB_GOOD_LINES normal JSONL records, to `path`: the giant part as 64 MiB gzip members
+    or zstd frames (a few KB each) written again and again, which is quick to make and as
+    valid a stream as one member."""
+    part = compress(b"a" * (64 << 20), kind)
+    with open(path, "wb") as f:
+        for _ in range(giant_mib // 64):
+            f.write(part)
+        if lines_after:
+            tail = "".join(
+                json.dumps({"text": f"good line {i}"}) + "\n" for i in range(BOMB_GOOD_LINES)
+            )
+            f.write(compress(b"\n" + tail.encode(), kind))
+
+
+def read_in_child(path, max_chars: int = read.MAX_CHARS) -> dict:
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("peak RSS is read from /proc (Linux)")
+    out = subprocess.run(
+        [sys.executable, "-c", _READ_IN_CHILD, str(path), str(max_chars)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    return json.loads(out.stdout)
+
+
+@pytest.mark.parametrize(("kind", "gib"), [("zst", 2), ("gz", 1)])
+def test_compression_bomb_is_too_long_in_bounded_memory(tmp_path, kind, gib):
+    path = tmp_path / f"bomb.jsonl.{kind}"
+    write_bomb(path, kind, gib << 10)
+    assert path.stat().st_size < (gib << 30) // 500  # at least 500:1
+    got = read_in_child(path)
+    # The giant line is one too_long record with an excerpt; every line after it is read.
+    records = got["records"]
+    assert records[0] == [f"{path}:1", "too_long", read.EXCERPT_CHARS, None]
+    assert records[1:] == [
+        [f"{path}:{i + 2}", "doc", 0, f"good line {i}"] for i in range(BOMB_GOOD_LINES)
+    ]
+    # Reading may hold one record up to max_line_bytes (97 MiB at the default), never the
+    # gigabytes the file holds, nor what one compressed chunk of it expands to.
+    assert read.max_line_bytes(read.MAX_CHARS) < 100 << 20
+    assert got["growth_mib"] < 160, got["growth_mib"]
+    assert got["peak_mib"] < 256, got["peak_mib"]
+
+
+@pytest.mark.parametrize("kind", ["zst", "gz"])
+def test_compression_bomb_bound_follows_max_chars(tmp_path, kind):
+    """A text file (one document) and a JSONL line, each 256 MiB of one byte, with a small
+    max_chars: too_long, read with a few MiB."""
+    for name, lines_after in (("bomb.txt", False), ("bomb.jsonl", True)):
+        path = tmp_path / f"{name}.{kind}"
+        write_bomb(path, kind, 256, lines_after=lines_after)
+        got = read_in_child(path, max_chars=100_000)
+        assert got["records"][0][:2] == [f"{path}:1", "too_long"]
+        assert len(got["records"]) == (1 + BOMB_GOOD_LINES if lines_after else 1)
+        assert got["growth_mib"] < 40, (name, got["growth_mib"])
+
+
+@pytest.mark.parametrize("kind", ["gz", "zst"])
+def test_a_decompressed_read_returns_at_most_what_was_asked(tmp_path, kind):
+    """2 KB of zstd (or 64 KB of gzip) hold 64 MiB; no read returns more than its `n`."""
+    data = b"a" * (64 << 20)
+    path = tmp_path / f"bomb.bin.{kind}"
+    path.write_bytes(compress(data, kind))
+    sizes = []
+    with files.open_stream(str(path), "gzip" if kind == "gz" else "zstd") as stream:
+        while chunk := stream.read(1 << 20):
+            sizes.append(len(chunk))
+        assert stream.read() == b""
+    assert sum(sizes) == len(data) and max(sizes) == 1 << 20
+    with files.open_stream(str(path), "gzip" if kind == "gz" else "zstd") as stream:
+        assert len(stream.read()) == files.OUT_CHUNK  # n < 0: one chunk, not the whole
+
+
+def test_zstd_frame_with_a_huge_window_is_refused(tmp_path):
+    """The decoder allocates the window a frame declares: above ZSTD_MAX_WINDOW it refuses."""
+    params = zstandard.ZstdCompressionParameters.from_level(3, window_log=27)
+    c = zstandard.ZstdCompressor(compression_params=params)  # a stream: no content size
+    path = tmp_path / "long.jsonl.zst"
+    with open(path, "wb") as f, c.stream_writer(f) as w:
+        w.write(b'{"text": "x"}\n' * 1000)
+    (item,) = iter_file(str(path), "c4")
+    assert (item.origin, item.reason) == (f"{path}:1", "unreadable_file")
+    assert "ZSTD_MAX_WINDOW" in item.excerpt
+    ok = tmp_path / "ok.jsonl.zst"  # window_log 25: accepted
+    params = zstandard.ZstdCompressionParameters.from_level(3, window_log=25)
+    c = zstandard.ZstdCompressor(compression_params=params)
+    with open(ok, "wb") as f, c.stream_writer(f) as w:
+        w.write(b'{"text": "x"}\n' * 1000)
+    assert [d.text for d in iter_file(str(ok), "c4")] == ["x"] * 1000

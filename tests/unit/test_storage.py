@@ -67,3 +67,79 @@ def test_s3_uses_the_retrying_filesystem_of_this_environment(s3_client):
     assert isinstance(local, pyarrow.fs.LocalFileSystem)
     with pytest.raises(ValueError, match="gs://"):
         storage.filesystem("gs://bucket/x")
+
+
+# ------------------------------------------------------------------ the retry policy
+
+
+def test_transient_and_permanent_s3_errors_as_pyarrow_words_them():
+    transient = [
+        "AWS Error SLOW_DOWN during ListObjectsV2 operation: Please reduce your request rate.",
+        "AWS Error UNKNOWN (HTTP status 503) during HeadObject operation: No response body.",
+        "AWS Error UNKNOWN (HTTP status 429) during GetObject operation: TooManyRequests",
+        "AWS Error NETWORK_CONNECTION during GetObject operation: curlCode: 52, Empty reply",
+        "AWS Error INTERNAL_FAILURE during GetObject operation: Failed to flush response stream",
+    ]
+    permanent = [
+        "AWS Error ACCESS_DENIED during HeadObject operation: No response body.",
+        "AWS Error RESOURCE_NOT_FOUND during GetObject operation: ",
+        "AWS Error UNKNOWN (HTTP status 400) during GetObject operation: Bad Request",
+        "Couldn't deserialize thrift: TProtocolException: Invalid data",
+    ]
+    assert [storage.is_transient(OSError(m)) for m in transient] == [True] * len(transient)
+    assert [storage.is_transient(OSError(m)) for m in permanent] == [False] * len(permanent)
+    assert not storage.is_transient(FileNotFoundError("AWS Error SLOW_DOWN"))
+    assert not storage.is_transient(ValueError("AWS Error SLOW_DOWN"))
+
+
+def test_retry_gives_up_with_storage_unavailable_and_lets_permanent_errors_through():
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise OSError("AWS Error SLOW_DOWN during GetObject operation")
+        return "ok"
+
+    assert storage.retry(flaky, "x", attempts=3) == "ok" and len(calls) == 3
+    calls.clear()
+    with pytest.raises(storage.StorageUnavailable, match="x: S3 failed 2 times") as err:
+        storage.retry(flaky, "x", attempts=2)
+    assert not isinstance(err.value, OSError)  # never read as a bad record
+    calls.clear()
+
+    def denied():
+        calls.append(1)
+        raise OSError("AWS Error ACCESS_DENIED during GetObject operation")
+
+    with pytest.raises(OSError, match="ACCESS_DENIED"):
+        storage.retry(denied, "x", attempts=5)
+    assert len(calls) == 1
+
+
+def test_storage_reads_and_listings_ride_out_transient_errors(
+    s3_client, s3_endpoint, monkeypatch, tmp_path
+):
+    """read_bytes, exists, list_files and download through FaultyS3: each request kind fails
+    first with a 503, a reset and a 503 (more than the 3 attempts of one SDK round
+    absorb when pyarrow cannot read the error answer to a small GET)."""
+    from s3_faults import FaultyS3
+
+    s3_client.create_bucket(Bucket="storage-faults")
+    s3_client.put_object(Bucket="storage-faults", Key="run/state.json", Body=b'{"step": 7}')
+    proxy = FaultyS3(s3_endpoint)
+    try:
+        monkeypatch.setattr(storage, "_ADOPTED_S3", None)
+        storage.adopt_s3(storage.S3Storage(proxy.url, "us-east-1", max_attempts=3))
+        answers = [(503, "SlowDown", False), (0, "reset", False), (503, "SlowDown", False)]
+        proxy.reset(lambda method, key, query, n: answers[n - 1] if n <= 3 else None)
+        uri = "s3://storage-faults/run/state.json"
+        assert storage.read_bytes(uri) == b'{"step": 7}'
+        assert storage.exists(uri)
+        assert storage.list_files("s3://storage-faults/run") == ["state.json"]
+        assert storage.download(uri, tmp_path / "state.json").read_bytes() == b'{"step": 7}'
+        assert len(proxy.faults(503)) >= 2  # HEAD, GET and listing were each refused
+        with pytest.raises(FileNotFoundError):
+            storage.read_bytes("s3://storage-faults/run/none.json")
+    finally:
+        proxy.close()

@@ -23,8 +23,12 @@ mixture visits each source in a random permutation, so the cache rarely holds a 
 long enough to serve its other rows. Keep row groups small (tens of rows) or the cache big
 enough to hold the sources that are read many times; `cache_stats()` shows what it costs.
 
-S3 is reached through pyarrow's filesystem, configured as in `read.py` (`AWS_ENDPOINT_URL_S3`
-or `AWS_ENDPOINT_URL`, `AWS_REGION` or `AWS_DEFAULT_REGION`, the usual credential chain).
+S3 is reached through `llamaray.storage`'s filesystem, configured as in `read.py`
+(`AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL`, `AWS_REGION` or `AWS_DEFAULT_REGION`, the
+usual credential chain), and every read (manifest, footers, row groups) follows its retry
+policy: a transient S3 error (503 SlowDown, a reset) is retried with backoff, and one that
+outlasts the attempts raises `storage.StorageUnavailable` (the training step fails, and
+`train.max_failures` restarts it from the last checkpoint) rather than a crash on the first.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
-from llamaray.storage import filesystem, join
+from llamaray.storage import attempts_of, file_info, filesystem, join, open_input, retry
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "validation")
@@ -133,9 +137,9 @@ class CorpusRows:
         """
         fs, root = _filesystem(str(corpus_dir))
         path = posixpath.join(root, MANIFEST)
-        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        if file_info(fs, path).type == pafs.FileType.NotFound:
             raise FileNotFoundError(f"no {MANIFEST} in {corpus_dir} (not a prepared corpus?)")
-        with fs.open_input_stream(path) as f:
+        with open_input(fs, path) as f:
             manifest = json.loads(f.read())
         return cls(corpus_dir, manifest, cache_bytes=cache_bytes, max_open_files=max_open_files)
 
@@ -317,7 +321,11 @@ class CorpusRows:
         return posixpath.join(self._root, relative.replace("\\", "/"))
 
     def _footer(self, path: str) -> pq.FileMetaData:
-        md = pq.read_metadata(path, filesystem=self._fs)
+        md = retry(
+            lambda: pq.read_metadata(path, filesystem=self._fs),
+            f"reading the footer of {path}",
+            attempts_of(self._fs),
+        )
         schema = md.schema.to_arrow_schema()
         index = schema.get_field_index("tokens")
         if index < 0:
@@ -341,7 +349,13 @@ class CorpusRows:
             return block
         path = index.paths[index.group_file[g]]
         pf = self._parquet(path, index.metadata[index.group_file[g]])
-        table = pf.read_row_group(int(index.group_local[g]), columns=["tokens"])
+        # pyarrow's S3 file is stateless between reads (each is a ranged GET): a read that
+        # failed on a transient error is simply asked again (storage's retry policy).
+        table = retry(
+            lambda: pf.read_row_group(int(index.group_local[g]), columns=["tokens"]),
+            f"reading row group {int(index.group_local[g])} of {path}",
+            attempts_of(self._fs),
+        )
         self._row_groups_read += 1
         block = _decode(table, path, int(index.group_rows[g]), self.row_tokens)
         if block.nbytes <= self.cache_bytes:  # one bigger than the budget is not kept
@@ -356,7 +370,9 @@ class CorpusRows:
         if path in self._handles:
             self._handles.move_to_end(path)
             return self._handles[path][1]
-        handle = self._fs.open_input_file(path)
+        handle = retry(
+            lambda: self._fs.open_input_file(path), f"opening {path}", attempts_of(self._fs)
+        )
         # The footer is already parsed: passing it saves a read per reopen.
         pf = pq.ParquetFile(handle, metadata=metadata)
         self._handles[path] = (handle, pf)

@@ -228,7 +228,7 @@ def _run(cfg: CorpusConfig) -> dict:
         licenses.append("PSF-2.0")
 
     log.info(f"reading {len(sources)} source(s): {', '.join(sources)}")
-    ds = read_corpus(sources, strict=cfg.strict)
+    ds = read_corpus(sources, strict=cfg.strict, max_chars=cfg.max_document_chars)
     ds = ds.map_batches(
         clean_block,
         fn_kwargs={"options": {"github": {"extra_licenses": tuple(licenses)}}},

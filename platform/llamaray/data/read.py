@@ -13,16 +13,24 @@ Formats, chosen by suffix (case-insensitive), after an optional compression suff
   does not separate documents. It is held in memory only while it stays within `max_chars`:
   a longer file is "too_long" and the rest of it is not read.
 
-Files are streamed in 1 MiB chunks, never loaded whole, so a file bigger than memory goes
-through. JSONL holds one line at a time; a line over `12 * max_chars + 1 MiB` bytes is
-"too_long" without being parsed or held (no text within `max_chars` needs more bytes, even
-fully `\\uXXXX`-escaped, unless its meta is over 1 MiB); its excerpt is the line's first bytes.
+`max_chars` is the config's `corpus.max_document_chars` (default `MAX_CHARS`). Files are
+streamed in 1 MiB chunks of decompressed bytes, never loaded whole, whatever their size or
+compression ratio (`files.open_stream` bounds each read's output, so a compression bomb
+costs time, not memory). JSONL holds one line at a time; a line over
+`max_line_bytes(max_chars)` = `12 * max_chars + 1 MiB` bytes is "too_long" without being
+parsed or held (no text within `max_chars` needs more bytes, even fully
+`\\uXXXX`-escaped, unless its meta is over 1 MiB); its excerpt is the line's first bytes,
+and the lines after it are read as usual. So reading holds at most about
+`max_line_bytes(max_chars)` of one record (97 MiB at the default), plus a chunk.
 
-Paths are local or `s3://bucket/key` (pyarrow's S3 filesystem; `AWS_ENDPOINT_URL_S3` or
-`AWS_ENDPOINT_URL`, `AWS_REGION` or `AWS_DEFAULT_REGION`, credentials from the usual AWS chain).
+Paths are local or `s3://bucket/key` (`llamaray.storage`'s S3 filesystem and its retry
+policy; `AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL`, `AWS_REGION` or `AWS_DEFAULT_REGION`,
+credentials from the usual AWS chain).
 
 Bad input never raises (unless `strict=True`) and is never lost: each bad record becomes one
-`Rejected` with one of the reason keys of `REASONS`.
+`Rejected` with one of the reason keys of `REASONS`. A store that is down is not bad input:
+listings and reads retry transient S3 errors (`llamaray.storage.retry`), and one that
+outlasts the retries raises `llamaray.storage.StorageUnavailable` instead of rejecting.
 """
 
 from __future__ import annotations
@@ -35,8 +43,10 @@ import zlib
 from collections.abc import Iterator
 from typing import Any
 
+from llamaray.config import MAX_DOCUMENT_CHARS
 from llamaray.data.files import exists, expand_paths, is_s3, open_stream, s3_path
 from llamaray.data.records import Document, Rejected
+from llamaray.storage import open_input
 
 REASONS: dict[str, str] = {
     "missing_file": "the path does not exist (origin path:0)",
@@ -48,10 +58,11 @@ REASONS: dict[str, str] = {
     "malformed_json": "the line is not valid JSON",
     "missing_text": 'no "text" string in the record (or no text column)',
     "empty": "the text is empty or whitespace only",
-    "too_long": "the text is longer than max_chars characters",
+    "too_long": "the text is longer than max_chars characters (corpus.max_document_chars), or "
+    "its JSONL line is longer than max_line_bytes(max_chars) bytes (not parsed, not held)",
 }
 
-MAX_CHARS = 50_000_000
+MAX_CHARS = MAX_DOCUMENT_CHARS
 EXCERPT_CHARS = 200
 _CHUNK = 1 << 20
 _JSONL = (".jsonl", ".json", ".ndjson")
@@ -149,10 +160,16 @@ def _format_of(path: str) -> tuple[str | None, str | None]:
     return None, compression
 
 
+def max_line_bytes(max_chars: int) -> int:
+    """The longest JSONL line (bytes, without its newline) that may hold a text of
+    `max_chars` characters: 12 bytes a character (a surrogate pair escaped as two
+    `\\uXXXX`) plus 1 MiB for the rest of the record. A longer line is "too_long"."""
+    return 12 * max_chars + _CHUNK
+
+
 def _iter_jsonl(stream, path: str, source: str, max_chars: int) -> Iterator[Document | Rejected]:
-    max_line_bytes = 12 * max_chars + _CHUNK
     lineno = 0
-    lines = _iter_lines(stream.read, max_line_bytes)
+    lines = _iter_lines(stream.read, max_line_bytes(max_chars))
     while True:
         try:
             line, overflow = next(lines)
@@ -208,7 +225,7 @@ def _iter_text(stream, path: str, source: str, max_chars: int) -> Iterator[Docum
             parts.append(part)
             n_chars += len(part)
             if n_chars > max_chars:
-                head = "".join(parts)[: EXCERPT_CHARS + 1].removeprefix("\ufeff")
+                head = _head(parts, EXCERPT_CHARS + 1).removeprefix("\ufeff")
                 yield Rejected(origin, "too_long", source, head[:EXCERPT_CHARS])
                 return
             if not chunk:
@@ -240,7 +257,7 @@ def _iter_parquet(path: str, source: str, max_chars: int, s3=None) -> Iterator[D
     with contextlib.ExitStack() as stack:
         if is_s3(path):
             fs, key = s3_path(path, s3)
-            f = stack.enter_context(fs.open_input_file(key))
+            f = stack.enter_context(open_input(fs, key))  # reads retried as storage says
         else:
             f = path
         pf = pq.ParquetFile(f)
@@ -312,32 +329,46 @@ def _pylist(column) -> list:
 
 
 def _iter_lines(read, max_line_bytes: int) -> Iterator[tuple[bytes, bool]]:
-    """Yield (line without "\\n", too_long). Lines over `max_line_bytes` are cut short.
+    """Yield (line without "\\n", too_long). A line over `max_line_bytes` comes as
+    (its first bytes, True): once it is known to be too long, the pieces read so far are
+    dropped and the rest of it is counted, not kept, so no more than `max_line_bytes` plus
+    one chunk is ever held, however long the line.
 
     An error from `read` propagates after every complete line before it was yielded; the
     partial line at that point is dropped.
     """
     pieces: list[bytes] = []
     size = 0
+    head: bytes | None = None  # the excerpt, once the line is known to be too long
     while chunk := read(_CHUNK):
         split = chunk.split(b"\n")
         last = len(split) - 1
         for i, piece in enumerate(split):
-            if size <= max_line_bytes:
-                pieces.append(piece)
             size += len(piece)
+            if head is None:
+                pieces.append(piece)
+                if size > max_line_bytes:
+                    head, pieces = _head(pieces, EXCERPT_CHARS * 4), []
             if i < last:
-                yield _joined(pieces, size, max_line_bytes)
-                pieces, size = [], 0
+                if head is None:
+                    line = (pieces[0] if len(pieces) == 1 else b"".join(pieces), False)
+                else:
+                    line = (head, True)
+                pieces, size, head = [], 0, None  # freed before the consumer parses the line
+                yield line
     if size:
-        yield _joined(pieces, size, max_line_bytes)
+        yield (b"".join(pieces), False) if head is None else (head, True)
 
 
-def _joined(pieces: list[bytes], size: int, max_line_bytes: int) -> tuple[bytes, bool]:
-    line = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-    if size > max_line_bytes:
-        return line[: EXCERPT_CHARS * 4], True
-    return line, False
+def _head(pieces: list, n: int):
+    """The first `n` items (bytes or characters) of the concatenation of `pieces`, without
+    concatenating them all."""
+    out = pieces[0][:0] if pieces else b""
+    for piece in pieces:
+        out += piece[: n - len(out)]
+        if len(out) >= n:
+            break
+    return out
 
 
 def _excerpt_bytes(b: bytes) -> str:
