@@ -24,11 +24,17 @@ def main(argv: list[str]) -> int:
         print(err, file=sys.stderr)
         return 2
 
-    from llamaray.data.prepare import prepare_corpus
+    from llamaray.data.corpus_lock import CorpusLocked, check_free
+    from llamaray.data.prepare import corpus_location, prepare_corpus
     from llamaray.ray_session import start_ray
 
-    start_ray(opts.address)
-    prepare_corpus(cfg)
+    try:
+        check_free(corpus_location(cfg))  # seconds before Ray would be up
+        start_ray(opts.address)
+        prepare_corpus(cfg)
+    except CorpusLocked as err:  # another launch is building this corpus; it names it
+        print(err, file=sys.stderr)
+        return 2
     return 0
 
 

@@ -8,6 +8,7 @@ llamaray generate --model runs/demo/model --prompt "def main("
 llamaray eval --config jobs/configs/demo.yaml --task jobs/tasks/stdlib-modules
 llamaray harness --model runs/checkpoints/demo/hf --tasks arc_easy   # lm-evaluation-harness
 llamaray plan --experiment llamaray-scaling --compute 1e21 --inference-tokens 1e12
+llamaray corpus versions runs/corpus-demo        # also: prune --keep 1, unlock
 """
 
 from __future__ import annotations
@@ -87,11 +88,52 @@ def cmd_prepare(opts: argparse.Namespace) -> int:
     if opts.print_config:
         print(cfg.to_yaml())
         return 0
-    from llamaray.data.prepare import prepare_corpus
+    from llamaray.data.corpus_lock import CorpusLocked, check_free
+    from llamaray.data.prepare import corpus_location, prepare_corpus
     from llamaray.ray_session import start_ray
 
-    start_ray(opts.address)
-    prepare_corpus(cfg)
+    try:
+        check_free(corpus_location(cfg))  # seconds before Ray would be up
+        start_ray(opts.address)
+        prepare_corpus(cfg)
+    except CorpusLocked as err:  # another launch is building it: one line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_corpus(opts: argparse.Namespace) -> int:
+    """The versions of a prepared corpus (`data.corpus_layout`): list, prune, unlock."""
+    from llamaray.data.corpus_layout import (
+        KEEP_VERSIONS,
+        list_versions,
+        prune_versions,
+        read_manifest,
+    )
+    from llamaray.data.corpus_lock import BuildLock, describe
+
+    corpus = opts.corpus
+    lock = BuildLock(corpus, f"(llamaray corpus {opts.corpus_command})")
+    if opts.corpus_command == "versions":
+        current = (read_manifest(corpus) or {}).get("version")
+        for version, complete in list_versions(corpus).items():
+            state = "current" if version == current else "complete" if complete else "incomplete"
+            print(f"{version}  {state}")
+        holder = lock.read()
+        print(f"locked by {describe(holder)}" if holder else "not locked")
+    elif opts.corpus_command == "prune":
+        with lock:  # a running build's folder is incomplete: never prune beside one
+            removed = prune_versions(corpus, keep=opts.keep or KEEP_VERSIONS)
+        print(f"removed {', '.join(removed)}" if removed else "nothing to remove")
+    else:
+        holder = lock.read()
+        if holder is None:
+            print(f"{corpus} is not locked")
+            return 0
+        from llamaray import storage
+
+        storage.delete_tree(lock.uri)
+        print(f"removed the lock of {describe(holder)}")
     return 0
 
 
@@ -161,6 +203,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-config", action="store_true", help="print the resolved config, exit")
     p.add_argument("overrides", nargs="*", help="key.path=value, e.g. seq_len=2048")
     p.set_defaults(func=cmd_prepare)
+
+    corpus = sub.add_parser("corpus", help="a prepared corpus's versions").add_subparsers(
+        dest="corpus_command", required=True
+    )
+    p = corpus.add_parser("versions", help="list the versions (current, complete) and the lock")
+    p.add_argument("corpus", help="<output_dir>/<name>, a local path or s3://")
+    p.set_defaults(func=cmd_corpus)
+    p = corpus.add_parser("prune", help="delete all but the newest complete versions")
+    p.add_argument("corpus", help="<output_dir>/<name>, a local path or s3://")
+    p.add_argument(
+        "--keep",
+        type=int,
+        default=None,
+        help="complete versions kept, the current one included (default: what prepare keeps, 2)",
+    )
+    p.set_defaults(func=cmd_corpus)
+    p = corpus.add_parser("unlock", help="remove the build lock of a launch that is dead")
+    p.add_argument("corpus", help="<output_dir>/<name>, a local path or s3://")
+    p.set_defaults(func=cmd_corpus)
 
     p = sub.add_parser("convert", help="convert between Meta and Hugging Face checkpoints")
     p.add_argument("src")

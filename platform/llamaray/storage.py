@@ -535,3 +535,65 @@ def upload_directory(local: str | Path, fs: pyarrow.fs.FileSystem, destination: 
             found = f"{info.size} bytes" if info.type == pyarrow.fs.FileType.File else "nothing"
             raise OSError(f"{key}: {found} in storage after the upload of {size} bytes")
 
+
+# --------------------------------------------------------------- create only if absent
+# A separate primitive for leases (`llamaray.data.corpus_lock`), apart from the retry policy
+# above: pyarrow has no conditional write, so S3 goes through boto3 here.
+
+
+def create_exclusive(uri: str | os.PathLike, data: bytes) -> bool:
+    """Write `uri` whole only if nothing is there: True when this call created it, False
+    when something already was. Of competing callers exactly one gets True.
+
+    Local (and NFS): a complete temporary file is hard-linked to the name, which fails when
+    the name exists, so a reader never sees a half-written file. S3: one PutObject with
+    `If-None-Match: *` (AWS S3 since 2024, moto 5, MinIO); a store that ignores the header
+    overwrites instead, which a caller notices by reading its token back. A PutObject
+    retried after a lost response is answered 412 although the first attempt created the
+    object: the caller's read-back tells the two apart.
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     create_exclusive(f"{d}/lock", b"a"), create_exclusive(f"{d}/lock", b"b")
+    (True, False)
+    """
+    uri = os.fspath(uri)
+    if is_s3(uri):
+        return _s3_create_exclusive(uri, data)
+    _fs, path = filesystem(uri)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+    Path(tmp).write_bytes(data)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
+    return True
+
+
+def _s3_create_exclusive(uri: str, data: bytes) -> bool:
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import ClientError
+
+    endpoint, region, _key_id, _profile = _s3_env()
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=region,
+        config=Config(retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"}),
+    )
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+    except ClientError as err:
+        # 412: the object exists; 409: a concurrent conditional write to the key won.
+        if err.response.get("Error", {}).get("Code") in (
+            "PreconditionFailed",
+            "ConditionalRequestConflict",
+        ):
+            return False
+        raise
+    return True

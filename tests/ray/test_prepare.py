@@ -1,9 +1,11 @@
 """`prepare_corpus` end to end on the shared local Ray cluster, with bad input planted;
-the same input prepared from S3 into S3 (moto's server) must give the same corpus."""
+the same input prepared from S3 into S3 (moto's server) must give the same corpus; a
+rebuild into the same name is a new version, switched to when complete."""
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import shutil
 
@@ -14,6 +16,7 @@ import pytest
 
 from llamaray import storage
 from llamaray.config import CorpusConfig, load_config
+from llamaray.data.corpus_layout import list_versions, pinned_corpus
 from llamaray.data.packed_corpus import CorpusRows, tokenizer_location
 from llamaray.data.prepare import heldout, prepare_corpus
 from llamaray.data.sample_text import write_stdlib_sample
@@ -128,8 +131,9 @@ def test_drop_reasons_per_source(corpus):
     total_dropped = sum(sum(s["dropped"].values()) for s in src.values())
     assert len(quarantined) == total_dropped == manifest["quarantine"]["records"]
     assert sum(f["records"] for f in manifest["quarantine"]["files"]) == total_dropped
-    # Written by the tasks, into the corpus: nothing else is in its quarantine folder.
-    listed = {f"quarantine/{p}" for p in storage.list_files(out / "quarantine")}
+    # Written by the tasks, into the corpus's version: nothing else is in its quarantine.
+    version = manifest["version_path"]
+    listed = {f"{version}/quarantine/{p}" for p in storage.list_files(out / version / "quarantine")}
     assert listed == {f["path"] for f in manifest["quarantine"]["files"]}
     first = json.loads(quarantined[0])
     assert {"origin", "reason", "source", "excerpt"} <= set(first)
@@ -168,17 +172,26 @@ def test_manifest_paths_are_relative_and_shards_are_what_the_tasks_wrote(corpus)
     manifest, _, out, _ = corpus
     without_config = {k: v for k, v in manifest.items() if k != "config"}
     assert str(out) not in json.dumps(without_config)
-    assert manifest["tokenizer"]["path"] == "tokenizer/tokenizer.model"
+    # The corpus's manifest points into its current version, paths relative to the corpus.
+    version = manifest["version_path"]
+    assert version == f"versions/{manifest['version']}"
+    assert manifest["tokenizer"]["path"] == f"{version}/tokenizer/tokenizer.model"
     files = [
         f for s in manifest["sources"].values() for split in s["splits"].values()
         for f in split["files"]
     ]  # fmt: skip
     assert files and all(not f.startswith("/") and "://" not in f for f in files)
-    assert {f"shards/{p}" for p in storage.list_files(out / "shards")} == set(files)
+    assert {f"{version}/shards/{p}" for p in storage.list_files(out / version / "shards")} == set(
+        files
+    )
+    # The version's own manifest: the same, relative to the version, so it opens alone.
+    own = json.loads((out / version / "manifest.json").read_text())
+    assert own["tokenizer"]["path"] == "tokenizer/tokenizer.model"
+    assert own["digest"] == manifest["digest"] and "version_path" not in own
     # The same input gives the same file names (content digests) on every run.
     for name, s in manifest["sources"].items():
         for split, entry in s["splits"].items():
-            prefix = f"shards/source={name}/split={split}/"
+            prefix = f"{version}/shards/source={name}/split={split}/"
             assert all(f.startswith(prefix) and f.endswith(".parquet") for f in entry["files"])
             assert entry["files"] == sorted(entry["files"])
 
@@ -200,14 +213,15 @@ def test_a_copied_corpus_opens_with_its_tokenizer(corpus, tmp_path):
     shutil.copytree(out, copy)
     rows = CorpusRows.open(copy)
     location = tokenizer_location(copy, rows.manifest)
-    assert location == str(copy / "tokenizer" / "tokenizer.model") == rows.tokenizer_uri
+    version = manifest["version_path"]
+    assert location == str(copy / version / "tokenizer" / "tokenizer.model") == rows.tokenizer_uri
     tok = Tokenizer.open(location)
     assert tok.vocab_size == manifest["tokenizer"]["vocab_size"]
     n = manifest["sources"]["c4"]["splits"]["train"]["rows"]
     assert np.array_equal(rows.rows("c4", np.arange(n)), load_rows(out, "c4", "train"))
     # An absolute path (a manifest written before paths were relative) is kept as it is.
-    old = dict(rows.manifest, tokenizer={"path": str(out / "tokenizer" / "tokenizer.model")})
-    assert tokenizer_location(copy, old) == str(out / "tokenizer" / "tokenizer.model")
+    old = dict(rows.manifest, tokenizer={"path": str(out / version / "tokenizer.model")})
+    assert tokenizer_location(copy, old) == str(out / version / "tokenizer.model")
 
 
 def test_prepare_from_s3_into_s3_gives_the_same_corpus(corpus, s3_client):
@@ -224,11 +238,18 @@ def test_prepare_from_s3_into_s3_gives_the_same_corpus(corpus, s3_client):
         for key in ("documents_in", "kept", "dropped"):
             assert got[key] == s[key], (name, key)
         for split in ("train", "validation"):
-            assert got["splits"][split] == s["splits"][split], (name, split)
+            mine, theirs = dict(got["splits"][split]), dict(s["splits"][split])
+            # The same files, each in its own build's version folder.
+            assert [f.split("/", 2)[2] for f in mine.pop("files")] == [
+                f.split("/", 2)[2] for f in theirs.pop("files")
+            ], (name, split)
+            assert mine == theirs, (name, split)
             assert np.array_equal(
                 load_rows(out, name, split), load_rows(root / "out" / "t", name, split)
             ), (name, split)
     assert manifest["tokenizer"]["trained_on"] == local["tokenizer"]["trained_on"]
+    # The digest names the data, not where it is stored.
+    assert manifest["digest"] == local["digest"] and manifest["version"] != local["version"]
     # Everything is in the bucket, found through the manifest's relative paths.
     assert "s3://" not in json.dumps({k: v for k, v in manifest.items() if k != "config"}).replace(
         f"s3://{bucket}/raw/", ""
@@ -237,7 +258,7 @@ def test_prepare_from_s3_into_s3_gives_the_same_corpus(corpus, s3_client):
     assert len(lines) == manifest["quarantine"]["records"] == local["quarantine"]["records"]
     assert any(json.loads(q)["origin"] == f"s3://{bucket}/raw/missing.jsonl:0" for q in lines)
     rows = CorpusRows.open(out)
-    assert rows.tokenizer_uri == f"{out}/tokenizer/tokenizer.model"
+    assert rows.tokenizer_uri == f"{out}/{manifest['version_path']}/tokenizer/tokenizer.model"
     tok = Tokenizer.open(rows.tokenizer_uri)
     assert tok.vocab_size == 600
     # The same sample gives the same model, byte for byte, with no path of the driver's in it.
@@ -257,3 +278,79 @@ def test_the_tokenize_pool_sizes_itself_from_the_cluster_unless_set():
     pool = _actor_pool(3)
     assert (pool.min_size, pool.max_size) == (3, 3)
     assert CorpusConfig().tokenize_actors is None
+
+
+def snapshot(folder) -> dict[str, str]:
+    """Every file under `folder` with a digest of its bytes."""
+    return {
+        f: hashlib.sha256(storage.read_bytes(storage.join(folder, f))).hexdigest()
+        for f in storage.list_files(folder)
+    }
+
+
+def test_a_rebuild_into_the_same_name_is_a_new_version_the_first_left_as_it_was(corpus, tmp_path):
+    """Prepared again into the same name with other inputs: the new build lands in a
+    version of its own and the corpus switches to it once complete; the manifest lists
+    only the new build's files; the first build's files, tokenizer included, are byte for
+    byte as they were, and a run pinned to the first version still reads it."""
+    first, _, built, root = corpus
+    out = tmp_path / "out"
+    shutil.copytree(built, out / "t")  # the module's corpus, rebuilt here as a copy
+    corpus_dir = out / "t"
+    v1 = corpus_dir / first["version_path"]
+    before = snapshot(corpus_dir)
+    first_rows = load_rows(corpus_dir, "c4")
+    assert pinned_corpus(str(corpus_dir)) == str(v1)
+
+    inputs = tmp_path / "second"
+    inputs.mkdir()
+    write_jsonl(inputs / "c4.jsonl", [{"text": c4_doc(i)} for i in range(100, 130)],
+                raw_lines=["{broken"])  # fmt: skip
+    prose = (root / "sample" / "prose.jsonl").read_text().splitlines()[:150]
+    (inputs / "prose.jsonl").write_text("\n".join(prose) + "\n")
+    second = prepare_corpus(
+        load_config(
+            None,
+            [
+                f"output_dir={out}",
+                "name=t",
+                f"sources.c4=[{inputs / 'c4.jsonl'}]",
+                f"sources.prose=[{inputs / 'prose.jsonl'}]",
+                "tokenizer.vocab_size=600",
+                "seq_len=32",
+                "validation_fraction=0.1",
+                "tokenize_actors=1",
+            ],
+            schema=CorpusConfig,
+        )
+    )
+
+    # Nothing of the first build changed: not its shards, not its tokenizer.
+    after = snapshot(corpus_dir)
+    assert {f: d for f, d in after.items() if f in before and f != "manifest.json"} == {
+        f: d for f, d in before.items() if f != "manifest.json"
+    }
+    tokenizer = first["tokenizer"]["path"]
+    assert after[tokenizer] == before[tokenizer] != after[second["tokenizer"]["path"]]
+
+    assert second["version"] != first["version"] and second["digest"] != first["digest"]
+    v2 = second["version_path"]
+    assert json.loads((corpus_dir / "manifest.json").read_text()) == second
+    assert set(second["sources"]) == {"c4", "prose"}
+    listed = (
+        [
+            f
+            for s in second["sources"].values()
+            for split in s["splits"].values()
+            for f in split["files"]
+        ]
+        + [f["path"] for f in second["quarantine"]["files"]]
+        + [second["tokenizer"]["path"]]
+    )
+    assert listed and all(f.startswith(v2 + "/") for f in listed), listed
+    assert {f for f in storage.list_files(corpus_dir) if f.startswith(v2 + "/")} >= set(listed)
+    assert list(list_versions(str(corpus_dir))) == [first["version"], second["version"]]
+    # The corpus reads the new build; the first version, pinned, still reads as before.
+    assert pinned_corpus(str(corpus_dir)) == str(corpus_dir / v2)
+    assert len(load_rows(corpus_dir, "c4")) == second["sources"]["c4"]["splits"]["train"]["rows"]
+    assert np.array_equal(load_rows(v1, "c4"), first_rows)

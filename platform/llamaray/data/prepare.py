@@ -13,17 +13,21 @@ so the manifest's documents in = kept + dropped by reason, per source. Tokens lo
 packing (the unfinished row at the end of each block) are counted too.
 
 Where things go. The corpus is `<output_dir>/<name>`, a local path or `s3://bucket/prefix`
-(`corpus_location`), and everything lands there, written by the process that makes it:
+(`data.corpus_layout`). Each build holds the corpus's lock (`data.corpus_lock`: a second
+launch fails at once, naming the holder) and writes into a fresh version folder,
+`versions/<version>/`, never into an earlier build's; it switches the corpus to it only
+when complete, by writing the version's manifest and then the pointer `manifest.json`.
+Everything lands in the version folder, written by the process that makes it:
 the built-in sample (`sample/`, by the driver, before the read tasks need it), the
 quarantine (`quarantine/*.jsonl`, by tasks, up to QUARANTINE_ROWS records a file), the
 tokenizer (`tokenizer/tokenizer.model`, by the driver that trained it), the shards
 (`shards/source=<s>/split=<t>/<digest>.parquet`, by the task holding a batch of rows,
 about SHARD_BYTES a file) and `manifest.json`. The write tasks return what they wrote
 (path, source, split, rows) and the manifest is built from those records, never from a
-listing; every path in it is relative to the corpus, so a corpus can be copied or moved
-and still opens. Only bounded amounts reach the driver: counts, these records, and the
-tokenizer's training sample (`tokenizer_sample_bytes`; the manifest's
-`tokenizer.trained_on` says how it was taken).
+listing; every path in it is relative to the version folder (in the pointer, to the
+corpus), so a corpus can be copied or moved and still opens. Only bounded amounts reach
+the driver: counts, these records, and the tokenizer's training sample
+(`tokenizer_sample_bytes`; the manifest's `tokenizer.trained_on` says how it was taken).
 """
 
 from __future__ import annotations
@@ -43,26 +47,34 @@ from llamaray.config import CorpusConfig
 from llamaray.console import logger
 from llamaray.data.clean import DEDUPLICATORS, clean_document
 from llamaray.data.clean.commoncrawl import skipped_steps
+from llamaray.data.corpus_layout import (
+    MANIFEST,  # noqa: F401 (re-exported: the manifest's name, for readers of a version)
+    VERSIONS,
+    corpus_digest,
+    new_version,
+    prune_versions,
+    switch_to,
+    version_location,
+)
+from llamaray.data.corpus_layout import corpus_location as _corpus_location
+from llamaray.data.corpus_lock import BuildLock
 from llamaray.data.packing import Packer
 from llamaray.data.read import from_row, read_corpus, to_row
 from llamaray.data.records import Document
 from llamaray.storage import (
-    delete_tree,
     filesystem,
-    is_s3,
     join,
     put_bytes,
     read_bytes,
     upload,
     write_bytes,
-    write_text,
 )
 from llamaray.tokenizer import Tokenizer, train_tokenizer
 
 log = logger("prepare")
 
-# The corpus's layout, every path relative to `<output_dir>/<name>` (local or s3://).
-MANIFEST = "manifest.json"
+# A version's layout, every path relative to its folder `<output_dir>/<name>/versions/<v>`
+# (`data.corpus_layout` owns the corpus around it, and MANIFEST's name).
 QUARANTINE_DIR = "quarantine"
 SHARDS = "shards"
 SAMPLE = "sample"
@@ -186,14 +198,14 @@ def of_kind(table: pa.Table, kind: str) -> pa.Table:
 
 def corpus_location(cfg: CorpusConfig) -> str:
     """Where `cfg` puts its corpus: `<output_dir>/<name>`, a local path made absolute or an
-    `s3://` URI."""
-    if is_s3(cfg.output_dir):
-        return join(cfg.output_dir, cfg.name)
-    return str(Path(cfg.output_dir).resolve() / cfg.name)
+    `s3://` URI (`data.corpus_layout.corpus_location`)."""
+    return _corpus_location(cfg.output_dir, cfg.name)
 
 
 def prepare_corpus(cfg: CorpusConfig) -> dict:
-    """Run the pipeline on the running Ray cluster; return the manifest (also written)."""
+    """Run the pipeline on the running Ray cluster into a new version of the corpus and
+    switch to it; return the corpus's manifest (its paths relative to the corpus), which
+    is also written. `data.corpus_lock.CorpusLocked` when another launch is preparing it."""
     import ray.data
     from ray.data.context import ShuffleStrategy
 
@@ -211,15 +223,49 @@ def prepare_corpus(cfg: CorpusConfig) -> dict:
 
 
 def _run(cfg: CorpusConfig) -> dict:
+    corpus = corpus_location(cfg)
+    version = new_version()
+    with BuildLock(corpus, version) as lock:
+        log.info(f"building version {version} of corpus {corpus}")
+        manifest = _build(cfg, version_location(corpus, version))
+        manifest["version"] = version
+        manifest["digest"] = corpus_digest(manifest)
+        lock.check()  # a build whose lock was taken over must not switch
+        pointer = _pointer(manifest, f"{VERSIONS}/{version}", sample=not cfg.sources)
+        switch_to(corpus, version, manifest, pointer)
+        pruned = prune_versions(corpus)
+    log.info(_summary(manifest))
+    log.info(f"corpus {corpus} is now version {version} (digest {manifest['digest']})")
+    if pruned:
+        log.info(f"removed old or incomplete version(s): {', '.join(pruned)}")
+    return pointer
+
+
+def _pointer(manifest: dict, prefix: str, *, sample: bool) -> dict:
+    """The corpus's `manifest.json`: the version's manifest with every path into the
+    version made relative to the corpus (`<prefix>/...`) and `version_path` = `prefix`.
+    `sample`: the sources are the built-in sample, inside the version."""
+    pointer = json.loads(json.dumps(manifest))
+    pointer["version_path"] = prefix
+    pointer["tokenizer"]["path"] = f"{prefix}/{manifest['tokenizer']['path']}"
+    for entry in pointer["sources"].values():
+        if sample:
+            entry["paths"] = [f"{prefix}/{p}" for p in entry["paths"]]
+        for split in entry["splits"].values():
+            split["files"] = [f"{prefix}/{f}" for f in split["files"]]
+    for f in pointer["quarantine"]["files"]:
+        f["path"] = f"{prefix}/{f['path']}"
+    return pointer
+
+
+def _build(cfg: CorpusConfig, out: str) -> dict:
+    """The pipeline, writing everything into the version folder `out`; its manifest."""
     from ray.data.expressions import col
 
     start = time.perf_counter()
-    out = corpus_location(cfg)
     # The driver's filesystem goes to every write task: it pickles with the S3 settings the
     # driver resolved (storage.S3Storage), so the nodes need none of their own.
     fs, root = filesystem(out)
-    for stale in (SHARDS, QUARANTINE_DIR):  # a re-run must not leave files of the last one
-        delete_tree(join(out, stale))
     sources = cfg.sources or _demo_sources(cfg, out)
     licenses = list(cfg.github_extra_licenses)
     if not cfg.sources and "PSF-2.0" not in licenses:
@@ -272,9 +318,6 @@ def _run(cfg: CorpusConfig) -> dict:
     manifest = _manifest(cfg, sources, out, counts, token_counts, shard_records, tokenizer_entry)
     manifest["quarantine"] = quarantine
     manifest["elapsed_s"] = round(time.perf_counter() - start, 2)
-    write_text(join(out, MANIFEST), json.dumps(manifest, indent=2))
-    log.info(_summary(manifest))
-    log.info(f"manifest: {join(out, MANIFEST)}")
     return manifest
 
 
@@ -412,7 +455,7 @@ def _tokenizer(cfg: CorpusConfig, docs, out: str) -> tuple[Tokenizer, dict]:
         model = read_bytes(cfg.tokenizer.path)
         write_bytes(target, model)
         tokenizer = Tokenizer.from_bytes(model, target)
-        entry = {"copied_from": cfg.tokenizer.path}
+        entry = {"copied_from": cfg.tokenizer.path, "sha256": hashlib.sha256(model).hexdigest()}
     else:
         tokenizer, entry = _train_tokenizer(cfg, docs, out)
     return tokenizer, {"path": TOKENIZER, "vocab_size": tokenizer.vocab_size, **entry}
@@ -446,6 +489,7 @@ def _train_tokenizer(cfg: CorpusConfig, docs, out: str) -> tuple[Tokenizer, dict
         write_bytes(join(out, TOKENIZER), model)
         upload(trained.path.with_suffix(".vocab"), join(out, "tokenizer", "tokenizer.vocab"))
     entry = {
+        "sha256": hashlib.sha256(model).hexdigest(),
         "trained_on": {
             "documents": n_docs,
             "bytes": n_bytes,
@@ -457,7 +501,7 @@ def _train_tokenizer(cfg: CorpusConfig, docs, out: str) -> tuple[Tokenizer, dict
             "how": "the whole cleaned text"
             if fraction >= 1.0
             else "Ray Data random_sample(fraction, seed) of the cleaned documents",
-        }
+        },
     }
     return Tokenizer.from_bytes(model, join(out, TOKENIZER)), entry
 
