@@ -221,6 +221,53 @@ def loopback_port():
     return free_port
 
 
+# ---------------------------------------------------------------------- MLflow server
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 with a SQLite backend store and a local artifact
+    folder under `root`, which a test may `stop()` and `start()` again on the same port and
+    store (an outage and its end)."""
+
+    def __init__(self, root: Path, servers: Servers):
+        self.root, self.servers = root, servers
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        self.starts += 1
+        log = self.root / f"mlflow-{self.starts}.log"
+        command = [
+            str(Path(sys.executable).with_name("mlflow")), "server",
+            "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+            "--artifacts-destination", str(self.root / "artifacts"),
+            "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+        ]  # fmt: skip
+        # Tracking needs none of the server's job runner (GenAI jobs): processes and seconds.
+        env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+        self.proc = self.servers(command, log, env)
+        try:
+            wait_until_serving(self.uri + "/health", self.proc, 90, "mlflow server")
+        except RuntimeError as err:
+            raise RuntimeError(f"{err}: {log.read_text(errors='replace')[-3000:]}") from None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.servers.stop(self.proc)
+            self.proc = None
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory, server_process) -> MlflowServer:
+    """One MLflow server for the session (about 10 s to start on 2 cores). A test that stops
+    it starts it again before it ends."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"), server_process)
+    server.start()
+    return server
+
+
 # ------------------------------------------------------------ Ray heads from `ray start`
 
 RAY = str(Path(sys.executable).with_name("ray"))

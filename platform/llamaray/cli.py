@@ -68,7 +68,9 @@ def cmd_train(opts: argparse.Namespace) -> int:
 
     cfg = load_config(opts.config, opts.overrides)  # fails here, before any cluster work
     if opts.print_config:
-        print(cfg.to_yaml())
+        from llamaray.tracking import redact
+
+        print(redact(cfg.to_yaml()))  # a tracking.uri's credentials are not printed
         return 0
     from llamaray.orchestrate.pretrain import TrainingStopped, pretrain
 

@@ -53,6 +53,30 @@ RAY_NOISE_LINES = ("has constructor arguments in the object store and max_restar
 RAY_TRAIN_PRINT_PATCH = "RAY_TRAIN_ENABLE_PRINT_PATCH"
 
 
+# urllib3 warns at every retry of a request ("Retrying (Retry(total=1, ...)) after
+# connection broken by ...: /api/2.0/mlflow/runs/log-batch"): while the tracking server is
+# away, rank 0's sender would print that at every attempt. The sender says the outage and
+# the recovery once each instead (`tracking.MetricLogger`); other requests' retries still show.
+URLLIB3_RETRY = "Retrying ("
+MLFLOW_API = "/api/"
+
+
+class _MlflowRetries(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(URLLIB3_RETRY):
+            return True
+        url = str(record.args[-1]) if isinstance(record.args, tuple) and record.args else ""
+        return not (url.startswith(MLFLOW_API) and "mlflow" in url)
+
+
+def quiet_mlflow_retries() -> None:
+    """Drop urllib3's per-retry warnings about MLflow's REST requests (this process);
+    idempotent."""
+    pool = logging.getLogger("urllib3.connectionpool")
+    if not any(isinstance(f, _MlflowRetries) for f in pool.filters):
+        pool.addFilter(_MlflowRetries())
+
+
 def quiet_warnings() -> None:
     """Ignore the library warnings above (this process); idempotent."""
     warnings.filterwarnings("ignore", message=re.escape(RAY_DATA_FILTER_FN), category=UserWarning)

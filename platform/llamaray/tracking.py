@@ -10,18 +10,68 @@ the tokenizer. Rank 0 then logs step metrics into the same run (with MLflow's sy
 metrics sampled in its process, on the machine doing the work) and, at the end, the loss
 curve and the model in Hugging Face format. A relaunch of the same run name finds the run
 by its `llamaray.run_name` tag, so resumed steps continue the same curves.
+
+An outage of the tracking server does not stop training (`MetricLogger`): rank 0 hands its
+metrics to a background sender that keeps them (up to `OUTAGE_BUFFER_STEPS` steps) while
+the server is away and sends them when it is back; the outage and the recovery are said
+once each; the run's status is set when the server answers. The driver, which must find or
+create the run, refuses to start when the server does not answer (`require_tracking`),
+before any cluster work.
+
+Secrets: a tracking URI may carry credentials (`http://user:password@host:5000`, a
+`postgresql://user:password@host/db` backend). `redact` is the one function that removes
+them from whatever is shown or recorded (console lines, MLflow params, config.yaml,
+best.yaml, error messages); the URI itself only travels to the processes that log.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import threading
 import time
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from llamaray.console import logger, quiet_mlflow_retries
 
 RUN_NAME_TAG = "llamaray.run_name"
 PARENT_TAG = "mlflow.parentRunId"
 """MLflow's own tag for nesting: the UI shows such a run under its parent."""
+
+
+REDACTED = "***"
+
+# `scheme://userinfo@`: everything between `//` and the last `@` of the authority (a
+# password may hold a raw `@`), up to the first `/`, `?`, `#`, quote or space.
+_USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s'\"<>]*@")
+# Query parameters that carry secrets (`?password=`, `&sslpassword=`, `X-Amz-Signature=`...).
+_SECRET_QUERY = re.compile(
+    r"(?i)([?&;][^=&#\s'\"]*(?:password|passwd|pwd|secret|token|signature|credential|apikey"
+    r"|api_key|access_key)[^=&#\s'\"]*=)[^&#\s'\"]+"
+)
+
+
+def redact(text: str | None) -> str | None:
+    """`text` (a URI, or any text holding URIs: an error message, a YAML file) with the
+    credentials of every URI in it replaced by `***`: the user and password before the host,
+    and the values of query parameters such as `password=` or `token=`. The one function
+    for whatever is shown on the console or recorded (MLflow params, config.yaml, best.yaml).
+
+    >>> redact("http://user:pa@ss@mlflow.internal:5000/path")
+    'http://***@mlflow.internal:5000/path'
+    >>> redact("postgresql://mlflow:secret@db:5432/mlflow?sslpassword=x&sslmode=require")
+    'postgresql://***@db:5432/mlflow?sslpassword=***&sslmode=require'
+    >>> redact("API request to http://u:p@h:5000/api/2.0/runs failed")
+    'API request to http://***@h:5000/api/2.0/runs failed'
+    >>> redact("sqlite:////runs/mlflow.db")
+    'sqlite:////runs/mlflow.db'
+    """
+    if not text:
+        return text
+    return _SECRET_QUERY.sub(rf"\g<1>{REDACTED}", _USERINFO.sub(rf"\g<1>{REDACTED}@", text))
 
 
 def tracking_uri(configured: str | None, output_dir: str | Path) -> str:
@@ -29,7 +79,16 @@ def tracking_uri(configured: str | None, output_dir: str | Path) -> str:
 
     The SQLite default is one machine's file: on a cluster whose nodes share no disk the
     driver refuses it (`llamaray.placement`). An `output_dir` on S3 has no such file, so
-    there a URI must be given."""
+    there a URI must be given. A URI whose credentials were redacted (from a config.yaml or
+    best.yaml that llamaray wrote) is refused: it would log in as the user `***`."""
+    if configured and f"://{REDACTED}@" in configured:
+        from llamaray.config import ConfigError
+
+        raise ConfigError(
+            f"tracking.uri: {configured} holds credentials that llamaray redacted when it "
+            "recorded the config; give the URI with its credentials, or the URI without them "
+            "and the user and password in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+        )
     if configured:
         return configured
     if os.environ.get("MLFLOW_TRACKING_URI"):
@@ -58,10 +117,63 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
 
 
 def client(uri: str):
-    """MLflow's client for the store at `uri` (the only place one is built)."""
+    """MLflow's client for the store at `uri` (the only place one is built).
+
+    For a URI with credentials, MLflow's own "View run <name> at: <URI>/#/..." lines (printed
+    to stdout as a run ends) are turned off in this process: they would print the password."""
     from mlflow.tracking import MlflowClient
 
+    if redact(uri) != uri:
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     return MlflowClient(uri)
+
+
+HTTP_LIMITS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+"""MLflow's HTTP client, where llamaray must not wait long: 2 retries (after 0 s, then
+2-3 s) and 10 s per request, instead of MLflow's defaults of 7 retries with backoff up to
+about 4 minutes and 120 s per request. Rank 0's sender retries on its own schedule, and the
+driver's check should say within seconds that the server does not answer. A value set in
+the environment wins (the operator's choice)."""
+
+
+@contextlib.contextmanager
+def bounded_requests() -> Iterator[None]:
+    """Within the block, this process's MLflow HTTP requests give up as `HTTP_LIMITS` says
+    (MLflow reads these variables at every request); variables already set stay as set."""
+    added = [name for name in HTTP_LIMITS if name not in os.environ]
+    for name in added:
+        os.environ[name] = HTTP_LIMITS[name]
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
+def require_tracking(uri: str) -> None:
+    """Fail fast, with the fix, when the MLflow server at `uri` does not answer: the driver
+    calls this before any cluster work, since it needs the server to find or create the run
+    (a relaunch continues the run it finds by name). Local stores (SQLite, files) are not
+    checked: they are opened when used. Once training runs, an outage no longer stops it
+    (`MetricLogger`)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with bounded_requests():
+            client(uri).search_experiments(max_results=1)
+    except Exception as err:
+        from llamaray.config import ConfigError
+
+        reason = redact(str(err)).splitlines()[0][:300]
+        raise ConfigError(
+            f"tracking.uri: the MLflow server at {redact(uri)} does not answer ({reason}); "
+            "start it or correct tracking.uri (or MLFLOW_TRACKING_URI), or set "
+            "tracking.enabled=false to train without MLflow"
+        ) from None
 
 
 def find_run(uri: str, experiment: str, run_name: str, status: str | None = None) -> str | None:
@@ -118,10 +230,11 @@ def open_run(
 
 def log_params(uri: str, run_id: str, params: dict[str, str]) -> None:
     """Log `params` (flat strings, see `flatten`) in name order, 100 per request (MLflow's
-    limit per batch)."""
+    limit per batch), credentials redacted (`redact`): params are shown to anyone who can
+    read the experiment."""
     from mlflow.entities import Param
 
-    items = sorted(params.items())
+    items = sorted((k, redact(v)) for k, v in params.items())
     mlflow = client(uri)
     for i in range(0, len(items), 100):
         mlflow.log_batch(run_id, params=[Param(k, v) for k, v in items[i : i + 100]])
@@ -151,40 +264,293 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     client(uri).set_terminated(run_id, status)
 
 
+OUTAGE_BUFFER_STEPS = 10_000
+"""Steps of metrics rank 0 keeps while the tracking server is away (about 15 numbers a step:
+a few MB). Past it the oldest are dropped, counted and said."""
+SEND_RETRY_S = (1.0, 30.0)
+"""After a failed send, the sender waits 1 s, then twice as long each time, up to 30 s."""
+FLUSH_S = 60.0
+"""At the end of a launch, how long rank 0 waits for its buffered metrics and the run's
+status to reach the server before it gives up on them (counted and said)."""
+DROPPED_TAG = "llamaray.tracking.dropped_steps"
+
+
 class MetricLogger:
-    """Rank 0's handle on the run: batched metric writes, system metrics, artifacts."""
+    """Rank 0's handle on the run: metrics sent in the background, system metrics,
+    artifacts, the run's status. An outage of the tracking server never fails or holds up
+    training: `log` only queues (see `_Sender`), and the other calls warn instead of raising.
 
-    def __init__(self, uri: str, run_id: str, system_metrics: bool = True):
-        import mlflow
+    MLflow's HTTP requests in this process are bounded (`HTTP_LIMITS`) while the logger is
+    open: everything MLflow does on rank 0 is on the training path."""
 
+    def __init__(
+        self,
+        uri: str,
+        run_id: str,
+        system_metrics: bool = True,
+        buffer_steps: int = OUTAGE_BUFFER_STEPS,
+        flush_s: float = FLUSH_S,
+    ):
+        self._limits = contextlib.ExitStack()
+        self._limits.enter_context(bounded_requests())
+        quiet_mlflow_retries()  # the sender says an outage once, not urllib3 at every retry
         self.client = client(uri)
         self.run_id = run_id
-        self._mlflow = mlflow
-        self._active = False
-        if system_metrics:
-            # System metrics are sampled by a thread bound to the active run of this process.
-            mlflow.set_tracking_uri(uri)
-            mlflow.start_run(run_id=run_id, log_system_metrics=True)
-            self._active = True
-        else:
+        self.flush_s = flush_s
+        self._sender = _Sender(uri, run_id, buffer_steps)
+        self._system = None
+        try:
             self.client.update_run(run_id, status="RUNNING")
+        except Exception as err:
+            # The server is away as this process starts (a worker replaced during an
+            # outage, say): train on; the status is set when the server is back.
+            self._sender.outage(err, "no system metrics in this launch" if system_metrics else "")
+            self._sender.set_status("RUNNING")
+            return
+        if system_metrics:
+            # Sampled by MLflow's thread in this process, on the machine doing the work.
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._system = SystemMetricsMonitor(run_id, resume_logging=True, tracking_uri=uri)
+            self._system.start()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        _log_metrics(self.client, self.run_id, metrics, step)  # one client for the run
+        """Queue `metrics` at `step` for the sender; returns at once."""
+        from mlflow.entities import Metric
 
-    def artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        if batch:
+            self._sender.put(batch)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait (up to `timeout` s, default `flush_s`) until everything queued is sent;
+        True when it was."""
+        return self._sender.flush(self.flush_s if timeout is None else timeout)
+
+    def history(self, key: str) -> list:
+        """Every value of `key` in the store (MLflow `Metric`s), or [] with a warning when
+        the server does not answer."""
+        if self._sender.down:
+            return []
+        try:
+            return self.client.get_metric_history(self.run_id, key)
+        except Exception as err:
+            self._sender.outage(err, f"the stored history of {key} is not read")
+            return []
+
+    def artifact(self, path: str | Path, artifact_path: str | None = None) -> bool:
+        """Log a file or folder; False, with a warning, when the server does not answer (the
+        run's own storage keeps what training writes, e.g. the exported model)."""
         path = Path(path)
-        if path.is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path)
-        else:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+        where = f"{artifact_path}/{path.name}" if artifact_path else path.name
+        if self._sender.down:
+            logger("tracking").warning(f"MLflow is away: artifact {where} is not logged")
+            return False
+        try:
+            if path.is_dir():
+                self.client.log_artifacts(self.run_id, str(path), artifact_path)
+            else:
+                self.client.log_artifact(self.run_id, str(path), artifact_path)
+        except Exception as err:
+            self._sender.outage(err, f"artifact {where} is not logged")
+            return False
+        return True
 
     def finish(self, status: str = "FINISHED") -> None:
-        if self._active:
-            self._mlflow.end_run(status=status)
-            self._active = False
+        """Stop system metrics, send what is queued and then the run's `status`, waiting up
+        to `flush_s`; what could not be sent is counted and said. Never raises."""
+        try:
+            if self._system is not None:
+                self._system.finish()  # its own last batch; MLflow logs its errors
+                self._system = None
+            self._sender.set_status(status)
+            self._sender.close(self.flush_s, status)
+        finally:
+            self._limits.close()
+
+
+class _Sender:
+    """The thread that sends rank 0's metrics, oldest first, many steps per request (up to
+    MLflow's 1000 metrics per batch). While the server does not answer, steps wait in a
+    bounded queue (the oldest dropped past `capacity`, counted) and are sent when it is
+    back; the outage and the recovery are said once each. A status to set waits beside
+    them: RUNNING before the metrics, the final one after."""
+
+    BATCH_METRICS = 1000  # MLflow's limit per log_batch request
+
+    def __init__(self, uri: str, run_id: str, capacity: int):
+        self.client = client(uri)  # its own: a client is not shared between threads
+        self.run_id = run_id
+        self.shown = redact(uri)
+        self.capacity = max(1, capacity)
+        self.dropped = 0
+        self.down_since: float | None = None
+        self._queue: deque[list] = deque()
+        self._status: str | None = None
+        self._busy = False
+        self._inflight = 0  # steps in the request under way
+        self._closing = False
+        self._cond = threading.Condition()
+        self._closed = threading.Event()
+        self._log = logger("tracking")
+        self._thread = threading.Thread(target=self._run, name="llamaray-mlflow", daemon=True)
+        self._thread.start()
+
+    @property
+    def down(self) -> bool:
+        return self.down_since is not None
+
+    def put(self, batch: list) -> None:
+        with self._cond:
+            self._queue.append(batch)
+            self._trim()
+            self._cond.notify_all()
+
+    def set_status(self, status: str) -> None:
+        with self._cond:
+            self._status = status
+            self._cond.notify_all()
+
+    def flush(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._queue or self._status or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._thread.is_alive():
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def close(self, timeout: float, status: str) -> None:
+        sent = self.flush(timeout)
+        with self._cond:
+            self._closing = True
+            self._closed.set()
+            left = len(self._queue) + (self._inflight if self._busy else 0)
+            self.dropped += left
+            self._queue.clear()
+            unset = self._status is not None
+            self._status = None
+            self._cond.notify_all()
+        if not sent:
+            self._log.warning(
+                f"MLflow at {self.shown} did not answer within {timeout:.0f} s of the end: "
+                f"{left} step(s) of metrics not logged"
+                + (f", the run's status {status} not set" if unset else "")
+                + "; the checkpoints and the run's storage are complete"
+            )
+        if self.dropped:
+            self._log.warning(f"{self.dropped} step(s) of metrics were dropped during outages")
+            if sent:
+                with contextlib.suppress(Exception):
+                    self.client.set_tag(self.run_id, DROPPED_TAG, str(self.dropped))
+
+    def outage(self, err: BaseException, consequence: str = "") -> None:
+        """Say, once per outage, that the server does not answer and what training does."""
+        with self._cond:
+            first = self.down_since is None
+            if first:
+                self.down_since = time.monotonic()
+        if first:
+            reason = redact(str(err)).splitlines()[0][:300] if str(err) else type(err).__name__
+            self._log.warning(
+                f"MLflow at {self.shown} does not answer ({reason}); training goes on, its "
+                f"metrics are kept (up to {self.capacity} steps) and sent when the server is "
+                "back" + (f"; {consequence}" if consequence else "")
+            )
+        elif consequence:
+            self._log.warning(f"MLflow is away: {consequence}")
+
+    def _trim(self) -> None:
+        """Drop the oldest steps past capacity (the caller holds the lock)."""
+        while len(self._queue) > self.capacity:
+            self._queue.popleft()
+            self.dropped += 1
+            if self.dropped == 1:
+                self._log.warning(
+                    f"MLflow has been away for {self.capacity} logged steps: dropping the "
+                    "oldest steps' metrics from now on (counted at the end)"
+                )
+
+    def _run(self) -> None:
+        wait = SEND_RETRY_S[0]
+        while True:
+            with self._cond:
+                while not (self._queue or self._status or self._closing):
+                    self._cond.wait()
+                if self._closing:
+                    return
+                status = self._status
+                early = status == "RUNNING" or not self._queue  # RUNNING first, the end last
+                chunk: list[list] = []
+                count = 0
+                while self._queue and count + len(self._queue[0]) <= self.BATCH_METRICS:
+                    count += len(self._queue[0])
+                    chunk.append(self._queue.popleft())
+                if not chunk and self._queue:  # one step past the limit: sent alone
+                    chunk.append(self._queue.popleft())
+                self._busy, self._inflight = True, len(chunk)
+            try:
+                if status and early:
+                    self._send_status(status)
+                if chunk:
+                    self.client.log_batch(self.run_id, metrics=[m for b in chunk for m in b])
+                if status and not early and not self._queue:
+                    self._send_status(status)
+            except Exception as err:
+                refused = _is_refusal(err)  # the server answered no: retrying will not help
+                with self._cond:
+                    if refused:
+                        self.dropped += len(chunk)
+                        if self._status == status:
+                            self._status = None
+                    elif not self._closing:  # after close, `close` counted them
+                        self._queue.extendleft(reversed(chunk))  # back in front, in order
+                        self._trim()
+                    self._busy = False
+                    self._cond.notify_all()
+                if refused:
+                    self._log.warning(
+                        f"MLflow refused {len(chunk)} step(s) of metrics"
+                        + (f" or the status {status}" if status else "")
+                        + f": {redact(str(err)).splitlines()[0][:300]}"
+                    )
+                    continue
+                self.outage(err)
+                self._closed.wait(wait)  # new steps do not cut the wait short; close does
+                wait = min(wait * 2, SEND_RETRY_S[1])
+                continue
+            wait = SEND_RETRY_S[0]
+            with self._cond:
+                if status and self._status == status and (early or not self._queue):
+                    self._status = None
+                self._busy = False
+                backlog = len(self._queue)
+                recovered = self.down_since
+                self.down_since = None
+                self._cond.notify_all()
+            if recovered is not None:
+                self._log.info(
+                    f"MLflow at {self.shown} answers again after "
+                    f"{time.monotonic() - recovered:.0f} s; sending the metrics kept meanwhile "
+                    f"({len(chunk) + backlog} step(s))"
+                )
+
+    def _send_status(self, status: str) -> None:
+        if status == "RUNNING":
+            self.client.update_run(self.run_id, status=status)
         else:
             self.client.set_terminated(self.run_id, status)
+
+
+def _is_refusal(err: BaseException) -> bool:
+    """An answer of the server that retrying will not change (a 4xx other than 429, e.g. a
+    deleted run), as opposed to no answer or a transient error."""
+    from mlflow.exceptions import RestException
+
+    code = getattr(err, "get_http_status_code", lambda: None)()
+    return isinstance(err, RestException) and code is not None and 400 <= code < 500 and code != 429
 
 
 def loss_curve_png(history: Iterable[dict], path: str | Path, title: str = "") -> Path:

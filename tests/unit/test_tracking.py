@@ -122,6 +122,7 @@ def test_metric_logger_batches_metrics_and_sets_status(store, tmp_path):
     logger.log({"loss": 4.5, "lr": 1e-3, "mfu": None}, step=1)
     logger.log({"loss": 3.25, "lr": 2e-3}, step=2)
     logger.log({"val_loss": None}, step=2)  # nothing to write
+    assert logger.flush(timeout=30)  # sent in the background (`log` only queues)
     history = client.get_metric_history(run_id, "loss")
     assert sorted((m.step, m.value) for m in history) == [(1, 4.5), (2, 3.25)]
     assert sorted((m.step, m.value) for m in client.get_metric_history(run_id, "lr")) == [

@@ -126,10 +126,10 @@ def log_beside_run(run_cfg, result) -> None:
     if run_cfg is None or not run_cfg.tracking.enabled:
         return
     from llamaray.eval.runner import log_evaluation
-    from llamaray.tracking import find_run, tracking_uri
+    from llamaray.tracking import find_run, redact, tracking_uri
 
     uri = tracking_uri(run_cfg.tracking.uri, run_cfg.output_dir)
     experiment = run_cfg.tracking.experiment
     parent = find_run(uri, experiment, run_cfg.name)
     run_id = log_evaluation(uri, experiment, run_cfg.name, result, parent)
-    print(f"logged to MLflow run {run_id} ({uri}), under training run {parent}")
+    print(f"logged to MLflow run {run_id} ({redact(uri)}), under training run {parent}")

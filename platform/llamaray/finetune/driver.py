@@ -150,7 +150,7 @@ def open_finetune_tracking(cfg: RunConfig, plan: FinetunePlan) -> tuple[str, str
         log.info(f"MLflow run {run_id} exists for {cfg.name!r}: continuing it")
     client.set_tag(run_id, KIND_TAG, "finetune")
     client.set_tag(run_id, BASE_TAG, base.path)
-    client.log_text(run_id, cfg.to_yaml(), "config.yaml")
+    client.log_text(run_id, tracking.redact(cfg.to_yaml()), "config.yaml")  # no credentials
     summary = data.stats() | {
         "base": asdict(base),
         "dropped": {"train": data.train.dropped, "validation": data.validation.dropped},
@@ -189,7 +189,7 @@ class FinetunePlan:
 def prepare_finetune(cfg: RunConfig) -> FinetunePlan:
     """Everything checked and encoded, with no Ray: the data first (bad lines are the usual
     mistake), then the base, its tokenizer and architecture."""
-    from llamaray.tracking import tracking_uri
+    from llamaray.tracking import require_tracking, tracking_uri
 
     if cfg.finetune is None:
         raise ConfigError(
@@ -200,6 +200,8 @@ def prepare_finetune(cfg: RunConfig) -> FinetunePlan:
     base = resolve_base(cfg)
     log.info(f"base: {base.describe()}")
     uri = tracking_uri(cfg.tracking.uri, cfg.output_dir) if cfg.tracking.enabled else None
+    if uri:
+        require_tracking(uri)  # the base's run is looked up in it: fail fast, before Ray
     tokenizer_path = base_tokenizer(cfg, base, uri)
     tokenizer = load_tokenizer(tokenizer_path)
     vocab = check_architecture(cfg, base, tokenizer.vocab_size)
@@ -279,7 +281,9 @@ def cmd_finetune(opts: argparse.Namespace) -> int:
 
     cfg = load_config(opts.config, opts.overrides)
     if opts.print_config:
-        print(cfg.to_yaml())
+        from llamaray.tracking import redact
+
+        print(redact(cfg.to_yaml()))  # a tracking.uri's credentials are not printed
         return 0
     from llamaray.orchestrate.pretrain import TrainingStopped
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from llamaray import storage
 from llamaray.config import ConfigError, RunConfig
 from llamaray.console import logger
+from llamaray.storage import S3_MAX_ATTEMPTS, S3Storage
 from llamaray.sweep.config import (
     SearchSpace,
     SweepConfig,
@@ -52,6 +53,7 @@ from llamaray.sweep.report import (
     summary_csv,
     summary_markdown,
 )
+from llamaray.tracking import redact
 
 log = logger()  # the drivers' lines: [llamaray] ...
 
@@ -95,23 +97,23 @@ def run_sweep(run: RunConfig, sweep: SweepConfig) -> SweepResult:
     from llamaray.orchestrate.pretrain import corpus_for
     from llamaray.placement import require_run_shared_state
     from llamaray.ray_session import start_ray
-    from llamaray.storage import storage_location
     from llamaray.sweep.rungs import KeepRungs
     from llamaray.sweep.trial import ProgressLines, run_trial
-    from llamaray.tracking import tracking_uri
+    from llamaray.tracking import require_tracking, tracking_uri
 
     space, asha = resolve_space(run, sweep), resolve_asha(run, sweep)
+    uri = _absolute_sqlite(tracking_uri(run.tracking.uri, run.output_dir))
+    require_tracking(uri)  # the sweep's run is opened after the corpus: said now, before Ray
     start_ray()
     # Trials run on any node: their corpus, checkpoints, Tune's experiment state and the
     # tracking store must be where every node reads them (s3://, an MLflow server).
     require_run_shared_state(run)
     corpus = corpus_for(run)  # once, here: trials never prepare the corpus concurrently
     require_validation_rows(run, CorpusRows.open(corpus).rows_per_source("validation"), corpus)
-    uri = _absolute_sqlite(tracking_uri(run.tracking.uri, run.output_dir))
     parent_id = open_parent(run, sweep, space, uri)
     base = trial_base(run, corpus, uri)
 
-    storage, storage_fs = storage_location(base.storage_path)
+    storage, storage_fs = sweep_state_location(base.storage_path)
     experiment_path = f"{storage.rstrip('/')}/{run.name}"
     trainable = tune.with_resources(
         tune.with_parameters(
@@ -172,6 +174,45 @@ def run_sweep(run: RunConfig, sweep: SweepConfig) -> SweepResult:
     grid = tuner.fit()
     outcomes = collect_outcomes(grid, run, asha.max_t, uri)
     return report_sweep(run, outcomes, uri, parent_id, corpus, resumed)
+
+
+def sweep_state_location(path: str):
+    """(storage_path, storage_filesystem) for Ray Tune's own state of the sweep (tuner.pkl,
+    experiment_state-*.json, the trials' folders): `storage.storage_location`, except that an
+    S3 filesystem is a `TuneStateS3`, which pickles with no credentials."""
+    from llamaray.storage import storage_location
+
+    location, fs = storage_location(path)
+    if isinstance(fs, S3Storage):
+        fs = TuneStateS3.from_env(fs.max_attempts)  # the same environment, read the same way
+    return location, fs
+
+
+class TuneStateS3(S3Storage):
+    """The S3 filesystem given to Ray Tune: `S3Storage` (endpoint, region, retries), but its
+    pickled form holds no credentials, only those settings.
+
+    Tune persists the filesystem it is given: pickled in `tuner.pkl` and, for every trial,
+    in `experiment_state-*.json`, both in the sweep's folder in S3, where whoever can read
+    the bucket can read them, for as long as the sweep is kept. `S3Storage` carries the
+    driver's static keys from its environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) in
+    its pickle, so that Ray Train's workers on nodes without credentials reach S3; here that
+    would store the keys in the bucket. So each process that unpickles this one (a trial on
+    any node, a driver restoring the sweep) signs with its own AWS chain: its environment,
+    instance profile or web identity. The trade-off: a driver that joins a cluster whose
+    nodes have no credentials of their own (static keys only in the driver's shell) cannot
+    run a sweep on S3 until the nodes get some, e.g. an instance profile, or
+    `ray job submit --runtime-env-json '{"env_vars": {"AWS_ACCESS_KEY_ID": ...}}'`, a choice
+    the operator makes knowing the job's runtime env is visible in the cluster's job
+    records. Each trial's own Ray Train run still hands its workers the trial's keys as
+    `S3Storage` does (in memory, never persisted by Ray Train). See docs/sweeps.md."""
+
+    def __init__(self, endpoint=None, region=None, max_attempts: int = S3_MAX_ATTEMPTS):
+        super().__init__(endpoint, region, max_attempts)
+        self._public = (endpoint, region, max_attempts)
+
+    def __reduce__(self):
+        return (TuneStateS3, self._public)
 
 
 def _concurrency(run: RunConfig, sweep: SweepConfig, space: SearchSpace, ray) -> int:
@@ -292,7 +333,7 @@ def open_parent(run: RunConfig, sweep: SweepConfig, space: SearchSpace, uri: str
         }
         tracking.log_params(uri, run_id, params)
         doc = SweepFile.model_validate(run.model_dump() | {"sweep": sweep.model_dump()})
-        client.log_text(run_id, doc.to_yaml(), "sweep.yaml")
+        client.log_text(run_id, redact(doc.to_yaml()), "sweep.yaml")
         return run_id
     previous = client.get_run(run_id).data.tags.get(CONFIG_HASH_TAG)
     if previous is None:
@@ -393,7 +434,9 @@ def report_sweep(
     best_yaml = None
     if best is not None:
         best_yaml = storage.join(out_dir, "best.yaml")
-        (tmp / "best.yaml").write_text(best_config(run, run.name, best, corpus).to_yaml())
+        # No credentials in a file kept in storage and MLflow: a tracking.uri that had some
+        # is refused with the fix when best.yaml is trained (`tracking.tracking_uri`).
+        (tmp / "best.yaml").write_text(redact(best_config(run, run.name, best, corpus).to_yaml()))
         client.log_artifact(parent_id, str(tmp / "best.yaml"))
         storage.upload(tmp / "best.yaml", best_yaml)
         client.log_metric(parent_id, "best_val_loss", best.val_loss)
@@ -416,7 +459,7 @@ def print_result(result: SweepResult) -> None:
         f"best: {result.best.name} (lr {result.best.lr:.4g}, {result.best.batch_tokens} "
         f"tokens/step) val_loss {result.best.val_loss:.4f}\n"
         f"train it: llamaray train --config {result.best_yaml}\n"
-        f"MLflow: run {result.parent_run_id} in {result.tracking_uri} (make mlflow-ui)"
+        f"MLflow: run {result.parent_run_id} in {redact(result.tracking_uri)} (make mlflow-ui)"
     )
 
 
@@ -427,7 +470,7 @@ def cmd_sweep(opts: argparse.Namespace) -> int:
     if opts.print_config:
         doc = SweepFile.model_validate(run.model_dump() | {"sweep": sweep.model_dump()})
         space, asha = resolve_space(run, sweep), resolve_asha(run, sweep)
-        print(doc.to_yaml(), end="")
+        print(redact(doc.to_yaml()), end="")
         print(f"# {space.n_trials} trials; {_describe(space, asha)}")
         for i, trial in enumerate(planned_trials(space)):
             print(f"#   trial {i}: lr {trial['lr']:.4g}, {trial['batch_tokens']} tokens/step")

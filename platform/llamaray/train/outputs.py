@@ -29,7 +29,8 @@ def publish_model(
     tracker=None,
 ) -> str | None:
     """Export the model (collective) and, on rank 0, put the folder into the run's storage
-    at `model_uri(run_dir)` (replacing an earlier export) and into MLflow as `model`. The
+    at `model_uri(run_dir)` (replacing an earlier export) and into MLflow as `model` (not
+    while the tracking server is away: the tracker warns, the storage copy stands). The
     folder is written to a temporary directory on rank 0's node and removed after: nothing
     is left on a disk only that node has. Returns the model's URI on rank 0, else None."""
     from llamaray import storage
@@ -78,13 +79,14 @@ def export_hf(
 
 
 def log_loss_curve(tracker, history: list[dict], name: str) -> None:
-    """The loss curve from MLflow's stored history, which spans earlier launches too."""
+    """The loss curve from MLflow's stored history, which spans earlier launches too, and
+    this launch's `history` (which holds the steps still queued while the server was away).
+    While the server is away nothing is logged; the tracker says so."""
     from llamaray.tracking import loss_curve_png
 
-    client, run_id = tracker.client, tracker.run_id
     points: dict[int, dict] = {h["step"]: dict(h) for h in history}
     for key in ("loss", "val_loss"):
-        for m in client.get_metric_history(run_id, key):
+        for m in tracker.history(key):
             points.setdefault(m.step, {"step": m.step})[key] = m.value
     with tempfile.TemporaryDirectory() as tmp:
         path = loss_curve_png(
