@@ -690,3 +690,43 @@ def test_byte_entries_are_read_without_running_code(tmp_path):
     dcp.load({"extra": None}, storage_reader=SafeFileSystemReader(str(tmp_path / "ckpt")),
              planner=DefaultLoadPlanner())  # fmt: skip
     assert marker.read_text() == "ran"
+
+
+# ------------------------------------------------------------------- resuming from S3
+
+
+def test_resume_from_s3_reads_in_place_each_byte_once_through_transient_errors(
+    saved, s3_client, tmp_path, monkeypatch
+):
+    """A checkpoint in S3 is verified and loaded without a download: nothing lands on the
+    disk, the shard's bytes are fetched once, and throttled reads are retried."""
+    import tempfile
+
+    from s3_faults import FaultyS3
+
+    from llamaray import storage
+
+    s3_client.create_bucket(Bucket="resume")
+    uri = "s3://resume/run/" + step_dir_name(2)
+    storage.upload(saved["dir"], uri)
+    proxy = FaultyS3(s3_client.meta.endpoint_url)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))  # where a download would go
+    (tmp_path / "tmp").mkdir()
+    tempfile.tempdir = None  # re-read TMPDIR
+    # The first GET of every object is throttled, as S3 does under load.
+    proxy.reset(lambda method, key, query, n: (503, "SlowDown", False)
+                if method == "GET" and n == 1 else None)  # fmt: skip
+    try:
+        model, optimizer = build(seed=1)
+        state = restore_latest([lambda: uri], model, optimizer, lambda _: None)
+    finally:
+        proxy.close()
+        tempfile.tempdir = None
+    assert state == saved["state"]
+    assert_same(params(model), saved["params"])
+    assert_same(optim_state(model, optimizer), saved["optim"])
+    assert list((tmp_path / "tmp").iterdir()) == []
+    shard = "/resume/run/step-00000002/__0_0.distcp"
+    assert proxy.faults(503, "GET")[shard] == 1  # throttled, and retried
+    assert proxy.bytes_read[shard] == (saved["dir"] / "__0_0.distcp").stat().st_size

@@ -6,15 +6,15 @@ Checkpoints: each worker writes its DCP shards into a local temporary directory 
 storage folder `step-NNNNNNNN` (local or S3) and registers the checkpoint only after all
 workers' uploads finish, so a checkpoint whose write failed is never the latest. On
 resume, `ray.train.get_checkpoint()` names the newest registered one; our integrity check
-still runs, and an incomplete one falls back to the older step folders beside it.
+still runs, and an incomplete one falls back to the older step folders beside it. A
+checkpoint in S3 is read in place, each rank fetching only the byte ranges it loads
+(`train.checkpoint.load_checkpoint`): no worker downloads it to its node's disk.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -59,9 +59,9 @@ class RayLauncher:
         latest = ray.train.get_checkpoint()
         if latest is None:
             return
-        yield lambda: _local_dir(latest)
+        yield lambda: _location(latest)
         for older in _older_siblings(latest):
-            yield lambda older=older: _local_dir(older)
+            yield lambda older=older: _location(older)
 
     def save_checkpoint(self, model, optimizer, state: TrainState, metrics: dict) -> None:
         with tempfile.TemporaryDirectory(prefix="llamaray-ckpt-") as tmp:
@@ -98,37 +98,18 @@ def upload_checkpoint(checkpoint: Checkpoint, checkpoint_dir_name: str) -> Check
     return Checkpoint(path=destination, filesystem=fs)
 
 
-_DOWNLOAD_ATTEMPTS = 4
-
-
-def _local_dir(checkpoint: Checkpoint) -> Path:
-    """The checkpoint as a local directory: itself on a local file system, else a download.
-
-    A failed download is tried again from the start (1, 2, 4 s apart): pyarrow's S3 client
-    does not retry a throttled (503 SlowDown) read of an object smaller than the error's XML
-    body ("Failed to flush response stream"), and the checkpoint's small JSON files are
-    such objects; a candidate that cannot be fetched would be passed over for an older one.
-    """
+def _location(checkpoint: Checkpoint) -> Path | str:
+    """Where the checkpoint is, for `restore_latest`: its folder on a local file system,
+    else its `s3://` URI, read in place (only the byte ranges this rank loads; nothing is
+    downloaded to the node's disk). Reads go through `llamaray.storage`, with the S3
+    settings this worker adopted from the run's storage and its retry policy."""
     import pyarrow.fs
 
     if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
         return Path(checkpoint.path)
-    for attempt in range(_DOWNLOAD_ATTEMPTS):
-        target = Path(tempfile.mkdtemp(prefix="llamaray-restore-"))
-        try:
-            return Path(checkpoint.to_directory(str(target)))
-        except FileNotFoundError:
-            shutil.rmtree(target, ignore_errors=True)
-            raise
-        except OSError as err:
-            shutil.rmtree(target, ignore_errors=True)
-            if attempt + 1 == _DOWNLOAD_ATTEMPTS:
-                raise
-            logging.getLogger(__name__).warning(
-                "download of %s failed (%s); trying again", checkpoint.path, err
-            )
-            time.sleep(2**attempt)
-    raise AssertionError("unreachable")
+    if not isinstance(checkpoint.filesystem, pyarrow.fs.S3FileSystem):
+        raise ValueError(f"checkpoints on {type(checkpoint.filesystem).__name__} are not supported")
+    return "s3://" + checkpoint.path.lstrip("/")
 
 
 def _older_siblings(latest: Checkpoint) -> list[Checkpoint]:

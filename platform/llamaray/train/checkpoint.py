@@ -21,6 +21,7 @@ DCP reshards on load, so a run saved by W ranks resumes on any other number of r
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -39,12 +40,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from llamaray.train.safe_dcp import (
-    METADATA_FILE,
-    SafeFileSystemReader,
-    SafeLoadPlanner,
-    load_metadata,
-)
+from llamaray import storage
+from llamaray.train.safe_dcp import METADATA_FILE, SafeLoadPlanner, load_metadata
 
 TRAIN_STATE = "train_state.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -173,25 +170,41 @@ def check_metadata(data: bytes, where: str) -> None:
         raise CheckpointError(f"{where}: not DCP metadata ({err})") from None
 
 
+def verify_location(location: str | Path, rank: int) -> TrainState:
+    """`verify_checkpoint` for a checkpoint on this machine (rank `rank` checks its own
+    files' digests); for one in S3, `stored_checkpoints.verify_stored` (every file's size
+    and the metadata, read in place: nothing is downloaded)."""
+    if storage.is_s3(os.fspath(location)):
+        from llamaray.train.stored_checkpoints import verify_stored
+
+        return verify_stored(os.fspath(location))
+    return verify_checkpoint(location, rank)
+
+
 def load_checkpoint(
-    directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    location: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
 ) -> TrainState:
-    """Load a verified checkpoint into the (sharded) model and optimizer; collective."""
-    directory = Path(directory)
-    state = TrainState(**json.loads((directory / TRAIN_STATE).read_text()))
+    """Load a verified checkpoint into the (sharded) model and optimizer; collective.
+
+    `location` is a folder on this machine or in S3. From S3 each rank reads only the byte
+    ranges of the tensors it holds (`stored_checkpoints.dcp_reader`), straight into
+    memory: no rank downloads the checkpoint, so nothing is left on the node's disk and
+    no byte is fetched twice by one rank."""
+    from llamaray.train.stored_checkpoints import dcp_reader
+
+    uri = os.fspath(location)
+    state = TrainState(**json.loads(storage.read_text(storage.join(uri, TRAIN_STATE))))
     state_dict = {
         "model": get_model_state_dict(model),
         "optim": get_optimizer_state_dict(model, optimizer),
     }
-    dcp.load(
-        state_dict, storage_reader=SafeFileSystemReader(str(directory)), planner=SafeLoadPlanner()
-    )
+    dcp.load(state_dict, storage_reader=dcp_reader(uri), planner=SafeLoadPlanner())
     set_model_state_dict(model, state_dict["model"])
     set_optimizer_state_dict(model, optimizer, state_dict["optim"])
-    rng_file = directory / f"rng-{dist.get_rank()}.pt"
+    rng_uri = storage.join(uri, f"rng-{dist.get_rank()}.pt")
     # RNG streams are per rank; on another world size the old ones do not map to new ranks.
-    if state.world_size == dist.get_world_size() and rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=True))
+    if state.world_size == dist.get_world_size() and storage.exists(rng_uri):
+        _set_rng_state(torch.load(io.BytesIO(storage.read_bytes(rng_uri)), weights_only=True))
     return state
 
 
@@ -203,7 +216,7 @@ def restore_latest(
     start_over_if_damaged: bool = False,
 ) -> TrainState | None:
     """Load the newest complete checkpoint among `candidates` (newest first, each a callable
-    giving a local directory, so remote ones are fetched only when reached). Every rank
+    giving its location: a local directory or an `s3://` URI). Every rank
     must pass the same candidates in the same order. Returns None when there is none.
 
     An incomplete or corrupt checkpoint is passed over for an older one. When candidates
@@ -220,11 +233,11 @@ def restore_latest(
         directory, problem = None, ""
         try:
             directory = fetch()
-            verify_checkpoint(directory, rank)
+            verify_location(directory, rank)
         except CheckpointError as err:
             problem = str(err)
-        except OSError as err:
-            problem = f"could not be fetched: {err}"
+        except (OSError, storage.StorageUnavailable) as err:
+            problem = f"could not be read from storage: {err}"
             fetch_failed[0] = 1
         ok = torch.tensor([0 if problem else 1], dtype=torch.int32)
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)

@@ -1,12 +1,14 @@
 """A run's checkpoints where Ray Train stored them (a local path or `s3://`), read by
 processes that are not its workers: evaluation, the finetuning driver, a finetune's ranks.
 
-On a cluster whose nodes share no disk the driver never downloads a checkpoint for others
-to read: it finds and checks one in storage (`newest_stored`: listing, the small JSON
-records, and every recorded file's size, no tensor bytes) and passes its URI on. Each
-process that loads it reads the tensors it needs straight from storage (`dcp_reader`: one
-ranged read per tensor, so the optimizer state in the same files is never fetched and
-nothing lands on the node's disk).
+On a cluster whose nodes share no disk nobody downloads a checkpoint: the driver finds and
+checks one in storage (`newest_stored`: listing, the small JSON records, every recorded
+file's size and the metadata, no tensor bytes) and passes its URI on, and a resuming rank
+checks its candidates the same way. Each process that loads it reads the tensors it needs
+straight from storage (`dcp_reader`: one ranged read per tensor, retried on transient
+errors, so what a rank does not hold, such as the optimizer state when evaluating, is
+never fetched and nothing lands on the node's disk). In S3 sizes are checked, not
+digests: reading every byte to hash it would fetch the whole checkpoint on every rank.
 
     >>> uri, state = newest_stored("s3://bucket/checkpoints/demo")  # doctest: +SKIP
     >>> dcp.load(state_dict, storage_reader=dcp_reader(uri))  # doctest: +SKIP
@@ -79,7 +81,8 @@ def verify_stored(uri: str) -> TrainState:
             raise CheckpointError(f"{record_uri}: unreadable ({err!r})") from None
     fs, path = storage.filesystem(uri)
     names = sorted(expected)
-    for name, info in zip(names, fs.get_file_info([f"{path}/{n}" for n in names]), strict=True):
+    infos = storage.file_info(fs, [f"{path}/{n}" for n in names])
+    for name, info in zip(names, infos, strict=True):
         if info.type != pyarrow.fs.FileType.File:
             raise CheckpointError(f"{uri}/{name}: missing")
         if info.size != expected[name]:
@@ -131,7 +134,7 @@ def _stored_reader_class():
             if mode != "rb":
                 raise ValueError(f"{path}: stored checkpoints are read-only here")
             fs, inner = storage.filesystem(path)
-            with fs.open_input_file(inner) as f:
+            with storage.open_input(fs, inner) as f:  # reads retried (storage's policy)
                 yield f
 
         def concat_path(self, path, suffix):
@@ -162,7 +165,8 @@ def _stored_reader_class():
             self.path = uri
 
         def _slice_file(self, file, sinfo):
-            return io.BytesIO(file.read_at(sinfo.length, sinfo.offset))
+            file.seek(sinfo.offset)
+            return io.BytesIO(file.read(sinfo.length))
 
         def read_metadata(self, *args, **kwargs):
             if kwargs.get("rank") is not None:
