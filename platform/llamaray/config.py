@@ -245,6 +245,12 @@ class TrainConfig(_Section):
         description="Course fields (e.g. train.steps, data.corpus) a relaunch may change on "
         "purpose; any other change from the checkpoint's course is refused (train/course.py).",
     )
+    hang_timeout_s: float = Field(
+        600,
+        gt=0,
+        description="A worker that stops answering (a hung process, a frozen node) for this "
+        "long fails the run, naming it; train.max_failures then restarts from a checkpoint.",
+    )
     start_over_if_damaged: bool = Field(
         False,
         description="When every checkpoint of the run fails verification, train from step 0 "
@@ -303,7 +309,20 @@ class FaultConfig(_Section):
 
     nan_at_steps: list[int] = Field(default_factory=list, description="Steps whose loss is NaN.")
     kill_rank: int | None = Field(None, ge=0, description="Worker to kill (once per run name).")
-    kill_at_step: int | None = Field(None, gt=0, description="Step at which kill_rank dies.")
+    kill_at_step: int | list[int] | None = Field(
+        None, description="Step(s) at which kill_rank dies, once each."
+    )
+    stop_rank: int | None = Field(
+        None, ge=0, description="Worker to freeze with SIGSTOP, as a hung process (once)."
+    )
+    stop_at_step: int | None = Field(None, gt=0, description="Step at which stop_rank freezes.")
+
+    @field_validator("kill_at_step")
+    @classmethod
+    def _steps_positive(cls, steps: int | list[int] | None) -> int | list[int] | None:
+        if any(s <= 0 for s in ([steps] if isinstance(steps, int) else steps or [])):
+            raise ValueError(f"steps are counted from 1, got {steps}")
+        return steps
 
 
 class FinetuneConfig(_Section):

@@ -11,22 +11,22 @@ the shared Ray cluster started without any AWS_* variable).
 
 from __future__ import annotations
 
-import http.client
-import http.server
 import pickle
-import threading
-from collections import Counter
+import re
+import tempfile
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
 
 import pyarrow.fs
 import pytest
+from mlflow import MlflowClient
 from pretrain_helpers import STEPS, config, history
 
 import llamaray.storage
+from llamaray.orchestrate.failure_notes import FAILURES_TAG
 from llamaray.orchestrate.pretrain import pretrain
 from llamaray.storage import S3Storage, upload_directory
 from llamaray.train.checkpoint import verify_checkpoint
+from s3_faults import FaultyS3
 
 pytestmark = pytest.mark.ray
 
@@ -41,128 +41,6 @@ CHECKPOINT_FILES = {
 
 
 # ------------------------------------------------------------------ S3 with faults
-
-
-class FaultyS3:
-    """Forwards S3 requests to moto, except those `rule(method, key, query, n)` picks out
-    (`key` is "/bucket/key", `n` counts the requests with that method and key, from 1): the
-    rule returns None to forward, or (status, S3 error code, forward_first). With
-    forward_first the request still reaches moto, as when S3 did the work but its answer
-    was lost. (pyarrow writes every object as a multipart upload: POST ?uploads, PUT
-    ?partNumber=..., POST ?uploadId=... to complete it.)"""
-
-    def __init__(self, upstream: str):
-        self.upstream = urlsplit(upstream)
-        self.rule = None
-        self.seen: Counter = Counter()
-        self.failed: list[tuple[str, str, int]] = []
-        self._lock = threading.Lock()
-        proxy = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"  # keep-alive, and "100 Continue" for Expect
-
-            def _handle(self):
-                body = self._body()
-                url = urlsplit(self.path)
-                key = unquote(url.path)
-                with proxy._lock:
-                    proxy.seen[(self.command, key)] += 1
-                    n = proxy.seen[(self.command, key)]
-                    rule = proxy.rule
-                    fault = (rule(self.command, key, url.query, n) if rule else None) or None
-                    if fault:
-                        proxy.failed.append((self.command, key, fault[0]))
-                if fault is None or fault[2]:
-                    status, headers, data = proxy._forward(self, body)
-                if fault is not None:
-                    status, code = fault[0], fault[1]
-                    data = _s3_error(code, key)
-                    headers = [("Content-Type", "application/xml")]
-                self.send_response(status)
-                for name, value in headers:
-                    self.send_header(name, value)
-                if self.command != "HEAD" or fault is not None:
-                    self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-
-            def _body(self) -> bytes:
-                if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-                    parts = []
-                    while size := int(self.rfile.readline().split(b";")[0], 16):
-                        parts.append(self.rfile.read(size))
-                        self.rfile.readline()
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass  # trailers
-                    return b"".join(parts)
-                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
-
-            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self._thread.start()
-
-    def _forward(self, request, body: bytes):
-        conn = http.client.HTTPConnection(self.upstream.hostname, self.upstream.port, timeout=60)
-        try:
-            drop = _HOP | {"content-length"}
-            headers = {k: v for k, v in request.headers.items() if k.lower() not in drop}
-            if body or request.command in ("PUT", "POST"):
-                headers["Content-Length"] = str(len(body))
-            conn.request(request.command, request.path, body=body, headers=headers)
-            resp = conn.getresponse()
-            data = resp.read()
-            skip = (
-                _HOP
-                | {"server", "date"}
-                | ({"content-length"} if request.command != "HEAD" else set())
-            )
-            return (
-                resp.status,
-                [(k, v) for k, v in resp.getheaders() if k.lower() not in skip],
-                data,
-            )
-        finally:
-            conn.close()
-
-    def faults(self, status: int, method: str | None = None) -> Counter:
-        """Injected errors with `status` (to `method` requests) by key."""
-        return Counter(k for m, k, s in self.failed if s == status and method in (None, m))
-
-    def reset(self, rule=None) -> None:
-        with self._lock:
-            self.rule, self.failed = rule, []
-            self.seen.clear()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-_HOP = {
-    "connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer",
-    "upgrade", "expect",
-}  # fmt: skip
-
-
-def _s3_error(code: str, key: str) -> bytes:
-    message = {
-        "SlowDown": "Please reduce your request rate.",
-        "InternalError": "We encountered an internal error. Please try again.",
-    }.get(code, code)
-    return (
-        '<?xml version="1.0" encoding="UTF-8"?>\n'
-        f"<Error><Code>{code}</Code><Message>{message}</Message><Resource>{key}</Resource>"
-        "<RequestId>FAULTYS3</RequestId><HostId>faulty-s3-proxy</HostId></Error>"
-    ).encode()
 
 
 # ------------------------------------------------------------------ fixtures
@@ -325,20 +203,48 @@ def test_s3_faults_lose_nothing(s3, faulty, root, reference, monkeypatch):
 
     s3.delete_object(Bucket=BUCKET, Key="faults/faults/step-00000004/__1_0.distcp")
     faulty.reset(lambda method, key, query, n: method == "GET" and slow_down(method, key, query, n))
-    kill = ["train.max_failures=1", "faults.kill_rank=1", "faults.kill_at_step=5"]
-    again = pretrain(config(root, "faults", storage, *kill))
+    kill_then_hang = [
+        "train.max_failures=2", "train.hang_timeout_s=4",
+        "faults.kill_rank=1", "faults.kill_at_step=5",
+        "faults.stop_rank=1", "faults.stop_at_step=5",
+    ]  # fmt: skip
+    restores_before = set(Path(tempfile.gettempdir()).glob("llamaray-restore-*"))
+    again = pretrain(config(root, "faults", storage, *kill_then_hang))
     assert again.step == STEPS
     # 1..6 by the first launch; 3..5 by the relaunch, from step 2, whose rank 1 died
-    # before checkpointing step 6; 5 again and 6 by the replacement group, from step 4.
-    assert counts(again) == [1, 1, 2, 2, 3, 2]
+    # before checkpointing step 6; 5 again by the replacement group, from step 4, whose
+    # rank 1 then froze; 5 again and 6 by the third group, from step 4.
+    assert counts(again) == [1, 1, 2, 2, 4, 2]
+    # Each failure named, with its rank and step, in the run's MLflow run: the first
+    # launch's failed upload, then this launch's kill and hang (a peer of the killed rank
+    # may fail too, its collective cut off: a note of its own).
+    tags = MlflowClient(again.tracking_uri).get_run(again.mlflow_run_id).data.tags
+    notes = [n for n in tags[FAILURES_TAG].splitlines() if n.startswith("worker rank 1 ")]
+    assert len(notes) == 3, tags[FAILURES_TAG]
+    assert "CompleteMultipartUpload" in notes[0]
+    killed = r"worker rank 1 failed after step [45] .*: A worker health check failed"
+    assert re.match(killed, notes[1]), notes
+    assert re.match(r"worker rank 1 failed after step [45] .*: it stopped answering for over "
+                    r"train\.hang_timeout_s=4s$", notes[2])  # fmt: skip
+    # Every resume read the checkpoint in place: no download folder on the node, and each
+    # shard's tensors fetched once per resume by the two ranks together (step 2 was loaded
+    # once; a download per rank fetched every shard twice). Entries both ranks load (the
+    # optimizer's non-tensor state, kept once in one rank's file) are fetched by each:
+    # 5% of rank 1's file here.
+    assert set(Path(tempfile.gettempdir()).glob("llamaray-restore-*")) == restores_before
+    for name in ("__0_0.distcp", "__1_0.distcp"):
+        key = f"{prefix}00000002/{name}"
+        size = (root / "faults-2" / name).stat().st_size  # pruned from S3 since
+        assert size <= faulty.bytes_read[key] <= 1.1 * size, (key, faulty.bytes_read[key], size)
     for key in ("loss", "rows_crc"):  # every value the same as the reference's, same rows
         expected = {s: set(v) for s, v in history(reference, key).items()}
         assert sorted(expected) == list(range(1, STEPS + 1)), key
         assert {s: set(v) for s, v in history(again, key).items()} == expected, key
     # The fault fired once; its marker is in the run's storage, where the new group saw it.
     markers = s3.list_objects_v2(Bucket=BUCKET, Prefix="faults/faults/.faults/")["Contents"]
-    assert [o["Key"] for o in markers if not o["Key"].endswith("/")] == [
-        "faults/faults/.faults/killed-rank1-step5"
+    assert sorted(o["Key"] for o in markers if not o["Key"].endswith("/")) == [
+        "faults/faults/.faults/killed-rank1-step5",
+        "faults/faults/.faults/stopped-rank1-step5",
     ]
     # The exported model is in the run's storage, and nothing of the run on local disk.
     assert again.model_uri == f"s3://{BUCKET}/faults/faults/hf"

@@ -16,18 +16,19 @@ worker wrote to its own disk.
 from __future__ import annotations
 
 import hashlib
-import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from llamaray import storage
 from llamaray.config import ConfigError, RunConfig
 from llamaray.console import logger
+from llamaray.data.corpus_layout import corpus_digest
 from llamaray.data.mixture import MixturePlan
 from llamaray.ray_session import start_ray
-from llamaray.train.course import data_digest, relaunch_changes, trajectory
+from llamaray.tracking import redact
+from llamaray.train.course import relaunch_changes, trajectory
 from llamaray.train.outputs import model_uri
 from llamaray.train.worker import WorkerSpec
 
@@ -58,26 +59,29 @@ class PretrainResult:
 
 
 def corpus_for(cfg: RunConfig) -> str:
-    """The run's corpus location: `data.corpus`, or `data.prepare` prepared (or reused)
-    under `output_dir` (a local path or s3://)."""
+    """Where the run reads its corpus: the current version of `data.corpus`, or of
+    `data.prepare` prepared (or reused) under `output_dir` (a local path or s3://). The
+    version's own folder (`corpus_layout.pinned_corpus`), so the workers, and a worker
+    restarted after a failure, read the version the run was launched with even when the
+    corpus is rebuilt meanwhile; its manifest's `version` and `digest` name it."""
+    from llamaray.data.corpus_layout import corpus_location, pinned_corpus, read_manifest
+
     if cfg.data.corpus:
-        return cfg.data.corpus
-    from llamaray.data.prepare import MANIFEST, prepare_corpus
+        return pinned_corpus(cfg.data.corpus)
+    from llamaray.data.prepare import prepare_corpus
 
     prep = cfg.data.prepare.model_copy(
         update={"seq_len": cfg.train.seq_len, "output_dir": cfg.output_dir}
     )
-    root = prep.output_dir if storage.is_s3(prep.output_dir) else Path(prep.output_dir).resolve()
-    out = storage.join(root, prep.name)
-    manifest = storage.join(out, MANIFEST)
+    out = corpus_location(prep.output_dir, prep.name)
     expected = hashlib.sha256(prep.model_dump_json().encode()).hexdigest()[:16]
-    prepared = storage.exists(manifest) and json.loads(storage.read_text(manifest))
+    prepared = read_manifest(out)
     if prepared and prepared.get("config_hash") == expected:
         log.info(f"corpus {out} is prepared with this config; reusing it")
-        return out
+        return pinned_corpus(out)
     log.info(f"preparing corpus {prep.name} into {out}")
     prepare_corpus(prep)
-    return out
+    return pinned_corpus(out)
 
 
 def read_manifest(corpus_dir: str) -> dict:
@@ -153,7 +157,7 @@ def open_tracking(cfg: RunConfig, corpus_dir: str, manifest: dict, plan: dict | 
         tracking.log_params(uri, run_id, params)
     else:
         log.info(f"MLflow run {run_id} exists for {cfg.name!r}: continuing it")
-    client.log_text(run_id, cfg.to_yaml(), "config.yaml")
+    client.log_text(run_id, tracking.redact(cfg.to_yaml()), "config.yaml")  # no credentials
     client.log_dict(run_id, manifest, "data/manifest.json")
     if plan is not None:
         client.log_dict(run_id, plan, "data/mixture.json")
@@ -172,7 +176,12 @@ def pretrain(cfg: RunConfig, callbacks: Sequence = ()) -> PretrainResult:
     trial runs this.
     """
     from llamaray.placement import require_run_shared_state
+    from llamaray.tracking import require_tracking, tracking_uri
 
+    if cfg.tracking.enabled:
+        # The run is found or created in MLflow after the corpus is ready; a server that does
+        # not answer is said now, before any cluster work, not after preparing a corpus.
+        require_tracking(tracking_uri(cfg.tracking.uri, cfg.output_dir))
     start_ray()  # RAY_ADDRESS (as `ray job submit` sets), else a local cluster of its own
     require_run_shared_state(cfg)  # seconds after joining, before any work
     corpus_dir = corpus_for(cfg)
@@ -183,7 +192,7 @@ def pretrain(cfg: RunConfig, callbacks: Sequence = ()) -> PretrainResult:
         f"{s.name} {s.realized_proportion:.1%} ({s.epochs:.2f} epochs)" for s in plan.sources
     ))  # fmt: skip
 
-    digest = data_digest(manifest)
+    digest = corpus_digest(manifest)  # by content: the same rows wherever they are stored
     changes = relaunch_changes(cfg, trajectory(cfg, digest))  # refuses a changed course
 
     uri = run_id = None
@@ -215,6 +224,8 @@ COURSE_TAG = "llamaray.course_changes"
 
 CONTROLLER_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 CONTROLLER_POLL_S = "0.5"
+HEALTH_CHECK_TIMEOUT_ENV = "RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S"
+REPORT_BARRIER_TIMEOUT_ENV = "RAY_TRAIN_COLLECTIVE_TIMEOUT_S"
 
 
 def launch(
@@ -230,6 +241,7 @@ def launch(
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from llamaray.orchestrate.failure_notes import FailureNotes
     from llamaray.orchestrate.ray_worker import train_loop_per_worker
     from llamaray.storage import storage_location
 
@@ -240,6 +252,14 @@ def launch(
     # one cheap actor call per worker. Trainer.fit passes the driver's value to the
     # controller; one set by the user (or the job's runtime env) wins.
     os.environ.setdefault(CONTROLLER_POLL_ENV, CONTROLLER_POLL_S)
+    # A worker that stops answering (hung, frozen node) is declared dead by the controller's
+    # health check after train.hang_timeout_s, naming it, and max_failures restarts the
+    # group. Collectives (the peers' all-reduces, the barrier in ray.train.report) give up
+    # later, at twice that, so that the hung worker is the one named, not a peer waiting
+    # on it; without these, gloo/NCCL wait 30 minutes and the barrier forever.
+    hang = cfg.train.hang_timeout_s
+    os.environ[HEALTH_CHECK_TIMEOUT_ENV] = f"{hang:g}"
+    os.environ[REPORT_BARRIER_TIMEOUT_ENV] = f"{2 * hang:g}"
     use_gpu = cfg.train.device == "cuda" or (cfg.train.device == "auto" and _cluster_has_gpus())
     resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
     # s3:// gets our S3 filesystem (endpoint, region, retries, credentials: llamaray.storage).
@@ -248,7 +268,9 @@ def launch(
     trainer = TorchTrainer(
         train_loop or train_loop_per_worker,
         train_loop_config=asdict(spec),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=TorchConfig(
+            backend="nccl" if use_gpu else "gloo", timeout_s=math.ceil(2 * hang)
+        ),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=use_gpu,
@@ -261,7 +283,7 @@ def launch(
             storage_filesystem=location_fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            callbacks=list(callbacks),
+            callbacks=[*callbacks, FailureNotes(hang, uri, run_id)],
             # Ray Train's INFO lines repeat every report's metrics per worker; the workers'
             # own progress lines already say what happens.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
@@ -275,9 +297,7 @@ def launch(
         result = trainer.fit()
     except Exception:
         if run_id:
-            from llamaray.tracking import end_run
-
-            end_run(uri, run_id, "FAILED")
+            settle_status(uri, run_id, "FAILED")
         raise
     metrics = dict(result.metrics or {})
     stopped = metrics.get("stopped") or ""
@@ -294,6 +314,10 @@ def launch(
         uri,
         run_id,
     )
+    if run_id:
+        # Rank 0 sets the status; where the server was away at its end, it is set here.
+        complete = not stopped and step == cfg.train.steps
+        settle_status(uri, run_id, "FINISHED" if complete else "KILLED")
     if stopped:
         raise TrainingStopped(stopped)
     if out.step < cfg.train.steps:
@@ -302,8 +326,23 @@ def launch(
         )
         log.info(out.paused)
     if uri:
-        log.info(f"tracked in MLflow run {run_id} ({uri}); browse with: make mlflow-ui")
+        log.info(f"tracked in MLflow run {run_id} ({redact(uri)}); browse with: make mlflow-ui")
     return out
+
+
+def settle_status(uri: str, run_id: str, status: str) -> None:
+    """Mark the MLflow run `status` if it is still RUNNING (rank 0 could not, or died);
+    a warning, never an error, when the server does not answer."""
+    from llamaray import tracking
+
+    try:
+        with tracking.bounded_requests():
+            client = tracking.client(uri)
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_terminated(run_id, status)
+    except Exception as err:
+        reason = tracking.redact(str(err)).splitlines()[0][:300]
+        log.warning(f"MLflow run {run_id}: status {status} not set ({reason})")
 
 
 def _cluster_has_gpus() -> bool:

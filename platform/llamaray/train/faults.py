@@ -1,5 +1,6 @@
 """Fault injection for tests and drills (`faults.*` in the run config): kill a rank's
-process at a step, once, as a lost worker would end."""
+process at one or more steps, as a lost worker would end, or freeze it (SIGSTOP) as a hung
+process or a frozen node would stop answering. Each fault fires once per run name."""
 
 from __future__ import annotations
 
@@ -10,25 +11,32 @@ from llamaray.config import RunConfig
 from llamaray.console import logger
 
 
-def fault_marker(run_dir: str, rank: int, step: int) -> str:
-    """Where `faults.kill_*` records that it fired, in the run's storage: a replacement
-    worker on another node must see it too."""
+def fault_marker(run_dir: str, rank: int, step: int, what: str = "killed") -> str:
+    """Where a fault records that it fired, in the run's storage: a replacement worker on
+    another node must see it too."""
     from llamaray.storage import join
 
-    return join(run_dir, ".faults", f"killed-rank{rank}-step{step}")
+    return join(run_dir, ".faults", f"{what}-rank{rank}-step{step}")
 
 
 def maybe_kill(cfg: RunConfig, rank: int, step: int, run_dir: str) -> None:
-    """`faults.kill_rank` / `faults.kill_at_step`: SIGKILL this rank's process at that step,
-    once per run (a marker in the run's storage says it fired)."""
+    """`faults.kill_rank` / `faults.kill_at_step`: SIGKILL this rank's process at each of
+    those steps, once per step; then `faults.stop_rank` / `faults.stop_at_step`: SIGSTOP it
+    once (the process stays, answering nothing: `train.hang_timeout_s` must end it)."""
+    f = cfg.faults
+    kill_steps = [f.kill_at_step] if isinstance(f.kill_at_step, int) else f.kill_at_step or []
+    if f.kill_rank == rank and step in kill_steps:
+        _fire_once(run_dir, rank, step, "killed", signal.SIGKILL)
+    if f.stop_rank == rank and f.stop_at_step == step:
+        _fire_once(run_dir, rank, step, "stopped", signal.SIGSTOP)
+
+
+def _fire_once(run_dir: str, rank: int, step: int, what: str, sig: signal.Signals) -> None:
     from llamaray import storage
 
-    f = cfg.faults
-    if f.kill_rank != rank or f.kill_at_step != step:
-        return
-    marker = fault_marker(run_dir, rank, step)
+    marker = fault_marker(run_dir, rank, step, what)
     if storage.exists(marker):  # once per run name: the restarted worker must get past it
         return
-    storage.write_text(marker, f"killed at step {step}\n")
-    logger("fault").warning(f"killing rank {rank} at step {step}")
-    os.kill(os.getpid(), signal.SIGKILL)
+    storage.write_text(marker, f"{what} at step {step}\n")
+    logger("fault").warning(f"fault injection: rank {rank} {what} at step {step}")
+    os.kill(os.getpid(), sig)

@@ -1,0 +1,71 @@
+"""`FailureNotes`: a Ray Train callback, run in the controller, that says which worker
+failed, at which step and why, each time one does: the line a user looks for when a run
+restarts (`train.max_failures`) or ends. It is printed (the controller's output reaches
+the driver's console and `ray job logs`) and kept in the run's MLflow run, in the tag
+`llamaray.failures`, one line per failure.
+
+Ray Train's own failure message names the worker but not the step, and a hung worker
+(`train.hang_timeout_s`, found by the controller's health check) otherwise shows only as
+a stalled progress bar until it is declared dead.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from ray.train import UserCallback
+
+FAILURES_TAG = "llamaray.failures"
+_TAG_CHARS = 5000  # MLflow's limit on a tag's value; the newest lines are kept
+
+
+class FailureNotes(UserCallback):
+    def __init__(
+        self, hang_timeout_s: float, tracking_uri: str | None = None, run_id: str | None = None
+    ):
+        self.hang_timeout_s = hang_timeout_s
+        self.tracking_uri, self.run_id = tracking_uri, run_id
+        self.last_step = 0
+
+    def after_report(self, run_context, metrics, checkpoint):
+        steps = [m.get("step") for m in metrics if isinstance(m.get("step"), int)]
+        if steps:
+            self.last_step = max(steps)
+
+    def after_exception(self, run_context, worker_exceptions):
+        for rank, error in sorted(worker_exceptions.items()):
+            # The controller's stderr reaches the driver's console (and `ray job logs`);
+            # Ray Train's own loggers in the controller go to its log files only.
+            note = failure_note(rank, self.last_step, error, self.hang_timeout_s)
+            print(f"[llamaray] {note}", file=sys.stderr, flush=True)
+            self._record(note)
+
+    def _record(self, note: str) -> None:
+        """Append `note` to the MLflow run's failures tag; a warning if tracking is away
+        (a failure note must never fail the controller)."""
+        if not (self.tracking_uri and self.run_id):
+            return
+        try:
+            from llamaray import tracking
+
+            client = tracking.client(self.tracking_uri)
+            earlier = client.get_run(self.run_id).data.tags.get(FAILURES_TAG, "")
+            notes = (earlier + "\n" + note).strip()[-_TAG_CHARS:]
+            client.set_tag(self.run_id, FAILURES_TAG, notes)
+        except Exception as err:  # the tracking server may be the thing that failed
+            print(f"[llamaray] could not record the failure in MLflow: {err}", file=sys.stderr)
+
+
+def failure_note(rank: int, last_step: int, error: BaseException, hang_timeout_s: float) -> str:
+    """One line: which rank, after which step, and why (a hang says the timeout that ended
+    it). The step is the last one every worker reported: the failure came after it,
+    during the steps up to the next report.
+
+    >>> print(failure_note(1, 4, TimeoutError("A worker health check has been hanging"), 5))
+    worker rank 1 failed after step 4 (the last reported): it stopped answering for over \
+train.hang_timeout_s=5s
+    """
+    why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if "health check has been hanging" in str(error):
+        why = f"it stopped answering for over train.hang_timeout_s={hang_timeout_s:g}s"
+    return f"worker rank {rank} failed after step {last_step} (the last reported): {why}"
