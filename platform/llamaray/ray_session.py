@@ -22,6 +22,13 @@ from collections.abc import Mapping
 
 LOCAL = "local"  # ray.init's "start a new local cluster", whatever the temporary folder says
 
+LOCAL_CLUSTER_ENV = {"TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S": "5"}
+"""Settings a cluster's processes read from their environment, for the local clusters
+started here (they inherit this process's). Ray Train's controller waits that long for
+every worker to destroy its process group when it shuts a worker group down, 30 s by
+default: a worker that hung (`train.hang_timeout_s`) never answers, so each hang cost 30 s
+more before the restart. On a cluster, set it in the environment of `ray start`."""
+
 
 def ray_address(address: str | None = None, environ: Mapping[str, str] | None = None) -> str:
     """The cluster to join: `address` if given, else `RAY_ADDRESS`, else "local" (a new one)."""
@@ -45,5 +52,8 @@ def start_ray(address: str | None = None, **init_kwargs) -> None:
 
     if not ray.is_initialized():
         init_kwargs.setdefault("log_to_driver", True)
+        if ray_address(address) == LOCAL:
+            for name, value in LOCAL_CLUSTER_ENV.items():
+                os.environ.setdefault(name, value)
         ray.init(address=ray_address(address), **init_kwargs)
     quiet_ray()

@@ -4,6 +4,8 @@ import os
 
 import pytest
 
+from llamaray.ray_session import LOCAL_CLUSTER_ENV
+
 # The tests' own cluster, always a new one: address="local" ignores RAY_ADDRESS and the
 # "current cluster" file an earlier `ray start` leaves in Ray's temporary folder, whose head
 # may be gone (joining it fails with "When connecting to an existing cluster, num_cpus and
@@ -34,6 +36,8 @@ def ray_cluster(sigterm_handler):
     # whether our controller is alive; with no dashboard here, another cluster's dashboard
     # on that port would answer "no" and our workers' placement group would be removed.
     os.environ.setdefault("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:9")
+    for name, value in LOCAL_CLUSTER_ENV.items():  # as start_ray sets them for its clusters
+        os.environ.setdefault(name, value)
     import ray
 
     ray.init(**RAY_INIT)

@@ -12,6 +12,7 @@ a stalled progress bar until it is declared dead.
 from __future__ import annotations
 
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 from ray.train import UserCallback
 
@@ -38,7 +39,17 @@ class FailureNotes(UserCallback):
             # Ray Train's own loggers in the controller go to its log files only.
             note = failure_note(rank, self.last_step, error, self.hang_timeout_s)
             print(f"[llamaray] {note}", file=sys.stderr, flush=True)
-            self._record(note)
+            # Recorded beside the controller's loop, which restarts the group meanwhile;
+            # one thread, so the notes are appended in order.
+            self._recorder().submit(self._record, note)
+
+    def _recorder(self) -> ThreadPoolExecutor:
+        if getattr(self, "_pool", None) is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="failure-notes")
+        return self._pool
+
+    def __getstate__(self):  # the callback is pickled into the controller, without a pool
+        return {k: v for k, v in self.__dict__.items() if k != "_pool"}
 
     def _record(self, note: str) -> None:
         """Append `note` to the MLflow run's failures tag; a warning if tracking is away
@@ -48,10 +59,11 @@ class FailureNotes(UserCallback):
         try:
             from llamaray import tracking
 
-            client = tracking.client(self.tracking_uri)
-            earlier = client.get_run(self.run_id).data.tags.get(FAILURES_TAG, "")
-            notes = (earlier + "\n" + note).strip()[-_TAG_CHARS:]
-            client.set_tag(self.run_id, FAILURES_TAG, notes)
+            with tracking.bounded_requests():
+                client = tracking.client(self.tracking_uri)
+                earlier = client.get_run(self.run_id).data.tags.get(FAILURES_TAG, "")
+                notes = (earlier + "\n" + note).strip()[-_TAG_CHARS:]
+                client.set_tag(self.run_id, FAILURES_TAG, notes)
         except Exception as err:  # the tracking server may be the thing that failed
             print(f"[llamaray] could not record the failure in MLflow: {err}", file=sys.stderr)
 
