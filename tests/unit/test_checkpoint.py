@@ -702,9 +702,8 @@ def test_resume_from_s3_reads_in_place_each_byte_once_through_transient_errors(
     disk, the shard's bytes are fetched once, and throttled reads are retried."""
     import tempfile
 
-    from s3_faults import FaultyS3
-
     from llamaray import storage
+    from s3_faults import FaultyS3
 
     s3_client.create_bucket(Bucket="resume")
     uri = "s3://resume/run/" + step_dir_name(2)

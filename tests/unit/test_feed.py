@@ -530,6 +530,7 @@ def test_the_feed_rides_out_transient_s3_errors(s3_client, corpus_dir, faulty_s3
     assert len(set(shard_faults)) > 3 and faulty_s3.faults(503, "GET")
 
 
+@pytest.mark.slow  # make test only: retries until they give up
 def test_the_feed_fails_with_storage_unavailable_when_s3_stays_down(
     s3_client, corpus_dir, faulty_s3
 ):

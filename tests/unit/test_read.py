@@ -438,6 +438,7 @@ def read_in_child(path, max_chars: int = read.MAX_CHARS) -> dict:
     return json.loads(out.stdout)
 
 
+@pytest.mark.slow  # make test only: gigabytes decompressed
 @pytest.mark.parametrize(("kind", "gib"), [("zst", 2), ("gz", 1)])
 def test_compression_bomb_is_too_long_in_bounded_memory(tmp_path, kind, gib):
     path = tmp_path / f"bomb.jsonl.{kind}"
@@ -457,6 +458,7 @@ def test_compression_bomb_is_too_long_in_bounded_memory(tmp_path, kind, gib):
     assert got["peak_mib"] < 256, got["peak_mib"]
 
 
+@pytest.mark.slow  # make test only: gigabytes decompressed
 @pytest.mark.parametrize("kind", ["zst", "gz"])
 def test_compression_bomb_bound_follows_max_chars(tmp_path, kind):
     """A text file (one document) and a JSONL line, each 256 MiB of one byte, with a small

@@ -156,6 +156,7 @@ def test_listing_retries_transient_errors_and_still_reports_missing_files(s3, fa
     assert faulty.failed == []
 
 
+@pytest.mark.slow  # make test only: retries until they give up
 def test_a_listing_that_never_answers_raises_instead_of_a_missing_file(s3, faulty):
     from llamaray.storage import StorageUnavailable
 
@@ -218,6 +219,7 @@ def test_permanent_read_errors_are_rejected_records(s3, faulty):
     assert len(faulty.failed) == 1  # not retried
 
 
+@pytest.mark.slow  # make test only: retries until they give up
 @pytest.mark.parametrize("name", ["b.jsonl", "b.jsonl.gz", "b.parquet"])
 def test_a_read_that_never_succeeds_raises_instead_of_an_unreadable_file(
     s3, faulty, tmp_path, name

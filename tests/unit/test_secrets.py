@@ -34,6 +34,7 @@ def test_redact_removes_credentials_from_uris_and_text():
         assert redact(plain) == plain
 
 
+@pytest.mark.slow  # make test only: a real mlflow server
 def test_a_credentialed_tracking_uri_is_never_shown_or_recorded(
     mlflow_server, loopback_port, monkeypatch, tmp_path, capsys
 ):

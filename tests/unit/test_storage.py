@@ -117,6 +117,7 @@ def test_retry_gives_up_with_storage_unavailable_and_lets_permanent_errors_throu
     assert len(calls) == 1
 
 
+@pytest.mark.slow  # make test only: retries until they give up
 def test_storage_reads_and_listings_ride_out_transient_errors(
     s3_client, s3_endpoint, monkeypatch, tmp_path
 ):

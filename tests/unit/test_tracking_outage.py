@@ -67,6 +67,7 @@ class OutageLauncher(LocalLauncher):
         self._after(metrics["step"])
 
 
+@pytest.mark.slow  # make test only: a real mlflow server
 def test_training_rides_out_a_tracking_server_outage(
     mlflow_server, tmp_path, capsys, caplog, quick_retries
 ):
