@@ -372,3 +372,23 @@ def ray_head(loopback_port):
         on_interrupt(session_id, None)
         shutil.rmtree(temp, ignore_errors=True)
     assert not left, f"processes left behind: {left}"
+
+
+# ------------------------------------------------------- training in this process (no Ray)
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    """One gloo process group of one rank, for the training worker run in this process.
+    A process has a single default group, so it is created once and never destroyed: any
+    later test that needs one finds it there. The worker sets the thread count and seeds
+    the global RNG; the module gets them back afterwards."""
+    import torch
+
+    from llamaray.train.launcher import ensure_process_group
+
+    ensure_process_group()
+    threads = torch.get_num_threads()
+    with torch.random.fork_rng():
+        yield
+    torch.set_num_threads(threads)

@@ -35,7 +35,7 @@ from llamaray.train.checkpoint import (
     step_dirs,
     verify_checkpoint,
 )
-from llamaray.train.launcher import LocalLauncher, ensure_process_group
+from llamaray.train.launcher import LocalLauncher
 from llamaray.train.optim import build_optimizer
 from llamaray.train.step import train_step
 from llamaray.train.worker import WorkerSpec, build_parallel_model, run_worker
@@ -45,14 +45,7 @@ SEQ_LEN = 16
 LR = 1e-2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def process_group():
-    ensure_process_group()  # idempotent; deliberately not destroyed (see the module doc)
-    # The worker sets the thread count and seeds the global RNG; give them back afterwards.
-    threads = torch.get_num_threads()
-    with torch.random.fork_rng():
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("process_group")  # tests/conftest.py
 
 
 # ------------------------------------------------------------------------------ helpers

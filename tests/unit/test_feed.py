@@ -450,15 +450,7 @@ def test_abandoned_prefetcher_stops_its_thread():
 
 
 def test_same_rows_through_s3(s3_client, corpus_dir):
-    existing = {b["Name"] for b in s3_client.list_buckets()["Buckets"]}
-    if BUCKET not in existing:
-        s3_client.create_bucket(Bucket=BUCKET)
-    for path in corpus_dir.rglob("*"):
-        if path.is_file():
-            key = f"corpora/tiny/{path.relative_to(corpus_dir).as_posix()}"
-            s3_client.put_object(Bucket=BUCKET, Key=key, Body=path.read_bytes())
-
-    remote = CorpusRows.open(f"s3://{BUCKET}/corpora/tiny/")
+    remote = CorpusRows.open(upload_corpus(s3_client, corpus_dir, "corpora/tiny") + "/")
     local = CorpusRows.open(corpus_dir)
     assert remote.manifest == local.manifest
     idx = np.random.default_rng(1).permutation(20)[:12]

@@ -36,7 +36,7 @@ from llamaray.model.formats import save_hf
 from llamaray.model.loss import IGNORE_INDEX as LOSS_IGNORE_INDEX
 from llamaray.tokenizer import train_tokenizer
 from llamaray.train.batches import InstructionFeed
-from llamaray.train.launcher import LocalLauncher, ensure_process_group
+from llamaray.train.launcher import LocalLauncher
 from llamaray.train.optim import build_optimizer
 from llamaray.train.step import train_step
 from llamaray.train.worker import WorkerSpec, run_worker
@@ -389,15 +389,6 @@ def test_bad_data_fails_before_ray_with_file_and_line(base_folder, tmp_path, cap
 
 
 # --------------------------------------------------- the worker, in process (no Ray)
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    ensure_process_group()  # one gloo rank, never destroyed (see tests/unit/test_checkpoint.py)
-    threads = torch.get_num_threads()
-    with torch.random.fork_rng():
-        yield
-    torch.set_num_threads(threads)
 
 
 def finetune_in_process(cfg) -> tuple:

@@ -12,14 +12,13 @@ from __future__ import annotations
 import time
 
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 from test_checkpoint import SEQ_LEN, write_token_corpus
 
 from llamaray import tracking
 from llamaray.config import ConfigError, load_config
 from llamaray.train.checkpoint import step_dir_name, verify_checkpoint
-from llamaray.train.launcher import LocalLauncher, ensure_process_group
+from llamaray.train.launcher import LocalLauncher
 from llamaray.train.worker import WorkerSpec, run_worker
 
 STEPS = 6
@@ -27,13 +26,7 @@ OUTAGE = "does not answer"
 RECOVERY = "answers again"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def process_group():
-    ensure_process_group()  # one gloo rank, never destroyed (see tests/unit/test_checkpoint.py)
-    threads = torch.get_num_threads()
-    with torch.random.fork_rng():
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("process_group")  # tests/conftest.py
 
 
 @pytest.fixture
