@@ -463,6 +463,12 @@ class RunConfig(_Section):
             )
         if (f.kill_rank is None) != (f.kill_at_step is None):
             problems.append("faults.kill_at_step: set together with faults.kill_rank")
+        if f.stop_rank is not None and f.stop_rank >= t.num_workers:
+            problems.append(
+                f"faults.stop_rank: {f.stop_rank} is not a rank of {t.num_workers} workers"
+            )
+        if (f.stop_rank is None) != (f.stop_at_step is None):
+            problems.append("faults.stop_at_step: set together with faults.stop_rank")
         if self.finetune is not None:
             # The presets' LRs are pretraining peaks: far too high to adapt a trained model.
             if self.optimizer.lr is None:
