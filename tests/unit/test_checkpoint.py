@@ -667,6 +667,28 @@ def test_eval_and_finetune_refuse_a_checkpoint_whose_metadata_runs_code(tampered
     assert not marker.exists()
 
 
+def test_metadata_may_name_only_dcp_data_and_files_inside_the_checkpoint(saved):
+    import pickle
+
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+
+    from llamaray.train.safe_dcp import UnsafeCheckpoint, load_metadata
+
+    data = (saved["dir"] / ".metadata").read_bytes()
+    assert load_metadata(data).state_dict_metadata  # the real thing loads
+    # Classes the DCP modules import or define for other uses are not metadata.
+    for other in (FileSystemWriter, torch.Tensor, Path):
+        with pytest.raises(UnsafeCheckpoint, match="never holds"):
+            load_metadata(pickle.dumps(other))
+    # Nor may an item be read from outside the checkpoint's folder.
+    for outside in ("../other-run/__0_0.distcp", "/etc/passwd"):
+        metadata = pickle.loads(data)
+        info = next(iter(metadata.storage_data.values()))
+        info.relative_path = outside
+        with pytest.raises(UnsafeCheckpoint, match="outside it"):
+            load_metadata(pickle.dumps(metadata))
+
+
 def test_byte_entries_are_read_without_running_code(tmp_path):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner

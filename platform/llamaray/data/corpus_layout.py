@@ -21,9 +21,11 @@ as it was (a resume reads the same rows), yet a corrected corpus under the same 
 what a user wants. So a version is never modified; a run reads the version it was launched
 with (`pinned_corpus`, the version folder, which opens as a corpus on its own), and the
 manifest's `digest` (`corpus_digest`) says whether two manifests describe the same data.
-The newest `KEEP_VERSIONS` complete versions are kept (the current one always); prune
-further with `llamaray corpus prune <corpus> --keep N`. A run whose version was pruned
-cannot resume on it.
+A build never deletes a complete version: a run may still be reading it (a run reads the
+version it was launched with, and so does a worker restarted after a failure). It removes
+only incomplete version folders. `llamaray corpus prune <corpus> --keep N` (default
+`KEEP_VERSIONS`) deletes older complete ones, when no run needs them: a run whose version
+was pruned cannot go on.
 
 Readers that know nothing of versions still work: the pointer is a whole manifest whose
 paths resolve under `<corpus>` (`CorpusRows.open(<corpus>)`, `tokenizer_location`). A corpus
@@ -50,7 +52,7 @@ MANIFEST = "manifest.json"
 VERSIONS = "versions"
 LOCK = "prepare.lock"
 KEEP_VERSIONS = 2
-"""Complete versions a build keeps: the one it made and the one before (for runs on it)."""
+"""Complete versions `llamaray corpus prune` keeps by default: the current and the one before."""
 
 _VERSION = re.compile(r"\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{6}")
 
@@ -165,18 +167,21 @@ def list_versions(corpus: str) -> dict[str, bool]:
     return {n: info.type == pyarrow.fs.FileType.File for n, info in zip(names, infos, strict=True)}
 
 
-def prune_versions(corpus: str, keep: int = KEEP_VERSIONS) -> list[str]:
-    """Delete all but the newest `keep` complete versions (never the current one), and
-    every incomplete version folder; return the deleted versions. Run it only while
-    holding the corpus's build lock (a running build's folder is incomplete):
-    `llamaray corpus prune` takes it."""
-    if keep < 1:
+def prune_versions(corpus: str, keep: int | None = KEEP_VERSIONS) -> list[str]:
+    """Delete all but the newest `keep` complete versions (never the current one; None:
+    keep them all), and every incomplete version folder; return the deleted versions. Run
+    it only while holding the corpus's build lock (a running build's folder is
+    incomplete): `llamaray corpus prune` takes it, a build calls it with keep=None."""
+    if keep is not None and keep < 1:
         raise ValueError(f"keep must be at least 1 (the current version), got {keep}")
     pointer = read_manifest(corpus) or {}
     current = pointer.get("version")
     versions = list_versions(corpus)
     complete = [v for v, done in versions.items() if done and v != current]
-    kept = set(complete[max(0, len(complete) - (keep - 1 if current else keep)) :])
+    if keep is None:
+        kept = set(complete)
+    else:
+        kept = set(complete[max(0, len(complete) - (keep - 1 if current else keep)) :])
     doomed = [v for v in versions if v != current and v not in kept]
     for version in doomed:
         storage.delete_tree(version_location(corpus, version))

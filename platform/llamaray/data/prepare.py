@@ -233,11 +233,11 @@ def _run(cfg: CorpusConfig) -> dict:
         lock.check()  # a build whose lock was taken over must not switch
         pointer = _pointer(manifest, f"{VERSIONS}/{version}", sample=not cfg.sources)
         switch_to(corpus, version, manifest, pointer)
-        pruned = prune_versions(corpus)
+        pruned = prune_versions(corpus, keep=None)  # incomplete ones: runs may read the rest
     log.info(_summary(manifest))
     log.info(f"corpus {corpus} is now version {version} (digest {manifest['digest']})")
     if pruned:
-        log.info(f"removed old or incomplete version(s): {', '.join(pruned)}")
+        log.info(f"removed incomplete version(s): {', '.join(pruned)}")
     return pointer
 
 

@@ -226,6 +226,7 @@ CONTROLLER_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 CONTROLLER_POLL_S = "0.5"
 HEALTH_CHECK_TIMEOUT_ENV = "RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S"
 REPORT_BARRIER_TIMEOUT_ENV = "RAY_TRAIN_COLLECTIVE_TIMEOUT_S"
+COLLECTIVE_TIMEOUT_S = 1800.0  # torch's default process-group timeout
 
 
 def launch(
@@ -253,13 +254,16 @@ def launch(
     # controller; one set by the user (or the job's runtime env) wins.
     os.environ.setdefault(CONTROLLER_POLL_ENV, CONTROLLER_POLL_S)
     # A worker that stops answering (hung, frozen node) is declared dead by the controller's
-    # health check after train.hang_timeout_s, naming it, and max_failures restarts the
-    # group. Collectives (the peers' all-reduces, the barrier in ray.train.report) give up
-    # later, at twice that, so that the hung worker is the one named, not a peer waiting
-    # on it; without these, gloo/NCCL wait 30 minutes and the barrier forever.
+    # health check after train.hang_timeout_s, naming it; the controller then kills the
+    # group, peers blocked on the hung one included, and max_failures restarts it.
+    # Collectives (the peers' all-reduces, the barrier in ray.train.report, which has none
+    # by default) give up later, at torch's 30 minutes or twice the hang timeout, so that
+    # the hung worker is the one named and a long legitimate wait (rank 0 exporting the
+    # model, a slow upload) is not cut short. The config owns these: set at every launch.
     hang = cfg.train.hang_timeout_s
+    collective = max(COLLECTIVE_TIMEOUT_S, 2 * hang)
     os.environ[HEALTH_CHECK_TIMEOUT_ENV] = f"{hang:g}"
-    os.environ[REPORT_BARRIER_TIMEOUT_ENV] = f"{2 * hang:g}"
+    os.environ[REPORT_BARRIER_TIMEOUT_ENV] = f"{collective:g}"
     use_gpu = cfg.train.device == "cuda" or (cfg.train.device == "auto" and _cluster_has_gpus())
     resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
     # s3:// gets our S3 filesystem (endpoint, region, retries, credentials: llamaray.storage).
@@ -269,7 +273,7 @@ def launch(
         train_loop or train_loop_per_worker,
         train_loop_config=asdict(spec),
         torch_config=TorchConfig(
-            backend="nccl" if use_gpu else "gloo", timeout_s=math.ceil(2 * hang)
+            backend="nccl" if use_gpu else "gloo", timeout_s=math.ceil(collective)
         ),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers,

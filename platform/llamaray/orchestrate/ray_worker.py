@@ -25,6 +25,7 @@ from ray.train import Checkpoint
 from llamaray.storage import adopt_s3, upload_directory
 from llamaray.train.checkpoint import (
     STEP_DIR,
+    CheckpointError,
     TrainState,
     list_step_folders,
     save_checkpoint,
@@ -108,7 +109,10 @@ def _location(checkpoint: Checkpoint) -> Path | str:
     if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
         return Path(checkpoint.path)
     if not isinstance(checkpoint.filesystem, pyarrow.fs.S3FileSystem):
-        raise ValueError(f"checkpoints on {type(checkpoint.filesystem).__name__} are not supported")
+        raise CheckpointError(  # a named refusal in restore_latest, not a crashed rank
+            f"{checkpoint.path}: checkpoints on {type(checkpoint.filesystem).__name__} are "
+            "not supported (a local path or s3://)"
+        )
     return "s3://" + checkpoint.path.lstrip("/")
 
 

@@ -32,12 +32,9 @@ from torch.distributed.checkpoint.metadata import StorageMeta
 
 METADATA_FILE = ".metadata"
 
-_DCP_MODULES = (
-    "torch.distributed.checkpoint.metadata",
-    "torch.distributed.checkpoint.filesystem",
-    "torch.distributed.checkpoint.planner",
-)
+_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
 _ALLOWED = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),  # where each item is
     ("torch", "Size"),
     ("torch.serialization", "_get_layout"),  # a layout by its name: "torch.strided"
     ("collections", "OrderedDict"),
@@ -55,20 +52,24 @@ class UnsafeCheckpoint(pickle.UnpicklingError, ValueError):
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
-        allowed = (module, name) in _ALLOWED or (
-            module in _DCP_MODULES and not name.startswith("__")
-        )
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            allowed = True
-        if not allowed:
+        target = None
+        if (module, name) in _ALLOWED or module == _METADATA_MODULE:
+            try:
+                target = super().find_class(module, name)
+            except AttributeError:  # no such name: refused below like any other
+                target = None
+        elif module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            target = getattr(torch, name)
+        # In the metadata module, only the data classes it defines (not what it imports).
+        if module == _METADATA_MODULE and not (
+            isinstance(target, type) and target.__module__ == module
+        ):
+            target = None
+        if target is None:
             raise UnsafeCheckpoint(
                 f"it names {module}.{name}, which DCP metadata never holds; refusing to "
                 "unpickle it (a pickle naming a callable runs it)"
             )
-        target = super().find_class(module, name)
-        if module in _DCP_MODULES and not isinstance(target, type):
-            # The DCP modules' classes are data; their functions are not.
-            raise UnsafeCheckpoint(f"it names the function {module}.{name}; refusing it")
         return target
 
 
@@ -85,9 +86,15 @@ def load_metadata(data: bytes | io.IOBase, where: str = METADATA_FILE):
     """
     stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
     try:
-        return _MetadataUnpickler(stream).load()
+        metadata = _MetadataUnpickler(stream).load()
     except UnsafeCheckpoint as err:
         raise UnsafeCheckpoint(f"{where}: {err}") from None
+    # Every item must be read from a file inside the checkpoint's folder.
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        relative = str(getattr(info, "relative_path", ""))
+        if relative.startswith("/") or ".." in relative.replace("\\", "/").split("/"):
+            raise UnsafeCheckpoint(f"{where}: an item is stored at {relative!r}, outside it")
+    return metadata
 
 
 class SafeFileSystemReader(FileSystemReader):
