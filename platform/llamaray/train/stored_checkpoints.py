@@ -122,7 +122,6 @@ def _stored_reader_class():
     # Built on first use: importing torch's DCP module is not free for callers that only
     # list or verify checkpoints.
     from torch.distributed.checkpoint.filesystem import FileSystemBase
-    from torch.distributed.checkpoint.metadata import StorageMeta
 
     from llamaray.train.safe_dcp import SafeFileSystemReader
 
@@ -167,15 +166,6 @@ def _stored_reader_class():
         def _slice_file(self, file, sinfo):
             file.seek(sinfo.offset)
             return io.BytesIO(file.read(sinfo.length))
-
-        def read_metadata(self, *args, **kwargs):
-            if kwargs.get("rank") is not None:
-                raise NotImplementedError("per-rank DCP metadata files are not written here")
-            metadata = model_metadata(self.path)
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
-            return metadata
 
         @classmethod
         def validate_checkpoint_id(cls, checkpoint_id) -> bool:
