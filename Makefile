@@ -14,7 +14,7 @@ STAMP       := $(VENV)/.installed-$(EXTRAS)
 export RAY_AUTH_MODE ?= disabled
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-fast lint format bench mlflow-ui mlflow-server browser clean
+.PHONY: install demo test test-fast lint format bench bench-gpu mlflow-ui mlflow-server browser clean
 
 # A shared tracking server: jobs log to it with MLFLOW_TRACKING_URI=http://<host>:<port>.
 # Loopback unless told otherwise (MLFLOW_HOST=0.0.0.0 only behind an authenticating proxy).
@@ -73,6 +73,12 @@ bench: $(STAMP)  ## training step vs HF, tokenizer, tokenize+pack on Ray, Ray Tr
 	$(PY) -m llamaray.bench.tokenizer_throughput
 	$(PY) -m llamaray.bench.tokenize_pack
 	$(PY) -m llamaray.bench.ray_overhead
+	$(PY) -m llamaray.bench.report_cadence
+	$(PY) -m llamaray.bench.checkpoint_stall --s3
+
+# A bare GPU box without the venv runs the same script: PYTHONPATH=platform python -m llamaray.bench.gpu
+bench-gpu: $(STAMP)  ## one GPU: tokens/s, MFU and checkpoint stall of the 1b preset at seq 2048 in bf16 (BENCH_GPU_ARGS="--compile")
+	PYTHONPATH=platform $(PY) -m llamaray.bench.gpu $(BENCH_GPU_ARGS)
 
 mlflow-ui: $(STAMP)  ## the local tracking store of runs under runs/ (make demo's)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///runs/mlflow.db \

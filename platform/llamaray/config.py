@@ -81,6 +81,12 @@ class ModelConfig(_Section):
     activation_checkpointing: Literal["none", "full", "selective"] = Field(
         "none", description="selective keeps matmul/attention outputs (the paper's choice)."
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile each transformer block (after activation checkpointing, "
+        "before FSDP). The first steps are slower while the block compiles (tens of seconds "
+        "on a GPU, longer on a CPU); then fused elementwise kernels save time and memory.",
+    )
 
     @field_validator("preset")
     @classmethod
@@ -239,6 +245,12 @@ class TrainConfig(_Section):
     eval_every: int = Field(0, ge=0, description="Steps between validation passes; 0: at end.")
     checkpoint_every: int = Field(500, ge=0, description="Steps between checkpoints; 0: at end.")
     keep_checkpoints: int = Field(3, gt=0, description="Newest complete checkpoints kept.")
+    async_checkpoint: bool = Field(
+        True,
+        description="Write checkpoints in the background: a step waits only while the state "
+        "is copied to host memory (train/checkpoint_writer.py); false writes, hashes and "
+        "uploads before the next step, using no second copy of the state.",
+    )
     max_failures: int = Field(0, ge=0, description="Worker failures survived by restarting.")
     allow_changes: list[str] = Field(
         default_factory=list,
@@ -275,6 +287,14 @@ class TrainConfig(_Section):
 
 class ParallelConfig(_Section):
     tensor: int = Field(1, gt=0, description="Tensor+sequence parallel degree (within a node).")
+    replicate: int = Field(
+        1,
+        gt=0,
+        description="HSDP: data-parallel replicas of the sharded model. The data-parallel "
+        "workers (num_workers / tensor) form `replicate` groups of equal size; FSDP shards "
+        "within a group and all-reduces gradients across groups. Set it to the number of "
+        "nodes so the all-gathers stay on each node's fast links. 1: plain FSDP over all.",
+    )
     reshard_after_forward: bool = Field(
         True, description="Free gathered weights after forward (ZeRO-3); False: ZeRO-2."
     )
@@ -447,6 +467,11 @@ class RunConfig(_Section):
                 f"n_kv_heads={args.kv_heads}"
             )
         dp = t.num_workers // tp
+        if dp % self.parallel.replicate:
+            problems.append(
+                f"parallel.replicate: {self.parallel.replicate} must divide the data-parallel "
+                f"workers, train.num_workers / parallel.tensor = {t.num_workers} / {tp} = {dp}"
+            )
         row_tokens = t.seq_len * t.micro_batch_size * dp
         if self.batch_tokens % row_tokens:
             problems.append(

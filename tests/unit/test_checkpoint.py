@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from test_feed import write_shard
 from torch.distributed.tensor import DTensor
 
 from llamaray.config import load_config
+from llamaray.train import checkpoint as checkpoint_module
 from llamaray.train.checkpoint import (
     TRAIN_STATE,
     CheckpointError,
@@ -554,6 +556,100 @@ def test_more_skipped_steps_than_allowed_stop_the_run(corpus, tmp_path):
     assert "2 steps skipped for non-finite values" in result.stopped
     assert "train.max_skipped_steps=1" in result.stopped and "at step 4" in result.stopped
     assert sorted(by_step(launcher.reports)) == [1, 2, 3, 4]  # nothing trained after it
+
+
+# ---------------------------------------------- checkpoints written in the background
+
+
+class HeldWrites(LocalLauncher):
+    """A LocalLauncher whose checkpoint writes wait for `release` (set by the test) before
+    they start: the writes the training step must not wait for."""
+
+    def __init__(self, root):
+        super().__init__(root)
+        self.release = threading.Event()
+        inner = self.checkpoints.write
+
+        def held(staged, process_group=None):
+            if not self.release.wait(timeout=60):
+                raise TimeoutError("the write was never released")
+            return inner(staged, process_group)
+
+        self.checkpoints.write = held
+
+
+def test_a_background_checkpoint_holds_its_step_while_training_goes_on(tmp_path):
+    model, optimizer = build(seed=0)
+    train(model, optimizer, [1, 2])
+    at_step_2 = params(model), optim_state(model, optimizer)
+    launcher = HeldWrites(tmp_path)
+    state = TrainState(step=2, world_size=1, rows_per_step=4)
+
+    launcher.save_checkpoint(model, optimizer, state, {}, background=True)
+    # Returned with the write not even started: the step was blocked only for the staging.
+    assert launcher.writer.busy and step_dirs(tmp_path) == []
+    train(model, optimizer, [3, 4])  # the live state moves on
+    state.step = 4  # and so does the train state the caller holds
+    assert differs(params(model), at_step_2[0])
+    launcher.release.set()
+    launcher.wait_for_checkpoints()
+
+    assert [p.name for p in step_dirs(tmp_path)] == ["step-00000002"]
+    assert verify_checkpoint(tmp_path / "step-00000002").step == 2
+    fresh, fresh_optimizer = build(seed=1)
+    load_checkpoint(tmp_path / "step-00000002", fresh, fresh_optimizer)
+    assert_same(params(fresh), at_step_2[0])
+    assert_same(optim_state(fresh, fresh_optimizer), at_step_2[1])
+
+
+def test_a_failed_background_write_keeps_the_last_good_checkpoint_and_fails_the_run(
+    corpus, tmp_path, monkeypatch
+):
+    real_write = checkpoint_module.write_checkpoint
+
+    def disk_full_at_step_4(directory, staged, process_group=None):
+        if staged.train_state["step"] == 4:
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            (Path(directory) / "__0_0.distcp").write_bytes(b"half a shard")
+            raise OSError(28, "No space left on device")
+        return real_write(directory, staged, process_group)
+
+    monkeypatch.setattr(checkpoint_module, "write_checkpoint", disk_full_at_step_4)
+    with pytest.raises(OSError, match="No space left"):
+        run(corpus, tmp_path)  # checkpoints every 2 steps: the write of step 4 fails
+    root = Path(run_config(tmp_path).run_uri)
+    assert [p.name for p in step_dirs(root)] == ["step-00000002"]
+    assert verify_checkpoint(root / "step-00000002").step == 2
+
+
+class CountingLauncher(LocalLauncher):
+    """Counts the collective calls (reports, checkpoints) against the logged steps."""
+
+    def __init__(self, root, keep):
+        super().__init__(root, keep)
+        self.collective: list[tuple[str, int]] = []
+
+    def save_checkpoint(self, model, optimizer, state, metrics, background=False):
+        self.collective.append(("checkpoint", metrics["step"]))
+        super().save_checkpoint(model, optimizer, state, metrics, background)
+
+    def report(self, metrics):
+        self.collective.append(("report", metrics["step"]))
+        super().report(metrics)
+
+
+def test_only_checkpoints_and_validations_wait_on_other_ranks(corpus, tmp_path):
+    cfg = run_config(tmp_path, "train.eval_every=3", "train.checkpoint_every=4")
+    launcher = CountingLauncher(cfg.run_uri, cfg.train.keep_checkpoints)
+    spec = WorkerSpec(config=cfg.model_dump(), corpus_dir=str(corpus), run_dir=str(tmp_path))
+    run_worker(spec, launcher)
+    assert sorted(by_step(launcher.reports)) == list(range(1, STEPS + 1))  # logged: every step
+    # Collective: the start (the step resumed from), the validation at 3 for Tune, the
+    # checkpoints (4, and the last).
+    assert launcher.collective == [
+        ("report", 0), ("report", 3), ("checkpoint", 4), ("checkpoint", 6)
+    ]  # fmt: skip
+    assert "val_loss" in by_step(launcher.reports)[3]
 
 
 def test_nan_step_is_skipped_and_parameters_stay_finite(corpus, uninterrupted, tmp_path):

@@ -75,3 +75,27 @@ def test_fault_settings_are_checked_before_any_work():
         load_config(None, ["train.num_workers=2", "faults.stop_rank=2", "faults.stop_at_step=1"])
     with pytest.raises(ConfigError, match=r"faults\.stop_at_step: set together"):
         load_config(None, ["faults.stop_rank=0"])
+
+
+def test_failure_notes_count_from_the_resumed_step_and_the_last_report(capsys):
+    """Reports come when the workers have resumed, then only at checkpoints and
+    validations: a failure's note names the last of them, and after a restart the step of
+    the checkpoint the group restarted from until the new group reports."""
+    from llamaray.orchestrate.failure_notes import FailureNotes
+
+    notes = FailureNotes(hang_timeout_s=5)
+
+    def fail() -> str:
+        notes.after_exception(None, {1: RuntimeError("lost")})
+        return capsys.readouterr().err.strip()
+
+    notes.after_report(None, [{"step": 4, "started": True}], checkpoint=None)
+    assert fail() == "[llamaray] worker rank 1 failed after step 4 (its last checkpoint or " \
+        "validation): lost"  # fmt: skip
+    notes.after_report(None, [{"step": 4, "started": True}], checkpoint=None)
+    notes.after_report(None, [{"step": 6}], checkpoint=object())
+    notes.after_report(None, [{"step": 7, "val_loss": 2.0}], checkpoint=None)
+    assert "after step 7 " in fail()
+    assert "after step 6 " in fail()  # restarted from the checkpoint of step 6
+    notes.after_report(None, [{"step": 6, "started": True}], checkpoint=None)
+    assert "after step 6 " in fail()

@@ -37,9 +37,9 @@ def quick_retries(monkeypatch):
 
 
 class OutageLauncher(LocalLauncher):
-    """A LocalLauncher that stops the MLflow server once step `down` is reported (and, on a
-    checkpoint step, saved) and starts it again, on the same port and store, after step
-    `up`: steps down+1..up are trained and logged with no server."""
+    """A LocalLauncher that stops the MLflow server once step `down` is logged and starts
+    it again, on the same port and store, after step `up`: steps down+1..up are trained and
+    logged with no server."""
 
     def __init__(self, root, server, down: int, up: int):
         super().__init__(root)
@@ -51,12 +51,8 @@ class OutageLauncher(LocalLauncher):
         elif step == self.up:
             self.server.start()
 
-    def save_checkpoint(self, model, optimizer, state, metrics) -> None:
-        super().save_checkpoint(model, optimizer, state, metrics)
-        self._after(metrics["step"])
-
-    def report(self, metrics: dict) -> None:
-        super().report(metrics)
+    def log(self, metrics: dict) -> None:
+        super().log(metrics)
         self._after(metrics["step"])
 
 

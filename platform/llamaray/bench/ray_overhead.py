@@ -123,7 +123,12 @@ def bench_config(opts: argparse.Namespace, name: str, corpus: str | None = None)
                 "eval_every": 0,
                 "checkpoint_every": 0,
             },
-            "tracking": {"enabled": False, "export_hf": False, "system_metrics": False},
+            "tracking": {
+                "enabled": bool(getattr(opts, "tracking_uri", None)),
+                "uri": getattr(opts, "tracking_uri", None),
+                "export_hf": False,
+                "system_metrics": False,
+            },
         }
     )
 

@@ -29,12 +29,12 @@ STEPS_FILE = "steps.json"
 
 @dataclass
 class StepRecorder:
-    """A `Launcher` that passes everything on to `inner` and keeps each report's metrics
-    with the moment it was made (`time.perf_counter()` on entry, before `inner` sees it),
-    so the time between two reports is one whole iteration: batch, step, metrics and the
-    launcher's own reporting of the previous step. `cpu` is the process's CPU time then
-    (`time.process_time()`: every thread, the launcher's own included), which a busy
-    shared machine inflates far less than wall time."""
+    """A `Launcher` that passes everything on to `inner` and keeps each logged step's
+    metrics with the moment it was logged (`time.perf_counter()` on entry, before `inner`
+    sees it), so the time between two logged steps is whole iterations: batch, step,
+    metrics, and any report or checkpoint staging in between. `cpu` is the process's CPU
+    time then (`time.process_time()`: every thread, the launcher's own included), which a
+    busy shared machine inflates far less than wall time."""
 
     inner: Launcher
     records: list[dict] = field(default_factory=list)
@@ -43,13 +43,18 @@ class StepRecorder:
     def checkpoint_candidates(self):
         return self.inner.checkpoint_candidates()
 
-    def save_checkpoint(self, model, optimizer, state, metrics: dict) -> None:
-        self._record(metrics, checkpoint=True)
-        self.inner.save_checkpoint(model, optimizer, state, metrics)
+    def save_checkpoint(self, model, optimizer, state, metrics: dict, background: bool) -> None:
+        self.inner.save_checkpoint(model, optimizer, state, metrics, background)
 
     def report(self, metrics: dict) -> None:
-        self._record(metrics, checkpoint=False)
         self.inner.report(metrics)
+
+    def log(self, metrics: dict) -> None:
+        self._record(metrics, checkpoint=False)
+        self.inner.log(metrics)
+
+    def wait_for_checkpoints(self) -> None:
+        self.inner.wait_for_checkpoints()
 
     def _record(self, metrics: dict, checkpoint: bool) -> None:
         self.records.append(

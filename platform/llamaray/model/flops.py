@@ -55,3 +55,18 @@ def mfu(tokens_per_second: float, args: ModelArgs, seq_len: int, peak_flops: flo
     if peak_flops <= 0:
         raise ValueError(f"peak_flops must be positive, got {peak_flops}")
     return tokens_per_second * flops_per_token(args, seq_len) / peak_flops
+
+
+def device_peak_flops(device_name: str, dtype: str) -> float | None:
+    """`PEAK_FLOPS` of a GPU by its name (`torch.cuda.get_device_name`) in `dtype` ("bf16",
+    "fp32"), or None when the table has no entry for it. An H100 is taken to be the SXM
+    part (the PCIe one peaks lower: pass its peak explicitly).
+
+    >>> device_peak_flops("NVIDIA H100 80GB HBM3", "bf16") / 1e12
+    989.0
+    """
+    name = device_name.lower()
+    for marker, prefix in (("h200", "h200"), ("h100", "h100-sxm"), ("a100", "a100")):
+        if marker in name:
+            return PEAK_FLOPS.get(f"{prefix}-{dtype}")
+    return None

@@ -26,12 +26,16 @@ class FailureNotes(UserCallback):
     ):
         self.hang_timeout_s = hang_timeout_s
         self.tracking_uri, self.run_id = tracking_uri, run_id
-        self.last_step = 0
+        # Reports come when the workers have resumed (the step they start from), then at
+        # checkpoints and validations: the last one's step is where a failure came after.
+        self.last_step = self.checkpoint_step = 0
 
     def after_report(self, run_context, metrics, checkpoint):
         steps = [m.get("step") for m in metrics if isinstance(m.get("step"), int)]
         if steps:
             self.last_step = max(steps)
+            if checkpoint is not None:
+                self.checkpoint_step = self.last_step
 
     def after_exception(self, run_context, worker_exceptions):
         for rank, error in sorted(worker_exceptions.items()):
@@ -42,6 +46,9 @@ class FailureNotes(UserCallback):
             # Recorded beside the controller's loop, which restarts the group meanwhile;
             # one thread, so the notes are appended in order.
             self._recorder().submit(self._record, note)
+        # The group restarts from the newest registered checkpoint: the next failure
+        # before a report comes after its step.
+        self.last_step = self.checkpoint_step
 
     def _recorder(self) -> ThreadPoolExecutor:
         if getattr(self, "_pool", None) is None:
@@ -70,14 +77,17 @@ class FailureNotes(UserCallback):
 
 def failure_note(rank: int, last_step: int, error: BaseException, hang_timeout_s: float) -> str:
     """One line: which rank, after which step, and why (a hang says the timeout that ended
-    it). The step is the last one every worker reported: the failure came after it,
-    during the steps up to the next report.
+    it). The step is the last one every worker reported to Ray Train: the step they
+    resumed from, a checkpoint or a validation (logged steps are not reported: they never
+    wait on the controller); the failure came after it. The run's MLflow metrics show the
+    last step trained.
 
     >>> print(failure_note(1, 4, TimeoutError("A worker health check has been hanging"), 5))
-    worker rank 1 failed after step 4 (the last reported): it stopped answering for over \
-train.hang_timeout_s=5s
+    worker rank 1 failed after step 4 (its last checkpoint or validation): it stopped \
+answering for over train.hang_timeout_s=5s
     """
     why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if "health check has been hanging" in str(error):
         why = f"it stopped answering for over train.hang_timeout_s={hang_timeout_s:g}s"
-    return f"worker rank {rank} failed after step {last_step} (the last reported): {why}"
+    since = f"after step {last_step} (its last checkpoint or validation)"
+    return f"worker rank {rank} failed {since}: {why}"

@@ -1,10 +1,12 @@
 """The Ray Train side of a worker: `train_loop_per_worker` and the `Launcher` that maps
 checkpoints and metrics onto Ray Train's storage and reporting.
 
-Checkpoints: each worker writes its DCP shards into a local temporary directory and calls
-`ray.train.report(checkpoint=...)`; Ray Train uploads every worker's directory into one
-storage folder `step-NNNNNNNN` (local or S3) and registers the checkpoint only after all
-workers' uploads finish, so a checkpoint whose write failed is never the latest. On
+Checkpoints: each worker copies its state to host memory, then writes its DCP shards into
+a local temporary directory in the background (`train.checkpoint_writer`) and calls
+`ray.train.report(checkpoint=..., checkpoint_upload_mode=ASYNC)`; Ray Train uploads every
+worker's directory into one storage folder `step-NNNNNNNN` (local or S3) in its upload
+thread and registers the checkpoint only after all workers' uploads finish, so a
+checkpoint whose write failed is never the latest. Training goes on meanwhile. On
 resume, `ray.train.get_checkpoint()` names the newest registered one; our integrity check
 still runs, and an incomplete one falls back to the older step folders beside it. A
 checkpoint in S3 is read in place, each rank fetching only the byte ranges it loads
@@ -16,11 +18,13 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import ray.train
-from ray.train import Checkpoint
+from ray.train import Checkpoint, CheckpointUploadMode
 
 from llamaray.storage import adopt_s3, upload_directory
 from llamaray.train.checkpoint import (
@@ -28,8 +32,9 @@ from llamaray.train.checkpoint import (
     CheckpointError,
     TrainState,
     list_step_folders,
-    save_checkpoint,
+    stage_checkpoint,
     step_dir_name,
+    write_checkpoint,
 )
 from llamaray.train.worker import WorkerSpec, run_worker
 
@@ -56,6 +61,12 @@ def _quiet_report_logs() -> None:
 
 
 class RayLauncher:
+    def __init__(self) -> None:
+        from llamaray.train.checkpoint_writer import CheckpointWriter
+
+        self.writer = CheckpointWriter()
+        self._uploaded: Future | None = None
+
     def checkpoint_candidates(self) -> Iterator[Callable[[], Path]]:
         latest = ray.train.get_checkpoint()
         if latest is None:
@@ -64,20 +75,68 @@ class RayLauncher:
         for older in _older_siblings(latest):
             yield lambda older=older: _location(older)
 
-    def save_checkpoint(self, model, optimizer, state: TrainState, metrics: dict) -> None:
-        with tempfile.TemporaryDirectory(prefix="llamaray-ckpt-") as tmp:
-            save_checkpoint(tmp, model, optimizer, state)
-            ray.train.report(
-                metrics | {"checkpoint_step": state.step, "train_state": asdict(state)},
-                checkpoint=Checkpoint.from_directory(tmp),
-                checkpoint_dir_name=step_dir_name(state.step),
-                # Ray's default upload (pyarrow copy_files) ignores errors raised when an
-                # object is closed, so a failed upload could be registered as complete.
-                checkpoint_upload_fn=upload_checkpoint,
-            )
+    def save_checkpoint(
+        self, model, optimizer, state: TrainState, metrics: dict, background: bool = True
+    ) -> None:
+        """Stage this rank's state and hand the checkpoint to Ray Train. With `background`
+        the local write (`CheckpointWriter`), the upload and the report run in Ray's upload
+        thread (`CheckpointUploadMode.ASYNC`); the step waits only for the staging and the
+        ranks' agreement on the folder name. Ray Train registers the checkpoint once every
+        rank's upload is done; a failed write or upload fails the worker (Ray raises it in
+        the training thread) and is never registered."""
+        self.wait_for_checkpoints()
+        tmp = tempfile.mkdtemp(prefix="llamaray-ckpt-")
+        staged = stage_checkpoint(model, optimizer, state, copy=background)
+        if background:
+            written = self.writer.submit(partial(_write_into, tmp), staged)
+        else:
+            write_checkpoint(tmp, staged)
+            written = None
+        uploaded: Future = Future()
+
+        def upload(checkpoint: Checkpoint, dir_name: str) -> Checkpoint:
+            try:
+                if written is not None:
+                    written.result()  # the write's error fails the upload, so the worker
+                stored = upload_checkpoint(checkpoint, dir_name)
+            except BaseException as err:
+                uploaded.set_exception(err)
+                raise
+            uploaded.set_result(stored)
+            return stored
+
+        self._uploaded = uploaded
+        ray.train.report(
+            metrics | {"checkpoint_step": state.step, "train_state": asdict(state)},
+            checkpoint=Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=step_dir_name(state.step),
+            checkpoint_upload_mode=(
+                CheckpointUploadMode.ASYNC if background else CheckpointUploadMode.SYNC
+            ),
+            delete_local_checkpoint_after_upload=True,
+            # Ray's default upload (pyarrow copy_files) ignores errors raised when an
+            # object is closed, so a failed upload could be registered as complete.
+            checkpoint_upload_fn=upload,
+        )
 
     def report(self, metrics: dict) -> None:
-        ray.train.report(metrics)
+        # Queued behind an upload in flight rather than waiting for it (or for the
+        # controller to take the result): the training thread only meets the barrier.
+        ray.train.report(metrics, checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
+
+    def log(self, metrics: dict) -> None:
+        """Nothing to do: rank 0's metrics go to MLflow (`tracking.MetricLogger`)."""
+
+    def wait_for_checkpoints(self) -> None:
+        """Until the last checkpoint is written and uploaded (Ray Train registers it once
+        every rank's report is in)."""
+        self.writer.wait()
+        if self._uploaded is not None:
+            self._uploaded.result()
+
+
+def _write_into(directory: str, staged, process_group) -> None:
+    write_checkpoint(directory, staged, process_group)
 
 
 def upload_checkpoint(checkpoint: Checkpoint, checkpoint_dir_name: str) -> Checkpoint:

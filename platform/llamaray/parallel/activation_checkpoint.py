@@ -5,6 +5,14 @@ outputs of linear layers" and recomputes the rest in the backward pass. `selecti
 exactly that with torch's selective-checkpoint policy: matmul and attention outputs are
 saved, everything else in the block (norms, rotary, SiLU, products, residual adds) is
 recomputed. `full` saves only each block's input and recomputes the whole block.
+
+The policy sees each op the block runs as an `OpOverload` and decides by its namespace and
+name (`save_output`), never by identity with a fixed list of overloads: attention kernels
+come from libraries that register their own ops (xformers' flash kernels are
+`xformers_flash::flash_fwd` and `xformers_flash3::flash_fwd`, its cutlass kernel
+`xformers::efficient_attention_forward_cutlass`), and an attention output that is not
+recognized is silently recomputed in every backward: the most expensive op of the block
+run twice.
 """
 
 from __future__ import annotations
@@ -18,23 +26,48 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 CheckpointMode = Literal["none", "full", "selective"]
 MODES: tuple[str, ...] = ("none", "full", "selective")
 
-_aten = torch.ops.aten
-# Outputs that are costly to recompute: every matmul, and the attention kernels.
-_SAVE_OPS = {
-    _aten.mm.default,
-    _aten.addmm.default,
-    _aten.bmm.default,
-    _aten._scaled_dot_product_flash_attention_for_cpu.default,
-    _aten._scaled_dot_product_flash_attention.default,
-    _aten._scaled_dot_product_efficient_attention.default,
-    _aten._scaled_dot_product_cudnn_attention.default,
-}
+# aten ops whose outputs are costly to recompute, by name (every overload of each): the
+# matmuls, and torch's fused attention kernels (SDPA dispatches to one of the
+# `_scaled_dot_product_*` ops, which call the `_*_attention_forward` kernels).
+_ATEN_SAVED = frozenset(
+    {
+        "mm",
+        "addmm",
+        "bmm",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_fused_attention_overrideable",
+        "_flash_attention_forward",
+        "_efficient_attention_forward",
+        "_cudnn_attention_forward",
+    }
+)
+# Words in the names of xformers' forward attention kernels: `flash_fwd` (flash 2 and 3),
+# `efficient_attention_forward_cutlass`, `efficient_attention_forward_ck`, ...
+_XFORMERS_FORWARD_WORDS = ("fwd", "forward", "attention", "fmha")
+_BACKWARD_WORDS = ("bwd", "backward")
+
+
+def save_output(namespace: str, name: str) -> bool:
+    """Whether selective checkpointing keeps the output of op `namespace::name` (its
+    overload packet, e.g. ("aten", "mm"), ("xformers_flash3", "flash_fwd"))."""
+    if namespace == "aten":
+        return name in _ATEN_SAVED
+    if namespace.startswith("xformers"):
+        # Every xformers op a block runs forward is attention; backward kernels never run
+        # inside the checkpointed forward, but are excluded so the rule says what it means.
+        forward = any(word in name for word in _XFORMERS_FORWARD_WORDS)
+        return forward and not any(word in name for word in _BACKWARD_WORDS)
+    return False
 
 
 def _save_expensive(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    # xformers registers its kernels as custom ops named "...attention..." / "...fmha...".
-    name = str(op)
-    if op in _SAVE_OPS or (name.startswith("xformers") and ("attention" in name or "fmha" in name)):
+    namespace = getattr(op, "namespace", "")
+    packet = getattr(op, "overloadpacket", None)
+    name = getattr(packet, "__name__", "") or getattr(op, "__name__", "")
+    if save_output(namespace, name):
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 
@@ -59,4 +92,4 @@ def apply_activation_checkpointing(model: torch.nn.Module, mode: str) -> None:
         model.layers[name] = checkpoint_wrapper(block, **kwargs)
 
 
-__all__ = ["MODES", "CheckpointMode", "apply_activation_checkpointing"]
+__all__ = ["MODES", "CheckpointMode", "apply_activation_checkpointing", "save_output"]

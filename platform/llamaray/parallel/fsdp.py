@@ -7,6 +7,10 @@ reduce-scattered while block i-2's are all-gathered again (backward). FSDP2 pref
 block ahead in backward on its own; `prefetch=True` also sets the explicit forward
 prefetch (`set_modules_to_forward_prefetch`), which otherwise waits for each block's
 pre-forward hook to issue its own all-gather.
+
+On a 2-D mesh ("replicate", "shard"; `parallel.mesh.fsdp_mesh`) this is HSDP: parameters
+are sharded over "shard" only, so all-gathers and reduce-scatters stay within a group
+(a node), and the reduced gradient shards are then all-reduced across "replicate".
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ def apply_fsdp(
     reshard_after_forward: bool = True,
     prefetch: bool = True,
 ) -> nn.Module:
-    """Shard `model` (a `Llama`, possibly checkpoint-wrapped and tensor-parallel) over `mesh`.
+    """Shard `model` (a `Llama`, possibly checkpoint-wrapped, compiled and tensor-parallel)
+    over `mesh`: 1-D for FSDP, 2-D (replicate, shard) for HSDP.
 
     `param_dtype` is the dtype parameters are gathered in for compute (bf16 on GPU), while
     the sharded fp32 master copy is what the optimizer updates; `reduce_dtype` is the

@@ -84,13 +84,44 @@ def _own_files(directory: Path, rank: int) -> list[Path]:
     return sorted(p for p in names if p.exists())
 
 
-def save_checkpoint(
-    directory: str | Path,
+@dataclass
+class StagedCheckpoint:
+    """One rank's part of a checkpoint held apart from the live model and optimizer: what
+    a write reads while training goes on (`stage_checkpoint`, `write_checkpoint`)."""
+
+    state_dict: dict
+    """{"model": ..., "optim": ...}: DCP state dicts (DTensor shards on this rank)."""
+    rng: dict[str, torch.Tensor]
+    train_state: dict
+    """`asdict(TrainState)` at the step saved."""
+
+
+def stage_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     state: TrainState,
-) -> None:
-    """Write this rank's part of a checkpoint into `directory` (collective: every rank calls).
+    copy: bool = True,
+) -> StagedCheckpoint:
+    """This rank's checkpoint state; with `copy`, a copy in host memory (pinned when the
+    model is on a GPU) that later optimizer steps do not change: the only part of an
+    asynchronous checkpoint that blocks training. `copy=False` references the live
+    tensors, for a write that finishes before the next step (`save_checkpoint`)."""
+    from torch.distributed.checkpoint.staging import StateDictStager
+
+    state_dict = {
+        "model": get_model_state_dict(model),
+        "optim": get_optimizer_state_dict(model, optimizer),
+    }
+    if copy:
+        on_gpu = any(p.is_cuda for p in model.parameters())
+        state_dict = StateDictStager(pin_memory=on_gpu).stage(state_dict)
+    rng = {k: v.clone() for k, v in _rng_state().items()}
+    return StagedCheckpoint(state_dict, rng, json.loads(json.dumps(asdict(state))))
+
+
+def write_checkpoint(directory: str | Path, staged: StagedCheckpoint, process_group=None) -> None:
+    """Write this rank's part of a staged checkpoint into `directory` (collective over
+    `process_group`, the default group when None: every rank calls).
 
     `directory` may be rank-local or shared. The integrity record is written after
     everything else, so a rank that dies mid-write leaves a checkpoint that reads as
@@ -99,14 +130,10 @@ def save_checkpoint(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     rank = dist.get_rank()
-    state_dict = {
-        "model": get_model_state_dict(model),
-        "optim": get_optimizer_state_dict(model, optimizer),
-    }
-    dcp.save(state_dict, checkpoint_id=str(directory))
-    torch.save(_rng_state(), directory / f"rng-{rank}.pt")
+    dcp.save(staged.state_dict, checkpoint_id=str(directory), process_group=process_group)
+    torch.save(staged.rng, directory / f"rng-{rank}.pt")
     if rank == 0:
-        (directory / TRAIN_STATE).write_text(json.dumps(asdict(state), indent=2))
+        (directory / TRAIN_STATE).write_text(json.dumps(staged.train_state, indent=2))
     record = {
         p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
         for p in _own_files(directory, rank)
@@ -114,6 +141,17 @@ def save_checkpoint(
     tmp = directory / f".integrity-{rank}.json.tmp"
     tmp.write_text(json.dumps(record, indent=2))
     tmp.replace(directory / f"integrity-{rank}.json")
+
+
+def save_checkpoint(
+    directory: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: TrainState,
+) -> None:
+    """Write this rank's part of a checkpoint into `directory` now (collective: every rank
+    calls); `checkpoint_writer.CheckpointWriter` writes one in the background instead."""
+    write_checkpoint(directory, stage_checkpoint(model, optimizer, state, copy=False))
 
 
 def verify_checkpoint(directory: str | Path, rank: int | None = None) -> TrainState:
@@ -323,19 +361,25 @@ class LocalCheckpoints:
             yield lambda path=path: path
 
     def save(self, model, optimizer, state: TrainState) -> Path:
-        final = self.root / step_dir_name(state.step)
+        """Write a checkpoint of `state.step` now (collective)."""
+        return self.write(stage_checkpoint(model, optimizer, state, copy=False))
+
+    def write(self, staged: StagedCheckpoint, process_group=None) -> Path:
+        """Write a staged checkpoint (collective over `process_group`): into
+        `step-N.partial/`, then renamed to `step-N/` once every rank is done."""
+        final = self.root / step_dir_name(staged.train_state["step"])
         partial = final.with_name(final.name + ".partial")
         if dist.get_rank() == 0:
             shutil.rmtree(partial, ignore_errors=True)
-        dist.barrier()
-        save_checkpoint(partial, model, optimizer, state)
-        dist.barrier()
+        dist.barrier(group=process_group)
+        write_checkpoint(partial, staged, process_group)
+        dist.barrier(group=process_group)
         if dist.get_rank() == 0:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(partial, final)
             for old in step_dirs(self.root)[self.keep :]:
                 shutil.rmtree(old, ignore_errors=True)
-        dist.barrier()
+        dist.barrier(group=process_group)
         return final
 
 

@@ -31,7 +31,7 @@ import json
 
 from llamaray.config import ConfigError, ModelConfig, RunConfig
 
-_LAYOUT_MODEL_FIELDS = {"attention", "activation_checkpointing"}
+_LAYOUT_MODEL_FIELDS = {"attention", "activation_checkpointing", "compile"}
 _TRAIN_FIELDS = ("steps", "seq_len", "batch_tokens", "dtype", "seed")
 _FINETUNE_FIELDS = ("template", "template_with_input", "validation_fraction")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 
 from llamaray.config import RunConfig
 from llamaray.console import logger
@@ -19,24 +20,33 @@ def fault_marker(run_dir: str, rank: int, step: int, what: str = "killed") -> st
     return join(run_dir, ".faults", f"{what}-rank{rank}-step{step}")
 
 
-def maybe_kill(cfg: RunConfig, rank: int, step: int, run_dir: str) -> None:
+def maybe_kill(
+    cfg: RunConfig, rank: int, step: int, run_dir: str, settle: Callable[[], None] = lambda: None
+) -> None:
     """`faults.kill_rank` / `faults.kill_at_step`: SIGKILL this rank's process at each of
     those steps, once per step; then `faults.stop_rank` / `faults.stop_at_step`: SIGSTOP it
-    once (the process stays, answering nothing: `train.hang_timeout_s` must end it)."""
+    once (the process stays, answering nothing: `train.hang_timeout_s` must end it).
+
+    A fault strikes after the step's checkpoint (if it has one) is complete: `settle`
+    waits for checkpoints written in the background, so a drill resumes from the step it
+    names rather than from whichever write happened to finish first."""
     f = cfg.faults
     kill_steps = [f.kill_at_step] if isinstance(f.kill_at_step, int) else f.kill_at_step or []
     if f.kill_rank == rank and step in kill_steps:
-        _fire_once(run_dir, rank, step, "killed", signal.SIGKILL)
+        _fire_once(run_dir, rank, step, "killed", signal.SIGKILL, settle)
     if f.stop_rank == rank and f.stop_at_step == step:
-        _fire_once(run_dir, rank, step, "stopped", signal.SIGSTOP)
+        _fire_once(run_dir, rank, step, "stopped", signal.SIGSTOP, settle)
 
 
-def _fire_once(run_dir: str, rank: int, step: int, what: str, sig: signal.Signals) -> None:
+def _fire_once(
+    run_dir: str, rank: int, step: int, what: str, sig: signal.Signals, settle: Callable
+) -> None:
     from llamaray import storage
 
     marker = fault_marker(run_dir, rank, step, what)
     if storage.exists(marker):  # once per run name: the restarted worker must get past it
         return
+    settle()
     storage.write_text(marker, f"{what} at step {step}\n")
     logger("fault").warning(f"fault injection: rank {rank} {what} at step {step}")
     os.kill(os.getpid(), sig)

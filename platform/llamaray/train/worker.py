@@ -9,9 +9,12 @@ Per step: this rank's share of the step's batch from the run's data feed (`train
 packed corpus rows for pretraining, instruction/response examples for finetuning), the
 paper's schedule, gradient accumulation to the configured batch, a global-norm clip,
 non-finite steps skipped or fatal, progress with ETA on rank 0's console, metrics to
-MLflow from rank 0, periodic validation and checkpoints. A finetune with no checkpoint of
-its own starts from its base model's weights (`train.base_weights`) and a fresh optimizer,
-and measures its validation loss once before the first update (step 0).
+MLflow from rank 0 (queued, sent in the background: a logged step waits on no other rank),
+periodic validation and checkpoints (written in the background with
+`train.async_checkpoint`: the step waits only for the copy to host memory). A finetune
+with no checkpoint of its own starts from its base model's weights (`train.base_weights`)
+and a fresh optimizer, and measures its validation loss once before the first update
+(step 0).
 """
 
 from __future__ import annotations
@@ -89,17 +92,18 @@ def worker_device(name: str) -> torch.device:
 
 
 def build_parallel_model(cfg: RunConfig, args: ModelArgs, device: torch.device):
-    """Meta-device build -> activation checkpointing -> tensor parallel -> FSDP2 ->
-    materialize on `device` with the same weights an unsharded build would get."""
-    from torch.distributed.device_mesh import init_device_mesh
-
+    """Meta-device build -> tensor parallel -> activation checkpointing -> compile ->
+    FSDP2 (HSDP with parallel.replicate > 1) -> materialize on `device` with the same
+    weights an unsharded build would get."""
     from llamaray.model import Llama
     from llamaray.parallel.activation_checkpoint import apply_activation_checkpointing
+    from llamaray.parallel.compile import apply_compile
     from llamaray.parallel.fsdp import apply_fsdp
     from llamaray.parallel.init import materialize
+    from llamaray.parallel.mesh import build_mesh, fsdp_mesh
 
     world, tp = dist.get_world_size(), cfg.parallel.tensor
-    mesh = init_device_mesh(device.type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
+    mesh = build_mesh(device.type, world, tp, cfg.parallel.replicate)
     with torch.device("meta"):
         model = Llama(args, attention_backend=cfg.model.attention)
     if tp > 1:
@@ -107,12 +111,14 @@ def build_parallel_model(cfg: RunConfig, args: ModelArgs, device: torch.device):
 
         apply_tensor_parallel(model, mesh["tp"])
     apply_activation_checkpointing(model, cfg.model.activation_checkpointing)
+    if cfg.model.compile:
+        apply_compile(model)
     # On GPU, bf16 is FSDP's mixed precision (bf16 compute copies, fp32 master weights and
     # fp32 gradient reduction); on CPU it is autocast around the step instead.
     fsdp_bf16 = cfg.train.dtype == "bf16" and device.type == "cuda"
     apply_fsdp(
         model,
-        mesh["dp"],
+        fsdp_mesh(mesh),
         param_dtype=torch.bfloat16 if fsdp_bf16 else torch.float32,
         reshard_after_forward=cfg.parallel.reshard_after_forward,
         prefetch=cfg.parallel.prefetch,
@@ -214,6 +220,9 @@ def run_worker(spec: WorkerSpec, launcher: Launcher) -> WorkerResult:
         dist.all_reduce(x, op=dist.ReduceOp.AVG)
         return x
 
+    # Collective, once per start: the launcher learns the step the ranks resumed from (Ray
+    # Train's failure notes count from it until the next checkpoint or validation).
+    launcher.report({"step": state.step, "started": True})
     history: list[dict] = []
     stopped: str | None = None
     last: dict = {}
@@ -226,6 +235,7 @@ def run_worker(spec: WorkerSpec, launcher: Launcher) -> WorkerResult:
             say(f"step      0/{t.steps}  val {last['val_loss']:.4f} (the base model)")
             if tracker:
                 tracker.log({k: v for k, v in last.items() if k != "step"}, 0)
+            launcher.log(last)
             launcher.report(last | {"stopped": ""})
         for step in range(state.step, last_step):
             batch = next(batches)
@@ -283,15 +293,23 @@ def run_worker(spec: WorkerSpec, launcher: Launcher) -> WorkerResult:
                 say(progress_line(last, t.steps, eta))
                 if tracker:
                     tracker.log({k: v for k, v in last.items() if k != "step"}, state.step)
+                launcher.log(last)
+            # The collective reports: a checkpoint, or a validation (Tune's metric). Logged
+            # steps alone never wait on other ranks or on Ray Train's controller.
             if checkpoint:
                 report = last | {"stopped": stopped or ""}
-                launcher.save_checkpoint(model, optimizer, state, report)
-            elif log_now:
+                stall = time.perf_counter()
+                launcher.save_checkpoint(model, optimizer, state, report, t.async_checkpoint)
+                stall = time.perf_counter() - stall
+                if tracker:
+                    tracker.log({"checkpoint_stall_s": stall}, state.step)
+            elif "val_loss" in last and evaluate:
                 launcher.report(last | {"stopped": ""})
-            maybe_kill(cfg, rank, state.step, spec.run_dir)
+            maybe_kill(cfg, rank, state.step, spec.run_dir, launcher.wait_for_checkpoints)
             if stopped:
                 say(f"stopping: {stopped}")
                 break
+        launcher.wait_for_checkpoints()
         complete = stopped is None and state.step == t.steps
         if complete and cfg.tracking.export_hf:
             publish_model(model, args, rank, feed.tokenizer_path, spec.run_dir, tracker)
