@@ -75,6 +75,7 @@ bench: $(STAMP)  ## training step vs HF, tokenizer, tokenize+pack on Ray, Ray Tr
 	$(PY) -m llamaray.bench.ray_overhead
 	$(PY) -m llamaray.bench.report_cadence
 	$(PY) -m llamaray.bench.checkpoint_stall --s3
+	$(PY) -m llamaray.bench.stream
 
 # A bare GPU box without the venv runs the same script: PYTHONPATH=platform python -m llamaray.bench.gpu
 bench-gpu: $(STAMP)  ## one GPU: tokens/s, MFU and checkpoint stall of the 1b preset at seq 2048 in bf16 (BENCH_GPU_ARGS="--compile")

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from llamaray.data.mixed_stream import MixedStream, validation_rows
+from llamaray.data.mixture import global_batch
 from llamaray.data.packed_corpus import CorpusRows
 from llamaray.data.prefetch import Prefetcher
 
@@ -198,6 +199,59 @@ def test_cache_is_bounded_by_bytes(corpus_dir):
     assert uncached.cache_stats().row_groups_read == 2 and uncached.cache_stats().cached_bytes == 0
 
 
+def write_grouped_corpus(root: Path, file_groups: list[list[int]]) -> Path:
+    """A one-source corpus ("c4") whose file `i` has row groups of `file_groups[i]` rows."""
+    files, start = [], 0
+    for i, groups in enumerate(file_groups):
+        rel = f"shards/source=c4/split=train/part-{i}.parquet"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        schema = pa.schema([("tokens", pa.list_(pa.int32(), W))])
+        with pq.ParquetWriter(root / rel, schema) as writer:
+            for n in groups:
+                rows = expected("c4", "train", range(start, start + n)) if n else np.empty((0, W))
+                flat = pa.array(rows.ravel(), pa.int32())
+                writer.write_table(
+                    pa.table({"tokens": pa.FixedSizeListArray.from_arrays(flat, W)}),
+                    row_group_size=max(n, 1),
+                )
+                start += n
+        files.append(rel)
+    split = {"documents": start, "tokens": start * W, "rows": start, "packed_tokens": 0}
+    empty = {"documents": 0, "tokens": 0, "rows": 0, "packed_tokens": 0, "files": []}
+    manifest = {
+        "name": "grouped", "config": {}, "config_hash": "0",
+        "tokenizer": {"path": "tokenizer/tokenizer.model", "vocab_size": 64},
+        "seq_len": SEQ_LEN, "row_tokens": W, "skipped_steps": {}, "quarantine": "q.jsonl",
+        "sources": {"c4": {"paths": [], "kept": 0, "dropped": {}, "documents_in": 0,
+                           "splits": {"train": {**split, "files": files}, "validation": empty}}},
+    }  # fmt: skip
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def test_irregular_and_many_small_row_groups_read_with_footers_bounded(tmp_path):
+    """Files of prepare's layout (equal groups, a shorter last one), of 64-row groups as
+    older corpora have, of one-row groups, and of uneven groups (with an empty one) all
+    read the same rows; at most `max_footers` parsed footers are kept, however many row
+    groups the files have, and a file whose footer was dropped reads it again."""
+    layouts = [[64, 64, 7], [1] * 40, [2, 5, 0, 1, 4], [3, 3, 3]]
+    root = write_grouped_corpus(tmp_path / "grouped", layouts)
+    n = sum(map(sum, layouts))
+    idx = np.random.default_rng(0).permutation(n)
+    for max_footers in (0, 1, 64):
+        corpus = CorpusRows.open(root, cache_bytes=0, max_open_files=1, max_footers=max_footers)
+        for chunk in np.array_split(idx, 7):
+            np.testing.assert_array_equal(corpus.rows("c4", chunk), expected("c4", "train", chunk))
+        stats = corpus.cache_stats()
+        assert stats.cached_footers == min(max_footers, len(layouts)), max_footers
+        # Every non-empty group (3 + 40 + 4 + 3) read, at most once per chunk (no cache).
+        assert 50 <= stats.row_groups_read <= 7 * 50
+        if max_footers == 64:
+            assert stats.footers_read == len(layouts)  # only the index build's
+        else:  # files reopened with their footer dropped read it again
+            assert stats.footers_read > len(layouts)
+
+
 def test_bad_indices(corpus_dir):
     corpus = CorpusRows.open(corpus_dir)
     with pytest.raises(IndexError, match=r"row 20 .*'commoncrawl' split 'train'.*\[0, 20\)"):
@@ -295,7 +349,7 @@ def all_ranks(stream) -> list[list[np.ndarray]]:
 def test_ranks_together_give_the_global_batches(stream, all_ranks):
     names = stream.corpus.source_names
     n_steps = stream.steps(ROWS_PER_STEP)
-    assert n_steps == TOTAL_ROWS // ROWS_PER_STEP and len(stream.order) == TOTAL_ROWS
+    assert n_steps == TOTAL_ROWS // ROWS_PER_STEP and stream.plan.total_rows == TOTAL_ROWS
     assert [len(b) for b in all_ranks] == [n_steps] * WORLD
     for step in range(n_steps):
         batch = np.empty((ROWS_PER_STEP, W), dtype=np.int64)
@@ -303,7 +357,7 @@ def test_ranks_together_give_the_global_batches(stream, all_ranks):
             got = all_ranks[rank][step]
             assert got.dtype == np.int64 and got.shape == (ROWS_PER_STEP // WORLD, W)
             batch[rank::WORLD] = got
-        pairs = stream.order[step * ROWS_PER_STEP : (step + 1) * ROWS_PER_STEP]
+        pairs = global_batch(stream.plan, step, ROWS_PER_STEP)
         want = np.stack([expected_row(names[s], "train", r) for s, r in pairs])
         np.testing.assert_array_equal(batch, want, err_msg=f"step {step}")
 

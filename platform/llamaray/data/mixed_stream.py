@@ -1,6 +1,7 @@
-"""The training stream over a prepared corpus: the mixture (`mixture.plan_mixture` /
-`mixed_order`) of its train rows, per optimizer step, one rank's share of the global batch
-(`mixture.worker_rows`), fetched from `CorpusRows` with one `rows()` call per source; and
+"""The training stream over a prepared corpus: the mixture (`mixture.plan_mixture`) of its
+train rows, per optimizer step, one rank's share of the global batch
+(`mixture.worker_steps`, computed from the step number in memory that follows the rows of a
+step, not the budget), fetched from `CorpusRows` with one `rows()` call per source; and
 `validation_rows`, the first rows of a source's held-out split, the same every time."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
-from llamaray.data.mixture import MixturePlan, mixed_order, plan_mixture, worker_rows
+from llamaray.data.mixture import MixturePlan, plan_mixture, steps_of, worker_steps
 from llamaray.data.packed_corpus import CorpusRows
 
 
@@ -17,9 +18,9 @@ class MixedStream:
     """The training stream: the mixture of a corpus's train rows, per step and rank.
 
     `plan` is `plan_mixture(corpus.rows_per_source("train"), token_budget, seq_len,
-    proportions, seed)` (proportions None: the paper's, restricted to the sources present)
-    and `order` its `mixed_order`, an array of (source index, row index) with source index
-    into `corpus.source_names`.
+    proportions, seed)` (proportions None: the paper's, restricted to the sources present);
+    a step's rows are `mixture.global_batch(plan, step, rows_per_step)`, pairs of (source
+    index into `corpus.source_names`, row index), computed when the step is reached.
     """
 
     def __init__(
@@ -33,25 +34,22 @@ class MixedStream:
         self.plan: MixturePlan = plan_mixture(
             corpus.rows_per_source("train"), token_budget, corpus.seq_len, proportions, seed
         )
-        self.order: np.ndarray = mixed_order(self.plan)
 
     def steps(self, rows_per_step: int) -> int:
         """Optimizer steps in the stream (a final partial global batch is dropped)."""
-        if rows_per_step <= 0:
-            raise ValueError(f"rows_per_step must be positive, got {rows_per_step}")
-        return len(self.order) // rows_per_step
+        return steps_of(self.plan, rows_per_step)
 
     def batches(
         self, rank: int, world_size: int, rows_per_step: int, start_step: int = 0
     ) -> Iterator[np.ndarray]:
         """This rank's rows, one int64 (rows_per_step // world_size, row_tokens) array a step.
 
-        Step `t` gives rows `order[t * rows_per_step + rank : (t + 1) * rows_per_step :
-        world_size]` (see `mixture.worker_rows`), starting at `start_step`: a run resumed
+        Step `t` gives rows `global_batch(plan, t, rows_per_step)[rank::world_size]` (see
+        `mixture.worker_steps`), starting at `start_step`: a run resumed
         at step `t` gets the same arrays as an uninterrupted one from `t` on. Arguments are
         checked now (ValueError), not at the first `next()`.
         """
-        steps = worker_rows(self.order, rank, world_size, rows_per_step, start_step)
+        steps = worker_steps(self.plan, rank, world_size, rows_per_step, start_step)
         return self._fetch(steps)
 
     def _fetch(self, steps: Iterator[np.ndarray]) -> Iterator[np.ndarray]:

@@ -4,26 +4,37 @@ Each source has been packed into rows of `seq_len + 1` tokens (see `packing.py`)
 the unit of sampling. A row gives `seq_len` training tokens (inputs; the extra token only
 supplies the last target), so a token budget buys `token_budget // seq_len` rows.
 
-Three steps:
+Three steps, each a pure function of the plan and the seed, in memory and time that follow
+the rows of one step, never the budget (a 1.4T-token plan's step 10^8 costs what step 0 does):
 
 1. `plan_mixture` decides how many rows each source contributes: `proportion * budget_rows`,
    rounded by largest remainder so the total is exactly `budget_rows`. A source that needs
    more rows than it has is repeated (epochs > 1); the fractional part of its last epoch is
-   a subset of a fresh permutation, so 2.45 or 0.64 epochs work.
-2. `mixed_order` turns the plan into the training order, an array of
-   `(source_index, row_index)`: each source's draws are whole seeded permutations (one per
-   epoch) followed by the prefix of one more, and the sources' draw streams are merged evenly
-   spaced (draw `k` of a source drawing `n` rows sits at `(k + u) / n` with seeded jitter
-   `u` in [0, 1)), so any window of the stream, even a short run, sees the target mixture.
-3. `worker_rows` cuts the order into global batches and gives one data-parallel worker its
-   share, from any step on, so a resumed run sees exactly what an uninterrupted one would.
+   a prefix of a fresh permutation, so 2.45 or 0.64 epochs work.
+2. `drawn_before` spreads each source's draws evenly over the stream: draw `k` of a source
+   drawing `n` rows has key `(k + 1/2) / n`, the sources' draws are merged by key (ties by
+   source index), and `drawn_before(plan, p)` counts each source's draws among the first
+   `p` of that merge, exactly (integer arithmetic) and in O(sources^2), without building it.
+   `draw_rows` maps draw `k` of a source to a row: epoch `k // rows_available`, and within
+   it position `k % rows_available` of the epoch's permutation, a keyed Feistel bijection
+   on `[0, rows_available)` (`EpochPermutation`) evaluated per draw, never materialized.
+3. `global_batch` is step `t`'s rows: each source's draws in
+   `[drawn_before(t * rows_per_step), drawn_before((t + 1) * rows_per_step))`, interleaved
+   within the step by seeded jittered keys `(k + u_k) / rows_drawn`; `worker_steps` gives
+   one data-parallel rank `batch[rank::world_size]` from any step on, so a resumed run sees
+   exactly what an uninterrupted one would, and the ranks of a step cover its global batch
+   exactly once.
 
-Everything is deterministic by `seed`; each source's permutations and jitter come from a
-stream keyed by `(seed, source name)`, so they do not depend on the other sources.
+Every step holds each source's share of the step to within a few rows (the merge keeps
+every prefix of the stream within `sources / 2 + 2` rows of its target), each source's
+draws keep their order across steps, and no row repeats within an epoch. Everything is
+deterministic by `seed`; a source's permutations are keyed by `(seed, source name, epoch)`,
+so they do not depend on the other sources.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from collections.abc import Iterator, Mapping
@@ -78,7 +89,7 @@ class MixturePlan:
 
     @property
     def source_names(self) -> tuple[str, ...]:
-        """Maps `source_index` (column 0 of `mixed_order`) to the source name."""
+        """Maps `source_index` (column 0 of `global_batch`) to the source name."""
         return tuple(s.name for s in self.sources)
 
     @property
@@ -255,64 +266,163 @@ def _largest_remainder(shares: Mapping[str, float], total: int) -> dict[str, int
     return counts
 
 
-def _rng(seed: int, name: str, *stream: int) -> np.random.Generator:
-    return np.random.default_rng([seed, zlib.crc32(name.encode()), *stream])
+FEISTEL_ROUNDS = 6
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
-def source_draws(plan: MixturePlan, name: str) -> np.ndarray:
-    """The row indices a source contributes, in its draw order (int64).
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer on a uint64 array (wrapping arithmetic): a bijective hash."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
 
-    Whole seeded permutations of `range(rows_available)`, one per full epoch, then the
-    prefix of one more permutation for the fractional epoch: no row repeats within an epoch.
+
+class EpochPermutation:
+    """The row order of each epoch of one source: for epoch `e`, a bijection of
+    `[0, n)` keyed by `(seed, source name, e)`, evaluated per index in O(1) memory.
+
+    A Feistel network of `FEISTEL_ROUNDS` rounds permutes `[0, 2^b)`, the smallest power of
+    two holding `n` (halves of `b // 2` and `b - b // 2` bits, swapping sides each round);
+    an output `>= n` is fed through again (cycle walking), which stays a bijection of
+    `[0, n)` and takes under two passes on average, since `2^b < 2n`.
     """
-    s = plan.source(name)
-    if s.rows_drawn == 0:
+
+    def __init__(self, n: int, seed: int, name: str):
+        if n <= 0:
+            raise ValueError(f"a permutation needs n > 0 rows, got {n}")
+        self.n = n
+        bits = max(2, (n - 1).bit_length())
+        self._halves = (bits // 2, bits - bits // 2)  # (left, right) bits
+        seeds = np.random.SeedSequence([seed, zlib.crc32(name.encode()), _EPOCH_STREAM])
+        self._round_keys = seeds.generate_state(FEISTEL_ROUNDS, dtype=np.uint64)
+
+    def __call__(self, epochs: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Row at `positions[i]` of epoch `epochs[i]`'s permutation (int64 arrays)."""
+        # Each epoch's rounds are keyed by the source's round keys and a hash of the epoch.
+        epoch_key = _mix64(np.asarray(epochs, dtype=np.int64).astype(np.uint64) * _GOLDEN)
+        x = np.asarray(positions, dtype=np.int64).astype(np.uint64)
+        n = np.uint64(self.n)
+        x = self._network(x, epoch_key)
+        outside = np.flatnonzero(x >= n)
+        while len(outside):
+            x[outside] = self._network(x[outside], epoch_key[outside])
+            outside = outside[x[outside] >= n]
+        return x.astype(np.int64)
+
+    def _network(self, x: np.ndarray, epoch_key: np.ndarray) -> np.ndarray:
+        a, b = self._halves
+        left, right = x >> np.uint64(b), x & np.uint64((1 << b) - 1)
+        for key in self._round_keys:  # (left: a bits, right: b bits) -> (right, left ^ F(right))
+            left, right = right, left ^ (_mix64(right ^ epoch_key ^ key) & np.uint64((1 << a) - 1))
+            a, b = b, a
+        return (left << np.uint64(b)) | right
+
+
+@functools.lru_cache(maxsize=64)
+def _permutation(n: int, seed: int, name: str) -> EpochPermutation:
+    return EpochPermutation(n, seed, name)
+
+
+def draw_rows(plan: MixturePlan, source: int, start: int, stop: int) -> np.ndarray:
+    """Row indices of draws `[start, stop)` of source `source` (int64, in draw order).
+
+    Draw `k` is row `perm_e(k % rows_available)` of epoch `e = k // rows_available`, so
+    each full epoch is a permutation of the source's rows and the fractional last epoch
+    the prefix of a fresh one: no row repeats within an epoch.
+    """
+    s = plan.sources[source]
+    if not 0 <= start <= stop <= s.rows_drawn:
+        raise ValueError(f"draws [{start}, {stop}) outside [0, {s.rows_drawn}) of {s.name}")
+    if start == stop:
         return np.empty(0, dtype=np.int64)
-    full, part = divmod(s.rows_drawn, s.rows_available)
-    pieces = [
-        _rng(plan.seed, name, _EPOCH_STREAM, epoch).permutation(s.rows_available)
-        for epoch in range(full + (part > 0))
-    ]
-    if part:
-        pieces[-1] = pieces[-1][:part]
-    return np.concatenate(pieces).astype(np.int64, copy=False)
+    epochs, positions = np.divmod(np.arange(start, stop, dtype=np.int64), s.rows_available)
+    return _permutation(s.rows_available, plan.seed, s.name)(epochs, positions)
 
 
-def mixed_order(plan: MixturePlan) -> np.ndarray:
-    """The training order: a (total_rows, 2) int64 array of (source_index, row_index).
+def drawn_before(plan: MixturePlan, position: int) -> tuple[int, ...]:
+    """Draws of each source among the stream's first `position` rows (they sum to it).
 
-    Each source's draws keep their order and are spread evenly over the stream: draw `k` of
-    a source drawing `n` rows gets position `(k + u_k) / n`, `u_k` seeded uniform in [0, 1),
-    and the merged stream is sorted by position (ties by source index). A window of `w`
-    consecutive entries then holds about `w * proportion` rows of each source (off by a
-    couple of rows at most).
+    The stream merges the sources' draws by key `(k + 1/2) / rows_drawn` (ties by source
+    index). The `position`-th key is within `sources / 2` rows of `position / total_rows`,
+    so each source's count is within `sources / 2 + 2` of its quota
+    `position * rows_drawn / total_rows`: start every source that far below its quota and
+    take the smallest next keys until `position` are taken. Exact: keys are compared as
+    integers, `(2a + 1) * n_b < (2b + 1) * n_a`.
     """
-    keys, src, rows = [], [], []
-    for index, s in enumerate(plan.sources):
-        if s.rows_drawn == 0:
+    if not 0 <= position <= plan.total_rows:
+        raise ValueError(f"position must be in [0, {plan.total_rows}], got {position}")
+    drawn = [s.rows_drawn for s in plan.sources]
+    slack = (len(drawn) + 1) // 2 + 2
+    taken = [max(0, position * n // plan.total_rows - slack) for n in drawn]
+    for _ in range(position - sum(taken)):
+        best = -1
+        for s, n in enumerate(drawn):
+            if taken[s] < n and (
+                best < 0 or (2 * taken[s] + 1) * drawn[best] < (2 * taken[best] + 1) * n
+            ):
+                best = s
+        taken[best] += 1
+    return tuple(taken)
+
+
+def steps_of(plan: MixturePlan, rows_per_step: int) -> int:
+    """Optimizer steps in the stream: a final partial global batch is dropped."""
+    if rows_per_step <= 0:
+        raise ValueError(f"rows_per_step must be positive, got {rows_per_step}")
+    return plan.total_rows // rows_per_step
+
+
+def global_batch(plan: MixturePlan, step: int, rows_per_step: int) -> np.ndarray:
+    """Step `step`'s global batch: a (rows_per_step, 2) int64 array of
+    (source_index, row_index). Which draws of each source are in it is fixed by
+    `drawn_before`; within the step they are ordered by a seeded jittered key, draw `k` of
+    a source drawing `n` at `(k + u_k) / n` with `u_k` uniform in [0, 1) keyed by
+    `(seed, source, k)`, so the sources stay evenly interleaved (a window of the stream, or
+    one rank's share of the step, holds about the mixture) in an order that depends on the
+    seed, and each source's draws stay in draw order. Costs O(rows_per_step) whatever the
+    step or the budget."""
+    n_steps = steps_of(plan, rows_per_step)
+    if not 0 <= step < n_steps:
+        raise ValueError(f"step must be in [0, {n_steps}), got {step}")
+    first = drawn_before(plan, step * rows_per_step)
+    last = drawn_before(plan, (step + 1) * rows_per_step)
+    sources, rows, keys = [], [], []
+    for index, (a, b) in enumerate(zip(first, last, strict=True)):
+        if a == b:
             continue
-        n = s.rows_drawn
-        jitter = _rng(plan.seed, s.name, _JITTER_STREAM).random(n)
-        keys.append((np.arange(n, dtype=np.float64) + jitter) / n)
-        src.append(np.full(n, index, dtype=np.int64))
-        rows.append(source_draws(plan, s.name))
-    key, source_index, row_index = (np.concatenate(a) for a in (keys, src, rows))
-    order = np.lexsort((source_index, key))
-    return np.stack([source_index[order], row_index[order]], axis=1)
+        s = plan.sources[index]
+        draws = np.arange(a, b, dtype=np.int64)
+        sources.append(np.full(b - a, index, dtype=np.int64))
+        rows.append(draw_rows(plan, index, a, b))
+        keys.append((draws + _jitter(plan.seed, s.name, draws)) / s.rows_drawn)
+    source, key = np.concatenate(sources), np.concatenate(keys)
+    order = np.lexsort((source, key))
+    return np.stack([source[order], np.concatenate(rows)[order]], axis=1)
 
 
-def worker_rows(
-    order: np.ndarray, rank: int, world_size: int, rows_per_step: int, start_step: int = 0
+def _jitter(seed: int, name: str, draws: np.ndarray) -> np.ndarray:
+    """A uniform [0, 1) per draw of a source, keyed by `(seed, name, draw)`."""
+    bits = _mix64(draws.astype(np.uint64) * _GOLDEN ^ _jitter_key(seed, name)) >> np.uint64(11)
+    return bits.astype(np.float64) * 2.0**-53
+
+
+@functools.lru_cache(maxsize=64)
+def _jitter_key(seed: int, name: str) -> np.uint64:
+    seeds = np.random.SeedSequence([seed, zlib.crc32(name.encode()), _JITTER_STREAM])
+    return seeds.generate_state(1, dtype=np.uint64)[0]
+
+
+def worker_steps(
+    plan: MixturePlan, rank: int, world_size: int, rows_per_step: int, start_step: int = 0
 ) -> Iterator[np.ndarray]:
     """Yield one data-parallel worker's rows, one (rows_per_step // world_size, 2) array a step.
 
-    Step `t`'s global batch is `order[t * rows_per_step : (t + 1) * rows_per_step]`; worker
-    `rank` gets `batch[rank::world_size]`, so the ranks together cover each global batch
-    exactly once. Starts at step `start_step`, so a resumed run sees exactly the rows an
-    uninterrupted run would from that step on. Stops (the iterator ends) after the last full
-    global batch: a final partial batch is dropped so every rank runs the same steps.
-    `rows_per_step` must be a positive multiple of `world_size`; ValueError otherwise, or
-    for a rank outside [0, world_size) or a start_step outside [0, number of steps].
+    Worker `rank` gets `global_batch(plan, t, rows_per_step)[rank::world_size]` for steps
+    `t = start_step, ...`, so the ranks together cover each global batch exactly once and
+    a resumed run sees exactly the rows an uninterrupted run would from that step on. Stops
+    after the last full global batch. `rows_per_step` must be a positive multiple of
+    `world_size`; ValueError otherwise, or for a rank outside [0, world_size) or a
+    start_step outside [0, number of steps].
     """
     if world_size <= 0:
         raise ValueError(f"world_size must be positive, got {world_size}")
@@ -323,14 +433,14 @@ def worker_rows(
             f"rows_per_step must be a positive multiple of world_size={world_size}, "
             f"got {rows_per_step}"
         )
-    n_steps = len(order) // rows_per_step
+    n_steps = steps_of(plan, rows_per_step)
     if not 0 <= start_step <= n_steps:
         raise ValueError(f"start_step must be in [0, {n_steps}], got {start_step}")
-    return _worker_steps(order, rank, world_size, rows_per_step, start_step, n_steps)
+    return _worker_steps(plan, rank, world_size, rows_per_step, start_step, n_steps)
 
 
 def _worker_steps(
-    order: np.ndarray, rank: int, world_size: int, rows_per_step: int, start: int, stop: int
+    plan: MixturePlan, rank: int, world_size: int, rows_per_step: int, start: int, stop: int
 ) -> Iterator[np.ndarray]:
     for step in range(start, stop):
-        yield order[step * rows_per_step + rank : (step + 1) * rows_per_step : world_size]
+        yield global_batch(plan, step, rows_per_step)[rank::world_size]

@@ -4,10 +4,15 @@
 and, per source and split, Parquet shards whose `tokens` column holds one packed row of
 `seq_len + 1` tokens per Parquet row. This module turns that into what a training step needs.
 
-- `CorpusRows` answers "rows `i, j, k` of source `s`" without loading the source: the
-  Parquet footers (read once per file, on a split's first access) map a row index to
-  (file, row group, offset); only the row groups holding the asked-for rows are read, and a
-  small LRU cache, bounded in bytes, keeps recently decoded row groups.
+- `CorpusRows` answers "rows `i, j, k` of source `s`" without loading the source. On a
+  split's first access its Parquet footers are read (in parallel) and reduced to a compact
+  index, two numbers per file: its first row and its row-group size (prepare writes
+  groups of `prepare.ROW_GROUP_ROWS` rows, the last one shorter), so a row index maps to
+  (file, row group, offset) by arithmetic. The footers themselves are not kept beyond a
+  small LRU of `max_footers` (a footer holds metadata per row group; a big corpus has
+  millions of groups); a file whose groups are not uniform keeps needing its footer, read
+  again when evicted. Only the row groups holding the asked-for rows are read, and a small
+  LRU cache, bounded in bytes, keeps recently decoded row groups.
 - `data.mixed_stream.MixedStream` is the mixture over those rows, per step and rank, and
   `data.prefetch.Prefetcher` reads it ahead in a background thread.
 
@@ -20,8 +25,9 @@ with no coordinator or shuffle service in the training loop.
 
 The price is read amplification: a row is read by decoding its whole row group, and the
 mixture visits each source in a random permutation, so the cache rarely holds a row group
-long enough to serve its other rows. Keep row groups small (tens of rows) or the cache big
-enough to hold the sources that are read many times; `cache_stats()` shows what it costs.
+long enough to serve its other rows. Row groups are therefore small (`ROW_GROUP_ROWS`,
+chosen by `llamaray.bench.stream`'s measurement of rows/s, local and S3); a corpus written
+with other sizes reads the same. `cache_stats()` shows what it costs.
 
 S3 is reached through `llamaray.storage`'s filesystem, configured as in `read.py`
 (`AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL`, `AWS_REGION` or `AWS_DEFAULT_REGION`, the
@@ -54,6 +60,7 @@ MANIFEST = "manifest.json"
 SPLITS = ("train", "validation")
 DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
 DEFAULT_OPEN_FILES = 16
+DEFAULT_FOOTERS = 64
 _FOOTER_THREADS = 16  # footers on S3 are one round trip each; fetch a split's in parallel
 
 
@@ -66,26 +73,26 @@ class CacheStats:
     hits: int
     """Row groups served from the cache."""
     footers_read: int
-    """Parquet footers read (once per file of a split that was accessed)."""
+    """Parquet footers read: once per file of a split that was accessed, and again for a
+    file reopened after its footer left the `max_footers` LRU."""
     cached_groups: int
     cached_bytes: int
     budget_bytes: int
+    cached_footers: int = 0
+    """Parsed footers kept (at most `max_footers`); the index itself is two ints a file."""
 
 
 @dataclass
 class _SplitIndex:
-    """Where each row of one (source, split) lives, from the Parquet footers."""
+    """Where each row of one (source, split) lives: O(files), not O(row groups)."""
 
     paths: list[str]
     """Filesystem paths of the split's files, in manifest order."""
-    metadata: list[pq.FileMetaData]
-    group_starts: np.ndarray
-    """First global row index of each non-empty row group, ascending (int64)."""
+    file_starts: np.ndarray
+    """First row of each file, then the split's row count (int64, files + 1)."""
     group_rows: np.ndarray
-    group_file: np.ndarray
-    """Index into `paths` of each row group."""
-    group_local: np.ndarray
-    """The row group's index within its file."""
+    """Rows per row group of each file when all but its last group have that many and the
+    last no more (what prepare writes); 0 for a file laid out otherwise (int64)."""
 
 
 class CorpusRows:
@@ -104,20 +111,25 @@ class CorpusRows:
         *,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         max_open_files: int = DEFAULT_OPEN_FILES,
+        max_footers: int = DEFAULT_FOOTERS,
     ):
         if cache_bytes < 0:
             raise ValueError(f"cache_bytes must be >= 0, got {cache_bytes}")
         if max_open_files < 1:
             raise ValueError(f"max_open_files must be >= 1, got {max_open_files}")
+        if max_footers < 0:
+            raise ValueError(f"max_footers must be >= 0, got {max_footers}")
         self.corpus_dir = str(corpus_dir)
         self._manifest = dict(manifest)
         _check_manifest(self._manifest, self.corpus_dir)
         self.cache_bytes = cache_bytes
         self.max_open_files = max_open_files
+        self.max_footers = max_footers
         self._fs, self._root = _filesystem(self.corpus_dir)
         self._lock = threading.RLock()
         self._indexes: dict[tuple[str, str], _SplitIndex] = {}
-        self._cache: OrderedDict[tuple[str, str, int], np.ndarray] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, int, int], np.ndarray] = OrderedDict()
+        self._footers: OrderedDict[str, pq.FileMetaData] = OrderedDict()
         self._cached_bytes = 0
         self._handles: OrderedDict[str, tuple[Any, pq.ParquetFile]] = OrderedDict()
         self._row_groups_read = self._hits = self._footers_read = 0
@@ -129,11 +141,13 @@ class CorpusRows:
         *,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         max_open_files: int = DEFAULT_OPEN_FILES,
+        max_footers: int = DEFAULT_FOOTERS,
     ) -> CorpusRows:
         """Read `corpus_dir/manifest.json`; no shard is touched until rows are asked for.
 
         `cache_bytes` bounds the decoded row groups kept in memory; `max_open_files` the
-        shard handles kept open (a big corpus has more shards than a process has fds).
+        shard handles kept open (a big corpus has more shards than a process has fds);
+        `max_footers` the parsed Parquet footers kept beyond the open files' own.
         """
         fs, root = _filesystem(str(corpus_dir))
         path = posixpath.join(root, MANIFEST)
@@ -141,7 +155,13 @@ class CorpusRows:
             raise FileNotFoundError(f"no {MANIFEST} in {corpus_dir} (not a prepared corpus?)")
         with open_input(fs, path) as f:
             manifest = json.loads(f.read())
-        return cls(corpus_dir, manifest, cache_bytes=cache_bytes, max_open_files=max_open_files)
+        return cls(
+            corpus_dir,
+            manifest,
+            cache_bytes=cache_bytes,
+            max_open_files=max_open_files,
+            max_footers=max_footers,
+        )
 
     # ----------------------------------------------------------------------- manifest
 
@@ -192,14 +212,17 @@ class CorpusRows:
             return out
         with self._lock:
             index = self._index(source, split)
-            group = np.searchsorted(index.group_starts, idx, side="right") - 1
-            offset = idx - index.group_starts[group]
+            file = np.searchsorted(index.file_starts, idx, side="right") - 1
+            local = idx - index.file_starts[file]
+            group, offset = self._groups_of(index, file, local)
             # Visit each needed row group once, in storage order, copying all its rows out.
-            by_group = np.argsort(group, kind="stable")
-            cuts = np.flatnonzero(np.diff(group[by_group])) + 1
+            key = file * (int(local.max()) + 1) + group
+            by_group = np.argsort(key, kind="stable")
+            cuts = np.flatnonzero(np.diff(key[by_group])) + 1
             for positions in np.split(by_group, cuts):
-                g = int(group[positions[0]])
-                out[positions] = self._row_group(source, split, index, g)[offset[positions]]
+                f, g = int(file[positions[0]]), int(group[positions[0]])
+                block = self._row_group(source, split, index, f, g)
+                out[positions] = block[offset[positions]]
         return out
 
     def cache_stats(self) -> CacheStats:
@@ -211,6 +234,7 @@ class CorpusRows:
                 cached_groups=len(self._cache),
                 cached_bytes=self._cached_bytes,
                 budget_bytes=self.cache_bytes,
+                cached_footers=len(self._footers),
             )
 
     def close(self) -> None:
@@ -232,6 +256,7 @@ class CorpusRows:
             "manifest": self._manifest,
             "cache_bytes": self.cache_bytes,
             "max_open_files": self.max_open_files,
+            "max_footers": self.max_footers,
         }
 
     def __setstate__(self, state: dict) -> None:
@@ -240,6 +265,7 @@ class CorpusRows:
             state["manifest"],
             cache_bytes=state["cache_bytes"],
             max_open_files=state["max_open_files"],
+            max_footers=state.get("max_footers", DEFAULT_FOOTERS),
         )
 
     def __repr__(self) -> str:
@@ -297,25 +323,48 @@ class CorpusRows:
                 f"but its files hold {sum(counts)} ({listing}); the corpus directory is "
                 "incomplete or was modified after prepare"
             )
-        starts, rows, file_of, local = [], [], [], []
-        total = 0
-        for file_index, md in enumerate(metadata):
-            for g in range(md.num_row_groups):
-                n = md.row_group(g).num_rows
-                if n:  # an empty row group would share its start with the next one
-                    starts.append(total)
-                    rows.append(n)
-                    file_of.append(file_index)
-                    local.append(g)
-                total += n
+        for path, md in zip(paths, metadata, strict=True):
+            self._keep_footer(path, md)
         return _SplitIndex(
             paths=paths,
-            metadata=metadata,
-            group_starts=np.asarray(starts, dtype=np.int64),
-            group_rows=np.asarray(rows, dtype=np.int64),
-            group_file=np.asarray(file_of, dtype=np.int64),
-            group_local=np.asarray(local, dtype=np.int64),
+            file_starts=np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]),
+            group_rows=np.array([_uniform_group_rows(md) for md in metadata], dtype=np.int64),
         )
+
+    def _groups_of(
+        self, index: _SplitIndex, file: np.ndarray, local: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(row group within its file, offset within the group) of rows `local` of `file`."""
+        size = index.group_rows[file]
+        uniform = size > 0
+        group = np.zeros_like(local)
+        offset = local.copy()
+        group[uniform] = local[uniform] // size[uniform]
+        offset[uniform] = local[uniform] % size[uniform]
+        for f in np.unique(file[~uniform]):  # files laid out otherwise: from their footer
+            rows = np.flatnonzero(file == f)
+            md = self._footer_of(index.paths[f])
+            counts = [md.row_group(g).num_rows for g in range(md.num_row_groups)]
+            starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+            # `side="right"` skips empty groups: a row belongs to the last group starting at
+            # or before it.
+            group[rows] = np.searchsorted(starts, local[rows], side="right") - 1
+            offset[rows] = local[rows] - starts[group[rows]]
+        return group, offset
+
+    def _keep_footer(self, path: str, md: pq.FileMetaData) -> None:
+        self._footers[path] = md
+        self._footers.move_to_end(path)
+        while len(self._footers) > self.max_footers:
+            self._footers.popitem(last=False)
+
+    def _footer_of(self, path: str) -> pq.FileMetaData:
+        md = self._footers.get(path)
+        if md is None:
+            md = self._footer(path)
+            self._footers_read += 1
+        self._keep_footer(path, md)
+        return md
 
     def _path(self, relative: str) -> str:
         return posixpath.join(self._root, relative.replace("\\", "/"))
@@ -340,24 +389,26 @@ class CorpusRows:
             )
         return md
 
-    def _row_group(self, source: str, split: str, index: _SplitIndex, g: int) -> np.ndarray:
-        key = (source, split, g)
+    def _row_group(
+        self, source: str, split: str, index: _SplitIndex, file: int, g: int
+    ) -> np.ndarray:
+        key = (f"{source}/{split}", file, g)
         block = self._cache.get(key)
         if block is not None:
             self._cache.move_to_end(key)
             self._hits += 1
             return block
-        path = index.paths[index.group_file[g]]
-        pf = self._parquet(path, index.metadata[index.group_file[g]])
+        path = index.paths[file]
+        pf = self._parquet(path)
         # pyarrow's S3 file is stateless between reads (each is a ranged GET): a read that
         # failed on a transient error is simply asked again (storage's retry policy).
         table = retry(
-            lambda: pf.read_row_group(int(index.group_local[g]), columns=["tokens"]),
-            f"reading row group {int(index.group_local[g])} of {path}",
+            lambda: pf.read_row_group(g, columns=["tokens"]),
+            f"reading row group {g} of {path}",
             attempts_of(self._fs),
         )
         self._row_groups_read += 1
-        block = _decode(table, path, int(index.group_rows[g]), self.row_tokens)
+        block = _decode(table, path, pf.metadata.row_group(g).num_rows, self.row_tokens)
         if block.nbytes <= self.cache_bytes:  # one bigger than the budget is not kept
             self._cache[key] = block
             self._cached_bytes += block.nbytes
@@ -366,14 +417,15 @@ class CorpusRows:
                 self._cached_bytes -= old.nbytes
         return block
 
-    def _parquet(self, path: str, metadata: pq.FileMetaData) -> pq.ParquetFile:
+    def _parquet(self, path: str) -> pq.ParquetFile:
         if path in self._handles:
             self._handles.move_to_end(path)
             return self._handles[path][1]
+        # The footer parsed once is passed on: a kept one saves a read per reopen.
+        metadata = self._footer_of(path)
         handle = retry(
             lambda: self._fs.open_input_file(path), f"opening {path}", attempts_of(self._fs)
         )
-        # The footer is already parsed: passing it saves a read per reopen.
         pf = pq.ParquetFile(handle, metadata=metadata)
         self._handles[path] = (handle, pf)
         while len(self._handles) > self.max_open_files:
@@ -421,6 +473,18 @@ def _check_manifest(manifest: Mapping[str, Any], where: str) -> None:
             part = entry.get("splits", {}).get(split)
             if part is None or "rows" not in part or "files" not in part:
                 raise ValueError(f"{where}/{MANIFEST}: source {name!r} has no {split} rows/files")
+
+
+def _uniform_group_rows(md: pq.FileMetaData) -> int:
+    """The rows of a file's row groups when all but the last have that many and the last
+    at most as many (then a row's group is `row // size`), else 0."""
+    counts = [md.row_group(g).num_rows for g in range(md.num_row_groups)]
+    if not counts or counts[0] == 0:
+        return 0
+    size = counts[0]
+    if all(c == size for c in counts[:-1]) and 0 < counts[-1] <= size:
+        return size
+    return 0
 
 
 def _is_token_list(t: pa.DataType) -> bool:

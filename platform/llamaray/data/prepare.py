@@ -79,9 +79,14 @@ QUARANTINE_DIR = "quarantine"
 SHARDS = "shards"
 SAMPLE = "sample"
 TOKENIZER = "tokenizer/tokenizer.model"
-# Trainers read rows in a shuffled mixture order, one row group at a time (`data.packed_corpus`):
-# 64 rows (512 KiB at seq_len 2048) keeps a random read small without a huge footer.
-ROW_GROUP_ROWS = 64
+# Trainers read rows in a shuffled mixture order, decoding a whole row group per row
+# (`data.packed_corpus`, which indexes files, not groups, and keeps few footers, so in a big
+# corpus a random row's file often needs its footer parsed again). Measured by
+# `llamaray.bench.stream` (docs/benchmarks.md): decoding favours small groups (32 rows ~1.8x
+# the rows/s of 64 from local disk), a footer's parse and size grow as groups shrink (1.5 ms
+# and 64 KB, one S3 tail read, for a 128 MiB shard at 32; 2.5 ms and 130 KB at 16); from S3
+# the GET's latency, not the group size, sets the pace.
+ROW_GROUP_ROWS = 32
 # Rows are gathered across blocks into files of about this size (one per source and split
 # of a batch), so a big corpus has thousands of shards, not one per small block.
 SHARD_BYTES = 128 << 20
