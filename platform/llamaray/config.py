@@ -230,8 +230,11 @@ class TrainConfig(_Section):
     cpus_per_worker: float = Field(
         1.0, gt=0, description="CPUs Ray reserves per worker; below 1 leaves room for Ray Data."
     )
-    dtype: Literal["fp32", "bf16"] = Field(
-        "fp32", description="bf16: FSDP mixed precision on GPU, autocast on CPU."
+    dtype: Literal["fp32", "bf16", "auto"] = Field(
+        "fp32",
+        description="bf16: FSDP mixed precision on GPU, autocast on CPU. auto: bf16 on a GPU "
+        "that supports it; on CPU bf16 only where a short matmul probe at the model's width "
+        "finds it faster than fp32 (CPUs with AMX), else fp32 (llamaray.train.precision).",
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     accelerator_type: str | None = Field(

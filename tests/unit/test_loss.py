@@ -24,12 +24,15 @@ def inputs(n=37, dim=16, vocab=53, seed=0, ignore=False):
     return hidden, weight, targets
 
 
-@pytest.mark.parametrize("chunk", [1, 5, 37, 100])
+@pytest.mark.parametrize(
+    ("chunk", "group"),
+    [(1, None), (5, None), (37, None), (100, None), (1, 3), (5, 10), (5, 12), (4, 36)],
+)
 @pytest.mark.parametrize("ignore", [False, True])
-def test_value_and_gradients_match_plain_cross_entropy(chunk, ignore):
+def test_value_and_gradients_match_plain_cross_entropy(chunk, group, ignore):
     h1, w1, t = inputs(ignore=ignore)
     h2, w2 = h1.detach().clone().requires_grad_(), w1.detach().clone().requires_grad_()
-    fused = linear_cross_entropy(h1, w1, t, chunk_tokens=chunk)
+    fused = linear_cross_entropy(h1, w1, t, chunk_tokens=chunk, group_tokens=group)
     reference = plain(h2, w2, t)
     torch.testing.assert_close(fused, reference, atol=1e-6, rtol=1e-6)
     (2.5 * fused).backward()  # a non-unit upstream gradient must be applied too
@@ -47,11 +50,12 @@ def test_no_grad_path_gives_the_same_value():
     torch.testing.assert_close(value, plain(h, w, t), atol=1e-6, rtol=1e-6)
 
 
-def test_bf16_autocast_matches_the_plain_autocast_path():
+@pytest.mark.parametrize("group", [None, 16, 40])  # one group of all tokens; 4; 2, uneven
+def test_bf16_autocast_matches_the_plain_autocast_path(group):
     h1, w1, t = inputs(n=64, dim=32, vocab=101)
     h2, w2 = h1.detach().clone().requires_grad_(), w1.detach().clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        fused = linear_cross_entropy(h1, w1, t, chunk_tokens=16)
+        fused = linear_cross_entropy(h1, w1, t, chunk_tokens=16, group_tokens=group)
         reference = F.cross_entropy(F.linear(h2, w2).float(), t)
     fused.backward()
     reference.backward()

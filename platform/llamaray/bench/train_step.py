@@ -1,13 +1,17 @@
-"""Training-step throughput: our Llama against Hugging Face's LlamaForCausalLM.
+"""Training-step throughput: our Llama against Hugging Face's LlamaForCausalLM, and
+against the machine's own matmul peak.
 
 Both models get the same architecture, the same batch, the same loss function and the
-same AdamW; one "step" is forward, backward, clip and optimizer update. Rounds alternate
-between the two so that drift in machine load hits both alike, and the median step time
-is reported. Imports torch (and transformers, when present) only, never Ray, so it runs on
-a bare GPU box:
+same AdamW; one "step" is forward, backward, clip and optimizer update. Every (preset,
+dtype, model) combination is timed in each round, rounds interleaved so that drift in
+machine load hits all alike, and the median step time is reported. The fp32 and bf16 peaks
+are a 2048^3 matmul measured in the same run (before and after the steps, best taken), and
+each row gives its achieved FLOP/s (`model/flops.py`'s count) as a share of the peak of its
+dtype. Imports torch (and transformers, when present) only, never Ray, so it runs on a bare
+GPU box:
 
-    PYTHONPATH=platform python -m llamaray.bench.train_step --preset tiny
-    PYTHONPATH=platform python -m llamaray.bench.train_step --preset 1b --seq-len 2048 \\
+    PYTHONPATH=platform python -m llamaray.bench.train_step            # tiny and small
+    PYTHONPATH=platform python -m llamaray.bench.train_step --presets 1b --seq-len 2048 \\
         --batch 4 --dtypes bf16 --no-reference --peak-tflops 989   # MFU on one H100
 """
 
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -27,7 +32,9 @@ from llamaray.model import Llama, ModelArgs, get_preset
 from llamaray.model.device import pick_device
 from llamaray.model.flops import flops_per_token, mfu
 from llamaray.parallel.activation_checkpoint import apply_activation_checkpointing
+from llamaray.parallel.compile import apply_compile
 from llamaray.train.optim import build_optimizer
+from llamaray.train.precision import matmul_flops
 from llamaray.train.step import train_step
 
 
@@ -92,7 +99,7 @@ def _sync(device: torch.device) -> None:
 
 
 def measure(runners: dict[str, Callable[[], float]], rounds: int, warmup: int) -> dict[str, float]:
-    """Median seconds per step for each runner, rounds interleaved."""
+    """Median seconds per step for each runner, rounds interleaved across all of them."""
     for run in runners.values():
         for _ in range(warmup):
             run()
@@ -103,78 +110,141 @@ def measure(runners: dict[str, Callable[[], float]], rounds: int, warmup: int) -
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+# Each preset's batch when the command line gives none: `tiny` as the CPU demo trains it,
+# `small` as large as one CPU step should be (a GPU-sized batch would take minutes).
+DEFAULT_SHAPES = {"tiny": (8, 256), "small": (2, 512)}
+
+
+def matmul_peaks(device: torch.device, size: int = 2048) -> dict[str, float]:
+    """Best FLOP/s of a size^3 matmul in each dtype: the peak the step is held against."""
+    return {
+        dtype: matmul_flops(size, dtype, repeats=5, device=device.type)
+        for dtype in ("fp32", "bf16")
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="tiny")
+    parser.add_argument(
+        "--presets", "--preset", default="tiny,small", help="comma list, timed together"
+    )
     parser.add_argument("--vocab-size", type=int, default=32000, help="the paper's vocabulary")
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=None, help="default: per preset")
+    parser.add_argument("--batch", type=int, default=None, help="default: per preset")
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps-per-round", type=int, default=3)
+    parser.add_argument("--steps-per-round", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--checkpointing", default="none", choices=["none", "full", "selective"])
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile(ours)")
+    parser.add_argument(
+        "--compile", action="store_true", help="also time ours with model.compile (each block)"
+    )
     parser.add_argument("--no-reference", action="store_true", help="skip transformers")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=None, help="device peak; default: measured matmul"
+    )
     parser.add_argument("--device", default="auto", help="auto: CUDA if available, else CPU")
     parser.add_argument("--json", default=None, help="also write the results here")
     opts = parser.parse_args(argv)
 
     device = pick_device(opts.device, setting="--device")
-    args = get_preset(opts.preset).args.with_(
-        vocab_size=opts.vocab_size, max_seq_len=max(opts.seq_len, 16)
-    )
-    torch.manual_seed(0)
-    rows = torch.randint(0, args.vocab_size, (opts.batch, opts.seq_len + 1), device=device)
-    tokens_per_step = opts.batch * opts.seq_len
-    fpt = flops_per_token(args, opts.seq_len)
+    dtypes = opts.dtypes.split(",")
     print(
-        f"# train step: preset={opts.preset} dim={args.dim} layers={args.n_layers} "
-        f"vocab={args.vocab_size} batch={opts.batch}x{opts.seq_len} device={device} "
+        f"# train step: presets={opts.presets} vocab={opts.vocab_size} device={device} "
         f"threads={torch.get_num_threads()} torch={torch.__version__} "
-        f"python={platform.python_version()}",
+        f"python={platform.python_version()} allocator={_allocator()}",
         flush=True,
+    )
+    peaks_before = matmul_peaks(device)
+    runners: dict[tuple[str, str, str], Callable[[], float]] = {}
+    setups = {}
+    for preset in opts.presets.split(","):
+        batch, seq_len = DEFAULT_SHAPES.get(preset, (8, 256))
+        batch, seq_len = opts.batch or batch, opts.seq_len or seq_len
+        args = get_preset(preset).args.with_(
+            vocab_size=opts.vocab_size, max_seq_len=max(seq_len, 16)
+        )
+        torch.manual_seed(0)
+        rows = torch.randint(0, args.vocab_size, (batch, seq_len + 1), device=device)
+        setups[preset] = (args, batch, seq_len)
+        # One model per implementation, stepped in every dtype: the work per step is the
+        # same, and `small` in four copies would not fit beside the other processes.
+        models = {"ours": Llama(args).to(device)}
+        apply_activation_checkpointing(models["ours"], opts.checkpointing)
+        if opts.compile:
+            models["ours+compile"] = Llama(args).to(device)
+            apply_compile(models["ours+compile"])
+        reference = None if opts.no_reference else build_reference(args, device)
+        if reference is not None:
+            models["hf"] = reference
+        for name, model in models.items():
+            for dtype in dtypes:
+                runners[(preset, dtype, name)] = time_steps(
+                    model, rows, dtype, opts.steps_per_round
+                )
+    seconds = measure(runners, opts.rounds, opts.warmup)
+    peaks_after = matmul_peaks(device)
+    # The best of both measurements: a peak is what the machine can do when least disturbed.
+    peaks = {d: max(peaks_before[d], peaks_after[d]) for d in peaks_before}
+    if opts.peak_tflops:
+        peaks = {d: opts.peak_tflops * 1e12 for d in peaks}
+    print(
+        "# peak (2048^3 matmul, best of 5, before / after the steps): "
+        + ", ".join(
+            f"{d} {peaks_before[d] / 1e9:.0f} / {peaks_after[d] / 1e9:.0f} GFLOP/s" for d in peaks
+        )
+    )
+    print(
+        "# achieved FLOP/s = tokens/s x (6 N + 12 L d T) (model/flops.py: N non-embedding "
+        "parameters incl. the output projection, L layers, d width, T sequence length)"
     )
 
     results = []
-    for dtype in opts.dtypes.split(","):
-        ours = Llama(args).to(device)
-        apply_activation_checkpointing(ours, opts.checkpointing)
-        runners = {"ours": time_steps(ours, rows, dtype, opts.steps_per_round)}
-        if opts.compile:
-            compiled = torch.compile(Llama(args).to(device))
-            runners["ours+compile"] = time_steps(compiled, rows, dtype, opts.steps_per_round)
-        reference = None if opts.no_reference else build_reference(args, device)
-        if reference is not None:
-            runners["hf"] = time_steps(reference, rows, dtype, opts.steps_per_round)
-        seconds = measure(runners, opts.rounds, opts.warmup)
-        for name, sec in seconds.items():
-            row = {
+    for (preset, dtype, name), sec in seconds.items():
+        args, batch, seq_len = setups[preset]
+        tokens_per_s = batch * seq_len / sec
+        hf = seconds.get((preset, dtype, "hf"))
+        results.append(
+            {
+                "preset": preset,
+                "shape": f"{batch}x{seq_len}",
                 "dtype": dtype,
                 "model": name,
                 "step_s": sec,
-                "tokens_per_s": tokens_per_step / sec,
-                "vs_hf": seconds["hf"] / sec if "hf" in seconds else None,
+                "tokens_per_s": tokens_per_s,
+                "flops_per_token": flops_per_token(args, seq_len),
+                "flops_per_s": tokens_per_s * flops_per_token(args, seq_len),
+                "peak_flops": peaks[dtype],
+                "of_peak": mfu(tokens_per_s, args, seq_len, peaks[dtype]),
+                "vs_hf": hf / sec if hf else None,
             }
-            if opts.peak_tflops:
-                row["mfu"] = mfu(row["tokens_per_s"], args, opts.seq_len, opts.peak_tflops * 1e12)
-            results.append(row)
-        del ours, runners, reference
-
-    print(f"{'dtype':6} {'model':13} {'step ms':>9} {'tokens/s':>10} {'vs HF':>7} {'MFU':>6}")
+        )
+    results.sort(key=lambda r: (r["preset"], r["dtype"], r["model"] != "ours", r["model"]))
+    print(
+        f"{'preset':7} {'shape':7} {'dtype':5} {'model':13} {'step ms':>9} {'tokens/s':>9} "
+        f"{'GFLOP/s':>8} {'of peak':>7} {'vs HF':>6}"
+    )
     for r in results:
         vs = f"{r['vs_hf']:.2f}x" if r["vs_hf"] else "-"
-        used = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
         print(
-            f"{r['dtype']:6} {r['model']:13} {1e3 * r['step_s']:9.1f} "
-            f"{r['tokens_per_s']:10.0f} {vs:>7} {used:>6}"
+            f"{r['preset']:7} {r['shape']:7} {r['dtype']:5} {r['model']:13} "
+            f"{1e3 * r['step_s']:9.1f} {r['tokens_per_s']:9.0f} {r['flops_per_s'] / 1e9:8.1f} "
+            f"{100 * r['of_peak']:6.1f}% {vs:>6}"
         )
-    report = {"config": vars(opts), "flops_per_token": fpt, "results": results}
+    report = {
+        "config": vars(opts),
+        "peaks": {"before": peaks_before, "after": peaks_after, "used": peaks},
+        "results": results,
+    }
     if opts.json:
         with open(opts.json, "w") as f:
             json.dump(report, f, indent=2)
     return report
+
+
+def _allocator() -> str:
+    """jemalloc when preloaded (LD_PRELOAD), else the C library's malloc."""
+    return "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "libc"
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from llamaray.train.faults import maybe_kill
 from llamaray.train.launcher import Launcher
 from llamaray.train.optim import build_optimizer
 from llamaray.train.outputs import log_loss_curve, publish_model
+from llamaray.train.precision import resolve_dtype
 from llamaray.train.progress import progress_line, rank0_console
 from llamaray.train.schedule import lr_at
 from llamaray.train.step import autocast, train_step
@@ -115,7 +116,8 @@ def build_parallel_model(cfg: RunConfig, args: ModelArgs, device: torch.device):
         apply_compile(model)
     # On GPU, bf16 is FSDP's mixed precision (bf16 compute copies, fp32 master weights and
     # fp32 gradient reduction); on CPU it is autocast around the step instead.
-    fsdp_bf16 = cfg.train.dtype == "bf16" and device.type == "cuda"
+    dtype = resolve_dtype(cfg.train.dtype, device, args.dim)
+    fsdp_bf16 = dtype == "bf16" and device.type == "cuda"
     apply_fsdp(
         model,
         fsdp_mesh(mesh),
@@ -133,8 +135,9 @@ def _peak_flops(cfg: RunConfig, device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device).lower()
+    dtype = resolve_dtype(cfg.train.dtype, device, cfg.model.args().dim)
     for key, key_name in (("h100-sxm-bf16", "h100"), ("h200-bf16", "h200"), ("a100-bf16", "a100")):
-        if key_name in name and cfg.train.dtype == "bf16":
+        if key_name in name and dtype == "bf16":
             return PEAK_FLOPS[key]
     return None
 
@@ -203,7 +206,8 @@ def run_worker(spec: WorkerSpec, launcher: Launcher) -> WorkerResult:
 
     peak = _peak_flops(cfg, device)
     last_step = min(t.steps, t.stop_at_step or t.steps)
-    autocast_dtype = "bf16" if t.dtype == "bf16" and device.type == "cpu" else "fp32"
+    dtype = resolve_dtype(t.dtype, device, args.dim)  # `auto` probes once per process
+    autocast_dtype = "bf16" if dtype == "bf16" and device.type == "cpu" else "fp32"
     n_params = param_count(args)
     per_step = f"{cfg.batch_tokens} tokens/step"
     if cfg.finetune is not None:  # a row is one example, padded: its tokens are not all used
