@@ -269,6 +269,11 @@ OUTAGE_BUFFER_STEPS = 10_000
 a few MB). Past it the oldest are dropped, counted and said."""
 SEND_RETRY_S = (1.0, 30.0)
 """After a failed send, the sender waits 1 s, then twice as long each time, up to 30 s."""
+SEND_INTERVAL_S = 1.0
+"""The sender makes at most one request per interval, with every step queued meanwhile:
+logging every step of a 0.1 s step costs one request a second, not ten (each is CPU time
+in rank 0's process, taken from training where the cores are all busy). A flush, the end
+of the run or a status to set sends at once."""
 FLUSH_S = 60.0
 """At the end of a launch, how long rank 0 waits for its buffered metrics and the run's
 status to reach the server before it gives up on them (counted and said)."""
@@ -391,6 +396,8 @@ class _Sender:
         self._busy = False
         self._inflight = 0  # steps in the request under way
         self._closing = False
+        self._hurry = 0  # flushes waiting: send without waiting for the interval
+        self._next_send = 0.0
         self._cond = threading.Condition()
         self._closed = threading.Event()
         self._log = logger("tracking")
@@ -415,11 +422,16 @@ class _Sender:
     def flush(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self._queue or self._status or self._busy:
-                left = deadline - time.monotonic()
-                if left <= 0 or not self._thread.is_alive():
-                    return False
-                self._cond.wait(left)
+            self._hurry += 1
+            self._cond.notify_all()
+            try:
+                while self._queue or self._status or self._busy:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not self._thread.is_alive():
+                        return False
+                    self._cond.wait(left)
+            finally:
+                self._hurry -= 1
         return True
 
     def close(self, timeout: float, status: str) -> None:
@@ -479,6 +491,12 @@ class _Sender:
             with self._cond:
                 while not (self._queue or self._status or self._closing):
                     self._cond.wait()
+                # Steps queue up until the interval since the last request has passed.
+                while not (self._closing or self._hurry or self._status):
+                    left = self._next_send - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
                 if self._closing:
                     return
                 status = self._status
@@ -523,6 +541,7 @@ class _Sender:
                 continue
             wait = SEND_RETRY_S[0]
             with self._cond:
+                self._next_send = time.monotonic() + SEND_INTERVAL_S
                 if status and self._status == status and (early or not self._queue):
                     self._status = None
                 self._busy = False

@@ -7,8 +7,9 @@ import pytest
 import torch
 from test_learning import text_corpus
 
-from llamaray.config import load_config
+from llamaray.config import ConfigError, load_config
 from llamaray.model import get_preset
+from llamaray.train import precision
 from llamaray.train.launcher import LocalLauncher, ensure_process_group
 from llamaray.train.precision import (
     BF16_MIN_SPEEDUP,
@@ -33,13 +34,47 @@ def test_unknown_dtype_is_refused():
 
 def test_auto_on_cpu_follows_the_probe_which_runs_once_per_width():
     cpu_bf16_speedup.cache_clear()
+    precision._cpu_bf16.cache_clear()
     speedup = cpu_bf16_speedup(96)
     assert speedup > 0
     expected = "bf16" if speedup >= BF16_MIN_SPEEDUP else "fp32"
     assert resolve_dtype("auto", CPU, 96) == expected
     assert resolve_dtype("auto", CPU, 96) == expected
     info = cpu_bf16_speedup.cache_info()
-    assert (info.misses, info.hits) == (1, 2)  # measured once, then remembered
+    assert (info.misses, info.hits) == (1, 1)  # measured once, then remembered
+    assert precision._cpu_bf16.cache_info().misses == 1  # the ranks agreed once
+
+
+def _resolve_on_rank(rank: int, port: int, probe: list[float], out) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=len(probe)
+    )
+    precision.cpu_bf16_speedup = lambda width: probe[rank]  # this rank's measurement
+    out.put((rank, resolve_dtype("auto", CPU, 64)))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned ranks, twice: ~25 s
+def test_auto_picks_bf16_only_when_every_rank_measured_it_faster():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    for probe, expected in (([3.0, 1.0], "fp32"), ([3.0, 2.0], "bf16")):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        ctx = mp.get_context("spawn")
+        out = ctx.Queue()
+        procs = [ctx.Process(target=_resolve_on_rank, args=(r, port, probe, out)) for r in range(2)]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join(timeout=60)
+        assert [proc.exitcode for proc in procs] == [0, 0]
+        assert dict(out.get(timeout=5) for _ in procs) == {0: expected, 1: expected}
 
 
 def test_matmul_probe_counts_its_work():
@@ -77,3 +112,24 @@ def test_worker_trains_in_the_dtype_auto_resolves_to(corpus, tmp_path):
     auto = final_loss("auto")
     assert auto == final_loss(resolved)
     assert auto != final_loss(other)
+
+
+@pytest.mark.slow  # the real worker, twice
+def test_a_resume_where_auto_resolves_otherwise_is_refused(corpus, tmp_path, monkeypatch):
+    cfg = load_config(None, [
+        "name=auto-moved", f"output_dir={tmp_path}", "tracking.enabled=false",
+        "model.preset=debug", "train.seq_len=64", "train.batch_tokens=512",
+        "train.micro_batch_size=8", "train.num_workers=1", "train.device=cpu",
+        "train.steps=2", "train.stop_at_step=1", "data.eval_rows=8", "train.dtype=auto",
+    ])  # fmt: skip
+    ensure_process_group()
+    spec = WorkerSpec(cfg.model_dump(), str(corpus), cfg.run_uri)
+    assert run_worker(spec, LocalLauncher(tmp_path / "checkpoints")).step == 1
+    width = get_preset("debug").args.dim
+    first = resolve_dtype("auto", CPU, width)
+    # The relaunch lands on hardware where the probe answers the other way.
+    monkeypatch.setattr(precision, "_cpu_bf16", lambda w: first == "fp32")
+    resumed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"stop_at_step": None})})
+    spec = WorkerSpec(resumed.model_dump(), str(corpus), cfg.run_uri)
+    with pytest.raises(ConfigError, match=f"was trained in {first}; set train.dtype: {first}"):
+        run_worker(spec, LocalLauncher(tmp_path / "checkpoints"))

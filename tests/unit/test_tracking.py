@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -149,6 +150,33 @@ def test_metric_logger_batches_metrics_and_sets_status(store, tmp_path):
     again.finish("KILLED")
     assert client.get_run(run_id).info.status == "KILLED"
     assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [1, 2, 3]
+
+
+def test_metrics_logged_every_step_go_in_one_request_per_interval(store, monkeypatch):
+    """A step logged every 20 ms does not cost a request each: the sender waits out
+    SEND_INTERVAL_S between requests and sends what queued meanwhile in one; a flush sends
+    at once."""
+    from llamaray import tracking
+
+    monkeypatch.setattr(tracking, "SEND_INTERVAL_S", 60.0)
+    requests = []
+    real = MlflowClient.log_batch
+
+    def counted(self, run_id, metrics=(), *args, **kwargs):
+        requests.append(len(metrics))
+        return real(self, run_id, metrics, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", counted)
+    run_id, _ = open_run(store, "exp-interval", "every-step")
+    logger = MetricLogger(store, run_id, system_metrics=False)
+    for step in range(1, 21):
+        logger.log({"loss": 1.0 / step}, step)
+        time.sleep(0.02)
+    assert logger.flush(timeout=30)
+    assert requests == [1, 19]  # the first step at once, the rest after the interval
+    history = MlflowClient(store).get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, 21))
+    logger.finish()
 
 
 def test_params_past_one_batch_metrics_and_the_end_of_a_run(store):

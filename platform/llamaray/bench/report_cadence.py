@@ -47,13 +47,18 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--sample-mb", type=float, default=1.0)
     parser.add_argument("--output-dir", default="runs/bench-report-cadence")
+    parser.add_argument(
+        "--no-tracking", action="store_true", help="diagnosis: MLflow off, console lines only"
+    )
     parser.add_argument("--json", action="store_true", help="JSON on stdout, the table on stderr")
     opts = parser.parse_args(argv)
     if opts.from_step % SPARSE or opts.to_step % SPARSE or opts.to_step >= opts.steps:
         parser.error(f"--from-step and --to-step must be multiples of {SPARSE} below --steps")
     # What bench.ray_overhead's helpers read.
     opts.batch_tokens, opts.poll_interval, opts.warmup = None, None, 0
-    opts.tracking_uri = f"sqlite:///{Path(opts.output_dir).resolve() / 'mlflow.db'}"
+    opts.tracking_uri = None
+    if not opts.no_tracking:
+        opts.tracking_uri = f"sqlite:///{Path(opts.output_dir).resolve() / 'mlflow.db'}"
     return opts
 
 
@@ -86,8 +91,9 @@ def main(argv: list[str] | None = None) -> dict:
     medians = {every: statistics.median(t) for every, t in times.items()}
     ratio = medians[1] / medians[SPARSE]
     out = sys.stderr if opts.json else sys.stdout
-    print(f"\n# report cadence: {opts.preset}, {opts.workers} workers on Ray Train, MLflow on, "
-          f"steps {opts.from_step}..{opts.to_step}, {opts.rounds} rounds, "
+    tracking = "off" if opts.no_tracking else "on"
+    print(f"\n# report cadence: {opts.preset}, {opts.workers} workers on Ray Train, MLflow "
+          f"{tracking}, steps {opts.from_step}..{opts.to_step}, {opts.rounds} rounds, "
           f"{os.cpu_count()} cores", file=out)  # fmt: skip
     for every, t in times.items():
         runs = ", ".join(f"{1e3 * x:.1f}" for x in t)

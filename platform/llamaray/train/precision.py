@@ -37,8 +37,27 @@ def resolve_dtype(setting: str, device: torch.device, width: int) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if device.type == "cpu":
-        return "bf16" if cpu_bf16_speedup(width) >= BF16_MIN_SPEEDUP else "fp32"
+        return "bf16" if _cpu_bf16(width) else "fp32"
     return "fp32"
+
+
+@functools.cache
+def _cpu_bf16(width: int) -> bool:
+    return _ranks_agree(cpu_bf16_speedup(width) >= BF16_MIN_SPEEDUP)
+
+
+def _ranks_agree(bf16_here: bool) -> bool:
+    """bf16 only if every rank's probe chose it (collective when a process group is up):
+    ranks that computed in different dtypes would not be training one model. Each rank
+    asks at the same point, its first resolution for a width (`_cpu_bf16` keeps the
+    answer)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return bf16_here
+    flag = torch.tensor([int(bf16_here)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 @functools.cache

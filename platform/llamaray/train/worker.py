@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from llamaray.config import RunConfig
+from llamaray.config import ConfigError, RunConfig
 from llamaray.model.args import ModelArgs
 from llamaray.model.device import pick_device
 from llamaray.model.flops import PEAK_FLOPS, mfu, param_count
@@ -194,6 +194,14 @@ def run_worker(spec: WorkerSpec, launcher: Launcher) -> WorkerResult:
             )
     state.world_size, state.rows_per_step = world, cfg.rows_per_step
     state.extra["course"], state.config_hash = course, data_digest(course)
+    dtype = resolve_dtype(t.dtype, device, args.dim)  # `auto` probes once per process
+    trained_in = state.extra.get("dtype", dtype)
+    if t.dtype == "auto" and trained_in != dtype:  # resolved otherwise on this hardware
+        raise ConfigError(
+            f"train.dtype: auto means {dtype} here, but the checkpoint at step {state.step} "
+            f"was trained in {trained_in}; set train.dtype: {trained_in} to resume as it was"
+        )
+    state.extra["dtype"] = dtype
 
     dp, dp_rank = cfg.data_parallel, mesh["dp"].get_local_rank()
     batches = feed.batches(dp_rank, dp, start_step=state.step)
@@ -206,7 +214,6 @@ def run_worker(spec: WorkerSpec, launcher: Launcher) -> WorkerResult:
 
     peak = _peak_flops(cfg, device)
     last_step = min(t.steps, t.stop_at_step or t.steps)
-    dtype = resolve_dtype(t.dtype, device, args.dim)  # `auto` probes once per process
     autocast_dtype = "bf16" if dtype == "bf16" and device.type == "cpu" else "fp32"
     n_params = param_count(args)
     per_step = f"{cfg.batch_tokens} tokens/step"
