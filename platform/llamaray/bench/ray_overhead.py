@@ -11,8 +11,8 @@ with the same config, the same corpus and the same threads per worker:
   function: `ray_train_loop` below is `train_loop_per_worker` with the launcher wrapped.
 
 In both, the launcher is wrapped in `StepRecorder` (`bench/torchrun_entry.py`), which
-passes every call on and keeps each reported metrics dict with a timestamp; rank 0 writes
-them to `<run_dir>/steps.json`. The config reports every step (`train.log_every=1`;
+passes every call on and keeps each logged step's metrics with a timestamp; rank 0 writes
+them to `<run_dir>/steps.json`. The config logs every step (`train.log_every=1`;
 `--log-every`), with tracking, validation, periodic checkpoints and the Hugging Face export
 off, and `train.cpus_per_worker=1`, which `run_worker` makes the torch thread count.
 Three figures per step come out, from rank 0:
@@ -20,13 +20,11 @@ Three figures per step come out, from rank 0:
 - **step**: the worker's own `step_time_s`, forward + backward + all-reduce + update,
   timed around `train_step` inside `run_worker`. The goal (at most 5% slower under Ray)
   is on this one.
-- **iteration**: the time between two consecutive reports divided by the steps between
-  them: the step plus the next batch, the metrics and the launcher's report of the step
-  before. Under Ray Train that report is `ray.train.report`, which waits at a barrier of
-  all workers and then for the controller to take the previous result: the controller
-  polls every `RAY_TRAIN_HEALTH_CHECK_INTERVAL_S` (Ray's default 2 s; llamaray's driver
-  sets 0.5 s unless it is set), so reporting faster than that holds training back to one
-  report per poll. `--poll-interval` changes the interval for a diagnosis.
+- **iteration**: the time between two consecutive logged steps divided by the steps
+  between them: the step plus the next batch and the metrics. A logged step is not a
+  `ray.train.report` (only checkpoints and validations are), so it waits on neither the
+  other workers nor the Train controller's poll (`RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`;
+  `--poll-interval` changes it for a diagnosis).
 - **cpu**: the worker process's CPU time per iteration (every thread, Ray's in-process
   ones included); the shared machine's load inflates it much less than wall time.
 
@@ -89,7 +87,7 @@ def ray_train_loop(config: dict) -> None:
 
 
 def bench_config(opts: argparse.Namespace, name: str, corpus: str | None = None) -> RunConfig:
-    """The run both setups train: the demo's data and model, every step reported."""
+    """The run both setups train: the demo's data and model, every step logged."""
     seq_len, micro = 128, 16
     batch_tokens = opts.batch_tokens or seq_len * micro * opts.workers
     return RunConfig.model_validate(
@@ -219,7 +217,7 @@ def _summary(setup: str, name: str, run_dir: Path, wall: float, opts) -> dict:
         raise RuntimeError(f"{setup}: rank 0 wrote no {steps_file}")
     data = json.loads(steps_file.read_text())
     records = sorted(data["records"], key=lambda r: r["step"])
-    # Reports after the warm-up, but not the last step's; each paired with the report
+    # Logged steps after the warm-up, but not the last one; each paired with the one
     # before it, so that an iteration is (time between them) / (steps between them).
     pairs = [
         (prev, cur)
@@ -227,7 +225,7 @@ def _summary(setup: str, name: str, run_dir: Path, wall: float, opts) -> dict:
         if prev["step"] >= opts.warmup and cur["step"] < opts.steps
     ]
     if not pairs:
-        raise RuntimeError(f"{setup}: no reported steps left after the warm-up in {run_dir}")
+        raise RuntimeError(f"{setup}: no logged steps left after the warm-up in {run_dir}")
     steps = [cur["step_time_s"] for _, cur in pairs]
     iterations = [(cur["t"] - prev["t"]) / (cur["step"] - prev["step"]) for prev, cur in pairs]
     cpu = [(cur["cpu"] - prev["cpu"]) / (cur["step"] - prev["step"]) for prev, cur in pairs]
@@ -274,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--sample-mb", type=float, default=1.0, help="per source of the sample")
     parser.add_argument(
-        "--log-every", type=int, default=1, help="train.log_every: steps between reports"
+        "--log-every", type=int, default=1, help="train.log_every: steps between logged steps"
     )
     parser.add_argument(
         "--poll-interval",
@@ -317,7 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = sys.stderr if opts.json else sys.stdout
     print(
         f"\n# {opts.preset}, {opts.workers} workers x {opts.cpus_per_worker:g} CPU (torch "
-        f"threads), {batch_tokens} tokens/step, reports every {opts.log_every} step(s), steps "
+        f"threads), {batch_tokens} tokens/step, logging every {opts.log_every} step(s), steps "
         f"{opts.warmup + 1}..{opts.steps - 1} of {opts.steps} kept, {os.cpu_count()} cores",
         file=out,
     )
