@@ -152,8 +152,9 @@ class CorpusConfig(_Section):
     tokenize_actors: int | None = Field(
         None,
         gt=0,
-        description="Tokenizer actor pool size; None: grows with the cluster's CPUs. Packing "
-        "is per actor, so only 1 gives the same shards on every run.",
+        description="Tokenizer actor pool size; None: up to the cluster's CPUs. Each batch "
+        "packs on its own, so any size gives the same shards on every run (the batch size, "
+        "so the shards, depends on the size).",
     )
     tokenizer_sample_bytes: int = Field(
         1_000_000_000,

@@ -13,6 +13,14 @@ and, per source and split, Parquet shards whose `tokens` column holds one packed
   millions of groups); a file whose groups are not uniform keeps needing its footer, read
   again when evicted. Only the row groups holding the asked-for rows are read, and a small
   LRU cache, bounded in bytes, keeps recently decoded row groups.
+- The row groups one `rows()` call needs are independent reads, on S3 one ranged GET each
+  (a round trip of tens of ms): they are fetched and decoded concurrently on
+  `read_threads` threads (`DEFAULT_READ_THREADS` on S3), so a step's rows cost a few
+  round trips rather than one per row group. Local files are read one group after
+  another by default: there a read is CPU (decoding), so threads help only where cores
+  are idle (4 threads: ~1.6x the rows/s on an idle 2-core box), and on a training node
+  they would take cores from the ranks' own work; `read_threads` opts in
+  (docs/benchmarks.md, "Training stream").
 - `data.mixed_stream.MixedStream` is the mixture over those rows, per step and rank, and
   `data.prefetch.Prefetcher` reads it ahead in a background thread.
 
@@ -42,9 +50,9 @@ from __future__ import annotations
 import json
 import posixpath
 import threading
-from collections import OrderedDict
-from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +69,8 @@ SPLITS = ("train", "validation")
 DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
 DEFAULT_OPEN_FILES = 16
 DEFAULT_FOOTERS = 64
+DEFAULT_READ_THREADS = 16
+"""Row groups of one `rows()` call read at once from S3 (one ranged GET each)."""
 _FOOTER_THREADS = 16  # footers on S3 are one round trip each; fetch a split's in parallel
 
 
@@ -69,9 +79,12 @@ class CacheStats:
     """Counters of a `CorpusRows` since it was opened (see `CorpusRows.cache_stats`)."""
 
     row_groups_read: int
-    """`read_row_group` calls: row groups decoded from storage."""
+    """`read_row_group` calls: row groups decoded from storage (concurrent ones included,
+    each counted once)."""
     hits: int
-    """Row groups served from the cache."""
+    """Row groups served from the cache. A call looks all its row groups up before it reads
+    the missing ones, so a group is never read again because the same call's reads evicted
+    it."""
     footers_read: int
     """Parquet footers read: once per file of a split that was accessed, and again for a
     file reopened after its footer left the `max_footers` LRU."""
@@ -99,9 +112,11 @@ class CorpusRows:
     """Random access to the packed rows of a prepared corpus, local or on S3.
 
     Use `CorpusRows.open(corpus_dir)`. `rows()` is thread-safe (calls are serialized: a
-    prefetch thread and a validation pass may share one instance). Pickling keeps only the
-    directory, manifest and settings, so a copy sent to another process reopens its files
-    there. `close()` (or a `with` block) closes the open file handles; reading again reopens.
+    prefetch thread and a validation pass may share one instance); within a call its row
+    groups are read on up to `read_threads` threads. Pickling keeps only the directory,
+    manifest and settings (no handle, cache or thread pool), so a copy sent to another
+    process reopens its files there. `close()` (or a `with` block) closes the open file
+    handles and stops the read threads; reading again reopens and restarts them.
     """
 
     def __init__(
@@ -112,6 +127,7 @@ class CorpusRows:
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         max_open_files: int = DEFAULT_OPEN_FILES,
         max_footers: int = DEFAULT_FOOTERS,
+        read_threads: int | None = None,
     ):
         if cache_bytes < 0:
             raise ValueError(f"cache_bytes must be >= 0, got {cache_bytes}")
@@ -119,6 +135,8 @@ class CorpusRows:
             raise ValueError(f"max_open_files must be >= 1, got {max_open_files}")
         if max_footers < 0:
             raise ValueError(f"max_footers must be >= 0, got {max_footers}")
+        if read_threads is not None and read_threads < 1:
+            raise ValueError(f"read_threads must be >= 1, got {read_threads}")
         self.corpus_dir = str(corpus_dir)
         self._manifest = dict(manifest)
         _check_manifest(self._manifest, self.corpus_dir)
@@ -126,12 +144,18 @@ class CorpusRows:
         self.max_open_files = max_open_files
         self.max_footers = max_footers
         self._fs, self._root = _filesystem(self.corpus_dir)
+        self._read_threads = read_threads  # as given, for pickling: a copy decides anew
+        self.read_threads = read_threads or (
+            1 if isinstance(self._fs, pafs.LocalFileSystem) else DEFAULT_READ_THREADS
+        )
+        self._pool: ThreadPoolExecutor | None = None  # started by the first concurrent read
         self._lock = threading.RLock()
         self._indexes: dict[tuple[str, str], _SplitIndex] = {}
         self._cache: OrderedDict[tuple[str, int, int], np.ndarray] = OrderedDict()
         self._footers: OrderedDict[str, pq.FileMetaData] = OrderedDict()
         self._cached_bytes = 0
-        self._handles: OrderedDict[str, tuple[Any, pq.ParquetFile]] = OrderedDict()
+        # Open shard handles and their footers; a handle serves concurrent reads (ReadAt).
+        self._handles: OrderedDict[str, tuple[Any, pq.FileMetaData]] = OrderedDict()
         self._row_groups_read = self._hits = self._footers_read = 0
 
     @classmethod
@@ -142,12 +166,15 @@ class CorpusRows:
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         max_open_files: int = DEFAULT_OPEN_FILES,
         max_footers: int = DEFAULT_FOOTERS,
+        read_threads: int | None = None,
     ) -> CorpusRows:
         """Read `corpus_dir/manifest.json`; no shard is touched until rows are asked for.
 
         `cache_bytes` bounds the decoded row groups kept in memory; `max_open_files` the
         shard handles kept open (a big corpus has more shards than a process has fds);
-        `max_footers` the parsed Parquet footers kept beyond the open files' own.
+        `max_footers` the parsed Parquet footers kept beyond the open files' own;
+        `read_threads` the row groups of a call read at once (default: 1 for a local
+        directory, `DEFAULT_READ_THREADS` on S3).
         """
         fs, root = _filesystem(str(corpus_dir))
         path = posixpath.join(root, MANIFEST)
@@ -161,6 +188,7 @@ class CorpusRows:
             cache_bytes=cache_bytes,
             max_open_files=max_open_files,
             max_footers=max_footers,
+            read_threads=read_threads,
         )
 
     # ----------------------------------------------------------------------- manifest
@@ -202,9 +230,10 @@ class CorpusRows:
         """Rows `indices` of `source`'s `split`: an int64 array (len(indices), row_tokens).
 
         In the order of `indices`; repeats are allowed. Reads only the row groups holding
-        them (each at most once per call). IndexError, naming source, split and the valid
-        range, for an index outside it (negative ones included: no wrap-around, which would
-        hide an off-by-one). ValueError if the split's files disagree with the manifest.
+        them (each at most once per call; on S3 concurrently). IndexError, naming source,
+        split and the valid range, for an index outside it (negative ones included: no
+        wrap-around, which would hide an off-by-one). ValueError if the split's files
+        disagree with the manifest.
         """
         idx = self._check_indices(source, split, indices)
         out = np.empty((len(idx), self.row_tokens), dtype=np.int64)
@@ -215,14 +244,23 @@ class CorpusRows:
             file = np.searchsorted(index.file_starts, idx, side="right") - 1
             local = idx - index.file_starts[file]
             group, offset = self._groups_of(index, file, local)
-            # Visit each needed row group once, in storage order, copying all its rows out.
+            # Visit each needed row group once, in storage order, copying all its rows out:
+            # the cached ones first, then the others as they are read.
             key = file * (int(local.max()) + 1) + group
             by_group = np.argsort(key, kind="stable")
             cuts = np.flatnonzero(np.diff(key[by_group])) + 1
+            cache_key = f"{source}/{split}"
+            missing = []
             for positions in np.split(by_group, cuts):
                 f, g = int(file[positions[0]]), int(group[positions[0]])
-                block = self._row_group(source, split, index, f, g)
+                block = self._cached((cache_key, f, g))
+                if block is None:
+                    missing.append((f, g, positions))
+                else:
+                    out[positions] = block[offset[positions]]
+            for (f, g, positions), block in self._read_groups(index, missing):
                 out[positions] = block[offset[positions]]
+                self._keep_group((cache_key, f, g), block)
         return out
 
     def cache_stats(self) -> CacheStats:
@@ -238,10 +276,14 @@ class CorpusRows:
             )
 
     def close(self) -> None:
-        """Close the open shard handles (the cache and the footers are kept)."""
+        """Close the open shard handles and stop the read threads (the cache and the
+        footers are kept)."""
         with self._lock:
+            if self._pool is not None:
+                self._pool.shutdown()
+                self._pool = None
             while self._handles:
-                _path, (handle, _pf) = self._handles.popitem(last=False)
+                _path, (handle, _md) = self._handles.popitem(last=False)
                 handle.close()
 
     def __enter__(self) -> CorpusRows:
@@ -257,6 +299,7 @@ class CorpusRows:
             "cache_bytes": self.cache_bytes,
             "max_open_files": self.max_open_files,
             "max_footers": self.max_footers,
+            "read_threads": self._read_threads,
         }
 
     def __setstate__(self, state: dict) -> None:
@@ -266,6 +309,7 @@ class CorpusRows:
             cache_bytes=state["cache_bytes"],
             max_open_files=state["max_open_files"],
             max_footers=state.get("max_footers", DEFAULT_FOOTERS),
+            read_threads=state.get("read_threads"),
         )
 
     def __repr__(self) -> str:
@@ -389,49 +433,117 @@ class CorpusRows:
             )
         return md
 
-    def _row_group(
-        self, source: str, split: str, index: _SplitIndex, file: int, g: int
-    ) -> np.ndarray:
-        key = (f"{source}/{split}", file, g)
+    def _cached(self, key: tuple[str, int, int]) -> np.ndarray | None:
         block = self._cache.get(key)
         if block is not None:
             self._cache.move_to_end(key)
             self._hits += 1
-            return block
-        path = index.paths[file]
-        pf = self._parquet(path)
-        # pyarrow's S3 file is stateless between reads (each is a ranged GET): a read that
-        # failed on a transient error is simply asked again (storage's retry policy).
-        table = retry(
-            lambda: pf.read_row_group(g, columns=["tokens"]),
-            f"reading row group {g} of {path}",
-            attempts_of(self._fs),
-        )
-        self._row_groups_read += 1
-        block = _decode(table, path, pf.metadata.row_group(g).num_rows, self.row_tokens)
+        return block
+
+    def _keep_group(self, key: tuple[str, int, int], block: np.ndarray) -> None:
         if block.nbytes <= self.cache_bytes:  # one bigger than the budget is not kept
             self._cache[key] = block
             self._cached_bytes += block.nbytes
             while self._cached_bytes > self.cache_bytes:
                 _key, old = self._cache.popitem(last=False)
                 self._cached_bytes -= old.nbytes
-        return block
 
-    def _parquet(self, path: str) -> pq.ParquetFile:
-        if path in self._handles:
+    def _read_groups(
+        self, index: _SplitIndex, wanted: list[tuple[int, int, np.ndarray]]
+    ) -> Iterator[tuple[tuple[int, int, np.ndarray], np.ndarray]]:
+        """Each of `wanted` ((file, row group, positions), in storage order) with its
+        decoded block, in that order. The files are opened a batch of at most
+        `max_open_files` at a time, so a handle stays open until its batch's reads are done
+        while the open handles stay within the bound."""
+        batch: list[tuple[int, int, np.ndarray]] = []
+        files: list[str] = []
+        for item in wanted:
+            path = index.paths[item[0]]
+            if not files or files[-1] != path:  # storage order: a file's groups are together
+                if len(files) == self.max_open_files:
+                    yield from self._read_batch(index, batch, files)
+                    batch, files = [], []
+                files.append(path)
+            batch.append(item)
+        if batch:
+            yield from self._read_batch(index, batch, files)
+
+    def _read_batch(
+        self, index: _SplitIndex, batch: list[tuple[int, int, np.ndarray]], paths: list[str]
+    ) -> Iterator[tuple[tuple[int, int, np.ndarray], np.ndarray]]:
+        readers = self._open_files(paths)
+        attempts = attempts_of(self._fs)
+
+        def read(item: tuple[int, int, np.ndarray]) -> np.ndarray:
+            f, g, _positions = item
+            path = index.paths[f]
+            handle, metadata = readers[path]
+            # A ParquetFile of its own per read (no footer is read: it is given); they share
+            # the handle, whose positional reads (ranged GETs on S3) may run concurrently.
+            # pyarrow's S3 file is stateless between reads: a read that failed on a
+            # transient error is simply asked again (storage's retry policy).
+            pf = pq.ParquetFile(handle, metadata=metadata)
+            table = retry(
+                lambda: pf.read_row_group(g, columns=["tokens"]),
+                f"reading row group {g} of {path}",
+                attempts,
+            )
+            return _decode(table, path, metadata.row_group(g).num_rows, self.row_tokens)
+
+        for item, block in zip(batch, self._map(read, batch), strict=True):
+            self._row_groups_read += 1
+            yield item, block
+
+    def _open_files(self, paths: list[str]) -> dict[str, tuple[Any, pq.FileMetaData]]:
+        """(handle, footer) of each of `paths` (at most `max_open_files`), opening those
+        not open (concurrently) and closing the least recently used others beyond the
+        bound. A kept footer is reused: it saves a read per reopen."""
+        closed = [p for p in paths if p not in self._handles]
+        kept = {p: self._footers.get(p) for p in closed}
+        attempts = attempts_of(self._fs)
+
+        def open_file(path: str) -> tuple[Any, pq.FileMetaData]:
+            metadata = kept[path] or self._footer(path)
+            handle = retry(lambda: self._fs.open_input_file(path), f"opening {path}", attempts)
+            return handle, metadata
+
+        for path, (handle, metadata) in zip(closed, self._map(open_file, closed), strict=True):
+            if kept[path] is None:
+                self._footers_read += 1
+            self._keep_footer(path, metadata)
+            self._handles[path] = (handle, metadata)
+        for path in paths:
             self._handles.move_to_end(path)
-            return self._handles[path][1]
-        # The footer parsed once is passed on: a kept one saves a read per reopen.
-        metadata = self._footer_of(path)
-        handle = retry(
-            lambda: self._fs.open_input_file(path), f"opening {path}", attempts_of(self._fs)
-        )
-        pf = pq.ParquetFile(handle, metadata=metadata)
-        self._handles[path] = (handle, pf)
         while len(self._handles) > self.max_open_files:
-            _path, (old, _pf) = self._handles.popitem(last=False)
+            _path, (old, _md) = self._handles.popitem(last=False)
             old.close()
-        return pf
+        return {p: self._handles[p] for p in paths}
+
+    def _map(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
+        """`map(fn, items)`, on the read threads when there are several: results in the
+        order of `items`, at most two per thread started ahead of the one consumed (bounds
+        the decoded blocks held at once). On an error, or when the consumer stops, the reads
+        not started are cancelled and the running ones waited for, so none outlives the
+        call (a later `close()` may close their handles)."""
+        if self.read_threads == 1:
+            yield from map(fn, items)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(
+                self.read_threads, thread_name_prefix="llamaray-corpus-read"
+            )
+        pending: deque = deque()
+        try:
+            for item in items:
+                pending.append(self._pool.submit(fn, item))
+                if len(pending) >= 2 * self.read_threads:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+            wait(pending)
 
 
 def tokenizer_location(corpus_dir: str | Path, manifest: Mapping[str, Any]) -> str:

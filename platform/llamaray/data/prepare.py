@@ -21,8 +21,9 @@ Everything lands in the version folder, written by the process that makes it:
 the built-in sample (`sample/`, by the driver, before the read tasks need it), the
 quarantine (`quarantine/*.jsonl`, by tasks, up to QUARANTINE_ROWS records a file), the
 tokenizer (`tokenizer/tokenizer.model`, by the driver that trained it), the shards
-(`shards/source=<s>/split=<t>/<digest>.parquet`, by the task holding a batch of rows,
-about SHARD_BYTES a file) and `manifest.json`. The write tasks return what they wrote
+(`shards/source=<s>/split=<t>/<digest>.parquet`, by the tokenize actor that packed
+the rows, one file per batch, up to about SHARD_BYTES, so rows never pass through Ray's
+object store) and `manifest.json`. The write tasks and actors return what they wrote
 (path, source, split, rows) and the manifest is built from those records, never from a
 listing; every path in it is relative to the version folder (in the pointer, to the
 corpus), so a corpus can be copied or moved and still opens. Only bounded amounts reach
@@ -88,8 +89,14 @@ TOKENIZER = "tokenizer/tokenizer.model"
 # the GET's latency, not the group size, sets the pace.
 ROW_GROUP_ROWS = 32
 # Rows are gathered across blocks into files of about this size (one per source and split
-# of a batch), so a big corpus has thousands of shards, not one per small block.
+# of a tokenize batch, see _tokenize_batch_rows), so a big corpus has thousands of shards,
+# not one per small block.
 SHARD_BYTES = 128 << 20
+# Text a tokenize actor encodes at once (see TokenizePack._encode).
+ENCODE_CHUNK_BYTES = 4 << 20
+# Batches per tokenize actor at least, on a corpus too small to fill SHARD_BYTES batches:
+# the pool's work is split evenly enough for every actor to stay busy to the end.
+BATCHES_PER_ACTOR = 4
 # Rejections written per quarantine file (an excerpt is at most 200 characters).
 QUARANTINE_ROWS = 100_000
 
@@ -153,10 +160,7 @@ class TokenizePack:
 
     def __call__(self, batch: dict) -> pa.Table:
         texts = [str(t) for t in batch["text"]]
-        # One thread per actor: the pool scales across cores, threads would oversubscribe them.
-        ids = self.tokenizer.encode_batch(texts, num_threads=1)
-        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-        values = np.fromiter(itertools.chain.from_iterable(ids), np.int32, count=lengths.sum())
+        lengths, values = self._encode(texts)
         starts = np.concatenate(([0], np.cumsum(lengths)))
         groups: dict[tuple[str, str], list[int]] = defaultdict(list)
         for i, (source, text) in enumerate(zip(batch["source"], texts, strict=True)):
@@ -189,6 +193,81 @@ class TokenizePack:
                 "tokens": pa.FixedSizeListArray.from_arrays(pa.array(tokens.ravel()), width),
             }
         )
+
+    def _encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Token counts and all tokens of `texts` as one flat int32 array. Encoded
+        ENCODE_CHUNK_BYTES of text at a time: sentencepiece returns Python ints (about 36
+        bytes each), so a whole large batch at once would hold gigabytes of them."""
+        lengths, values = [], []
+        for chunk in _chunks_of_bytes(texts, ENCODE_CHUNK_BYTES):
+            # One thread per actor: the pool scales across cores, threads would oversubscribe them.
+            ids = self.tokenizer.encode_batch(chunk, num_threads=1)
+            counts = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+            lengths.append(counts)
+            flat = itertools.chain.from_iterable(ids)
+            values.append(np.fromiter(flat, np.int32, count=int(counts.sum())))
+        if not lengths:
+            return np.empty(0, np.int64), np.empty(0, np.int32)
+        return np.concatenate(lengths), np.concatenate(values)
+
+
+def _chunks_of_bytes(texts: list[str], limit: int):
+    """`texts` in consecutive runs of about `limit` characters (at least one text each)."""
+    start, size = 0, 0
+    for i, text in enumerate(texts):
+        size += len(text)
+        if size >= limit:
+            yield texts[start : i + 1]
+            start, size = i + 1, 0
+    if start < len(texts):
+        yield texts[start:]
+
+
+class TokenizePackWrite(TokenizePack):
+    """`TokenizePack` that writes its rows itself: each batch's packed rows become one
+    Parquet file per (source, split) (`write_shards`), straight from the actor to the
+    output, and the actor returns only what it wrote and counted: one row per (source,
+    split) of the batch with the file (`path`, empty when the batch completed no row),
+    `rows`, `n_docs` and `n_tokens`. The rows never enter Ray's object store, so they are
+    not copied through it, held there (spilled to disk on a big corpus) and read back by a
+    separate write stage.
+
+    Each batch is packed on its own (no carry from the actor's previous batch), so a
+    batch's files depend only on its documents, not on which actor ran which batches
+    before it: the same corpus gives the same shards with any number of actors. A batch
+    drops its last unfinished row per (source, split), at most one row in about
+    SHARD_BYTES / 2 of text, and the manifest's token counts show it."""
+
+    def __init__(self, tokenizer: Tokenizer, validation_fraction: float, seed: int, seq_len: int,
+                 fs, root: str):  # fmt: skip
+        super().__init__(tokenizer, validation_fraction, seed, seq_len)
+        self.fs, self.root = fs, root
+
+    def __call__(self, batch: dict) -> pa.Table:
+        self.packers = {}
+        packed = super().__call__(batch)
+        written = {
+            (r["source"], r["split"]): r
+            for r in write_shards(packed, self.fs, self.root).to_pylist()
+        }
+        stats = of_kind(packed, "stats").select(["source", "split", "n_docs", "n_tokens"])
+        out = []
+        for s in stats.to_pylist():
+            record = written.get((s["source"], s["split"]), {"path": "", "rows": 0})
+            out.append({**s, "path": record["path"], "rows": record["rows"]})
+        return pa.Table.from_pylist(out, _WRITTEN)
+
+
+_WRITTEN = pa.schema(
+    [
+        ("source", pa.string()),
+        ("split", pa.string()),
+        ("n_docs", pa.int64()),
+        ("n_tokens", pa.int64()),
+        ("path", pa.string()),
+        ("rows", pa.int64()),
+    ]
+)
 
 
 def of_kind(table: pa.Table, kind: str) -> pa.Table:
@@ -301,29 +380,79 @@ def _build(cfg: CorpusConfig, out: str) -> dict:
     docs = ds.filter(expr=col("kind") == "doc").select_columns(["source", "origin", "text"])
 
     tokenizer, tokenizer_entry = _tokenizer(cfg, docs, out)
-    packed = docs.map_batches(
-        TokenizePack,
-        fn_constructor_kwargs={
-            "tokenizer": tokenizer,  # pickles with its model bytes, not a local path
-            "validation_fraction": cfg.validation_fraction,
-            "seed": cfg.seed,
-            "seq_len": cfg.seq_len,
-        },
-        compute=_actor_pool(cfg.tokenize_actors),
-        batch_format="numpy",
-    ).materialize()
-    stats = packed.map_batches(of_kind, fn_args=("stats",), batch_format="pyarrow")
-    token_counts = _sum_tokens(stats)
-    shard_records = packed.map_batches(
-        write_shards,
-        fn_kwargs={"fs": fs, "root": root},
-        batch_format="pyarrow",
-        batch_size=max(ROW_GROUP_ROWS, SHARD_BYTES // (4 * (cfg.seq_len + 1))),
-    ).take_all()
+    token_counts, shard_records = tokenize_and_write(
+        docs,
+        tokenizer,
+        validation_fraction=cfg.validation_fraction,
+        seed=cfg.seed,
+        seq_len=cfg.seq_len,
+        actors=cfg.tokenize_actors,
+        fs=fs,
+        root=root,
+        # The text's size, not the records': those hold the input's paths, and the batches
+        # (so the shards and the corpus's digest) must not depend on where the input is.
+        docs_bytes=int(docs.map_batches(_text_bytes, batch_format="pyarrow").sum("bytes") or 0),
+        n_docs=sum(c["kept"] for c in counts.values()),
+    )
     manifest = _manifest(cfg, sources, out, counts, token_counts, shard_records, tokenizer_entry)
     manifest["quarantine"] = quarantine
     manifest["elapsed_s"] = round(time.perf_counter() - start, 2)
     return manifest
+
+
+def tokenize_and_write(
+    docs, tokenizer: Tokenizer, *, validation_fraction: float, seed: int, seq_len: int,
+    actors: int | None, fs, root: str, docs_bytes: int, n_docs: int,
+) -> tuple[dict[tuple[str, str], dict], list[dict]]:  # fmt: skip
+    """Tokenize, hold out, pack and write the documents `docs` (source, text) in the
+    `TokenizePackWrite` actor pool; return the documents and tokens per (source, split)
+    and the records of the shards written. Only those small records reach the driver.
+    `docs_bytes` and `n_docs`, about the size and number of the documents (a materialized
+    dataset's metadata gives them at no cost), size the batches (`_tokenize_batch_rows`)."""
+    pool = _actor_pool(actors)
+    batch_rows = _tokenize_batch_rows(docs_bytes, n_docs, pool.max_size or 1)
+    # One block a batch: an actor task takes a whole block, so blocks bigger than a batch
+    # would leave actors idle while one works through a block batch by batch. Materialized
+    # first (a copy of the text, not of the rows): a task stage feeding the pool would wait
+    # for CPUs the actors hold on a cluster the pool fills.
+    # Strict: every block but the last holds exactly batch_rows, whatever blocks the read
+    # made, so the batches (and the shards) are the same for a local and an S3 input.
+    docs = docs.repartition(target_num_rows_per_block=batch_rows, strict=True).materialize()
+    written = docs.map_batches(
+        TokenizePackWrite,
+        fn_constructor_kwargs={
+            "tokenizer": tokenizer,  # pickles with its model bytes, not a local path
+            "validation_fraction": validation_fraction,
+            "seed": seed,
+            "seq_len": seq_len,
+            "fs": fs,
+            "root": root,
+        },
+        compute=pool,
+        batch_format="numpy",
+        batch_size=batch_rows,
+        # In order: the records come back in order anyway, and an actor then works
+        # through its batches as the input holds them.
+        allow_out_of_order_execution=False,
+    ).take_all()
+    token_counts: dict[tuple[str, str], dict] = defaultdict(lambda: {"documents": 0, "tokens": 0})
+    for r in written:
+        entry = token_counts[(r["source"], r["split"])]
+        entry["documents"] += r["n_docs"]
+        entry["tokens"] += r["n_tokens"]
+    files = [{k: r[k] for k in ("path", "source", "split", "rows")} for r in written if r["path"]]
+    return dict(token_counts), files
+
+
+def _tokenize_batch_rows(docs_bytes: int, n_docs: int, actors: int) -> int:
+    """Documents per tokenize batch: about SHARD_BYTES / 2 of text, or less where the
+    corpus is too small to give every actor BATCHES_PER_ACTOR batches of that size. Each
+    batch writes its own shard files, so this sets their size: text packs into about 1.2
+    times its size of int32 rows (3 to 4 bytes of text a token)."""
+    if n_docs <= 0 or docs_bytes <= 0:
+        return 1
+    target = min(SHARD_BYTES // 2, docs_bytes // (BATCHES_PER_ACTOR * actors))
+    return max(1, round(target / (docs_bytes / n_docs)))
 
 
 def _actor_pool(size: int | None):
@@ -524,16 +653,6 @@ def _portable(model: bytes) -> bytes:
 
 
 # --------------------------------------------------------------------------- manifest
-
-
-def _sum_tokens(stats) -> dict[tuple[str, str], dict]:
-    from ray.data.aggregate import Sum
-
-    rows = stats.groupby(["source", "split"]).aggregate(Sum("n_docs"), Sum("n_tokens")).take_all()
-    return {
-        (r["source"], r["split"]): {"documents": r["sum(n_docs)"], "tokens": r["sum(n_tokens)"]}
-        for r in rows
-    }
 
 
 def _manifest(cfg, sources, out: str, counts, token_counts, shard_records, tokenizer) -> dict:
