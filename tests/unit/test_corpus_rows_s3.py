@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from test_feed import upload_corpus
 
 from llamaray import storage
 from llamaray.data.packed_corpus import CorpusRows
@@ -95,13 +96,7 @@ def counting_s3(s3_client, s3_endpoint, monkeypatch):
 
 
 def upload(s3_client, corpus_dir: Path, prefix: str) -> str:
-    if BUCKET not in {b["Name"] for b in s3_client.list_buckets()["Buckets"]}:
-        s3_client.create_bucket(Bucket=BUCKET)
-    for path in corpus_dir.rglob("*"):
-        if path.is_file():
-            key = f"{prefix}/{path.relative_to(corpus_dir).as_posix()}"
-            s3_client.put_object(Bucket=BUCKET, Key=key, Body=path.read_bytes())
-    return f"s3://{BUCKET}/{prefix}"
+    return upload_corpus(s3_client, corpus_dir, prefix, BUCKET)
 
 
 def test_a_call_reads_its_row_groups_from_s3_concurrently(s3_client, corpus_dir, counting_s3):

@@ -520,15 +520,15 @@ def test_same_rows_through_s3(s3_client, corpus_dir):
         CorpusRows.open(f"s3://{BUCKET}/corpora/none")
 
 
-def upload_corpus(s3_client, corpus_dir, prefix: str) -> str:
+def upload_corpus(s3_client, corpus_dir, prefix: str, bucket: str = BUCKET) -> str:
     existing = {b["Name"] for b in s3_client.list_buckets()["Buckets"]}
-    if BUCKET not in existing:
-        s3_client.create_bucket(Bucket=BUCKET)
+    if bucket not in existing:
+        s3_client.create_bucket(Bucket=bucket)
     for path in corpus_dir.rglob("*"):
         if path.is_file():
             key = f"{prefix}/{path.relative_to(corpus_dir).as_posix()}"
-            s3_client.put_object(Bucket=BUCKET, Key=key, Body=path.read_bytes())
-    return f"s3://{BUCKET}/{prefix}"
+            s3_client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
+    return f"s3://{bucket}/{prefix}"
 
 
 @pytest.fixture
