@@ -31,7 +31,7 @@ import torch.distributed as dist
 from llamaray.config import ConfigError, RunConfig
 from llamaray.model.args import ModelArgs
 from llamaray.model.device import pick_device
-from llamaray.model.flops import PEAK_FLOPS, mfu, param_count
+from llamaray.model.flops import device_peak_flops, mfu, param_count
 from llamaray.model.loss import IGNORE_INDEX
 from llamaray.train.batches import open_feed
 from llamaray.train.checkpoint import TrainState, restore_latest
@@ -134,12 +134,9 @@ def _peak_flops(cfg: RunConfig, device: torch.device) -> float | None:
         return cfg.train.peak_tflops * 1e12
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device).lower()
-    dtype = resolve_dtype(cfg.train.dtype, device, cfg.model.args().dim)
-    for key, key_name in (("h100-sxm-bf16", "h100"), ("h200-bf16", "h200"), ("a100-bf16", "a100")):
-        if key_name in name and dtype == "bf16":
-            return PEAK_FLOPS[key]
-    return None
+    if resolve_dtype(cfg.train.dtype, device, cfg.model.args().dim) != "bf16":
+        return None
+    return device_peak_flops(torch.cuda.get_device_name(device), "bf16")
 
 
 def _memory_gb(device: torch.device) -> float:
