@@ -82,6 +82,7 @@ bench-gpu: $(STAMP)  ## one GPU: tokens/s, MFU and checkpoint stall of the 1b pr
 	PYTHONPATH=platform $(PY) -m llamaray.bench.gpu $(BENCH_GPU_ARGS)
 
 mlflow-ui: $(STAMP)  ## the local tracking store of runs under runs/ (make demo's)
+	@echo "MLflow UI at http://127.0.0.1:5000: open the link a run printed, or choose 'Model training' at the top of the sidebar (the browser keeps the choice)"
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///runs/mlflow.db \
 		--default-artifact-root runs/mlartifacts --host 127.0.0.1 --port 5000
 

@@ -34,8 +34,9 @@ def main(argv: list[str]) -> int:
     from llamaray import storage
     from llamaray.model import Llama
     from llamaray.model.generation import SamplingConfig, generate_text
-    from llamaray.orchestrate.pretrain import TrainingStopped, pretrain
+    from llamaray.orchestrate.pretrain import TrainingStopped, pretrain, run_page
     from llamaray.tokenizer import Tokenizer
+    from llamaray.tracking import redact
 
     try:
         result = pretrain(cfg)
@@ -62,7 +63,17 @@ def main(argv: list[str]) -> int:
         f"validation loss {result.metrics.get('val_loss', float('nan')):.4f} at step {result.step}"
     )
     print(f"model (Hugging Face format): {result.model_uri}")
-    print(f"MLflow run {result.mlflow_run_id}: `make mlflow-ui`, then open http://127.0.0.1:5000")
+    if result.registered_model:
+        shown = redact(result.tracking_uri)
+        print(
+            f"registered model: {result.registered_model}; load and generate with:\n"
+            f'  MLFLOW_TRACKING_URI={shown} .venv/bin/python -c "import mlflow; '
+            f"m = mlflow.pyfunc.load_model('{result.registered_model}'); "
+            "print(m.predict(['def main('], params={'temperature': 0.0}))\""
+        )
+    if result.mlflow_run_id:
+        page = run_page(result.tracking_uri, result.mlflow_run_id)
+        print(f"MLflow run {result.mlflow_run_id}: {page}")
     return 0
 
 

@@ -325,7 +325,29 @@ class TrackingConfig(_Section):
         "model's run of a finetune); shown nested under it in the MLflow UI.",
     )
     system_metrics: bool = Field(True, description="CPU/GPU/memory sampled by MLflow.")
-    export_hf: bool = Field(True, description="Log the final model in Hugging Face format.")
+    export_hf: bool = Field(
+        True,
+        description="Export the final model (Hugging Face format, with its tokenizer) to "
+        "the run's storage and log it to MLflow as a model that generates text.",
+    )
+    register_model: bool = Field(
+        True,
+        description="Register the logged model in MLflow's Model Registry as a new version "
+        "of model_name (needs export_hf).",
+    )
+    model_name: str | None = Field(
+        None,
+        description="The registered model; None: the run's name. A finetune gives its "
+        "base's registered model here to add a version to it instead of a model of its own.",
+    )
+
+    @field_validator("model_name")
+    @classmethod
+    def _registrable(cls, value: str | None) -> str | None:
+        # MLflow's own rule for registered model names, said before any cluster work.
+        if value is not None and (not value.strip() or any(c in value for c in "/:")):
+            raise ValueError(f"{value!r} must be non-empty, without '/' or ':'")
+        return value
 
 
 class FaultConfig(_Section):

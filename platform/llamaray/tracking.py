@@ -8,8 +8,12 @@ The driver opens (or finds) the run and records what is known before training: t
 resolved config as parameters, the config file, the corpus manifest, the mixture plan and
 the tokenizer. Rank 0 then logs step metrics into the same run (with MLflow's system
 metrics sampled in its process, on the machine doing the work) and, at the end, the loss
-curve and the model in Hugging Face format. A relaunch of the same run name finds the run
-by its `llamaray.run_name` tag, so resumed steps continue the same curves.
+curve and the final model as an MLflow model, registered in the Model Registry
+(`log_model`; the model itself is `llamaray.pyfunc`). The driver also records the corpus and
+the mixture plan as the run's dataset inputs (`log_dataset`). A relaunch of the same run
+name finds the run by its `llamaray.run_name` tag, so resumed steps continue the same
+curves. Experiments are created as MLflow's model-training kind, and the UI links
+llamaray prints open that view (`ui_link`).
 
 An outage of the tracking server does not stop training (`MetricLogger`): rank 0 hands its
 metrics to a background sender that keeps them (up to `OUTAGE_BUFFER_STEPS` steps) while
@@ -29,10 +33,13 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import tempfile
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from llamaray.console import logger, quiet_mlflow_retries
@@ -218,9 +225,15 @@ def open_run(
         if uri.startswith("sqlite:") or uri.startswith("file:"):
             root = artifact_root or Path(uri.split(":///", 1)[-1]).parent / "mlartifacts"
             location = Path(root).resolve().as_uri()
-        experiment_id = mlflow.create_experiment(experiment, artifact_location=location)
+        experiment_id = mlflow.create_experiment(
+            experiment,
+            artifact_location=location,
+            tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND},
+        )
     else:
         experiment_id = found.experiment_id
+        if EXPERIMENT_KIND_TAG not in found.tags:  # made before llamaray tagged, or by hand
+            mlflow.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
     tags = {RUN_NAME_TAG: run_name}
     if parent_run_id:
         tags[PARENT_TAG] = parent_run_id
@@ -264,6 +277,173 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     client(uri).set_terminated(run_id, status)
 
 
+MODEL_NAME = "model"
+"""The name of a run's MLflow model (its final model, logged by rank 0)."""
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+"""MLflow 3's kind for experiments whose runs train models (its UI's "Model training" view,
+with runs, charts and the model registry) rather than GenAI apps (traces, evaluations).
+Set on every experiment llamaray creates; earlier MLflow 3 UIs open an experiment in the
+view its kind names, 3.17's in the view the browser chose (`ui_link` asks for it)."""
+
+
+def ui_link(ui: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI's page of an experiment (or of one of its runs) at `ui` (the server's
+    or `mlflow ui`'s address), in the UI's model-training view. MLflow 3.17's UI picks the
+    view per browser (its GenAI / Model training switch, GenAI at first) and ignores the
+    experiment's kind tag, so the link asks for the view itself."""
+    page = f"experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{redact(ui.rstrip('/'))}/#/{page}?workflowType=machine_learning"
+
+
+@dataclass
+class RegisteredModel:
+    """Where a logged model is: `model_uri` (`models:/m-...`, the logged model itself) and,
+    when it was registered, `name` and `version` in the Model Registry."""
+
+    model_uri: str
+    model_id: str
+    name: str | None = None
+    version: str | None = None
+
+    @property
+    def registry_uri(self) -> str | None:
+        """`models:/<name>/<version>`, what `mlflow.pyfunc.load_model` takes."""
+        return f"models:/{self.name}/{self.version}" if self.name else None
+
+
+def log_model(
+    uri: str,
+    run_id: str,
+    folder: str | Path,
+    registered_name: str | None = None,
+    tags: dict[str, str] | None = None,
+    step: int = 0,
+) -> RegisteredModel:
+    """Log the exported model `folder` (Hugging Face format with `tokenizer.model`) as the
+    run's MLflow model `MODEL_NAME`: a pyfunc that generates text (`llamaray.pyfunc`), its
+    weights the folder's files, copied as they are (never loaded into this process's
+    memory), llamaray's code inside it. Registered as a new version of `registered_name` in
+    the Model Registry when given (the registered model is created on first use), with
+    `tags` on the logged model and the version."""
+    import mlflow
+    from mlflow.models import Model
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    from llamaray import pyfunc
+
+    experiment_id = client(uri).get_run(run_id).info.experiment_id
+    with (
+        tempfile.TemporaryDirectory(prefix="llamaray-mlflow-model-") as tmp,
+        _use_tracking_uri(uri),  # MLflow's model logging reads the global URI
+        _env("MLFLOW_EXPERIMENT_ID", experiment_id),  # ... and experiment
+        _env("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"),  # bars in a worker's log
+        warnings.catch_warnings(),
+    ):
+        # MLflow advises an input example and type hints on predict. An example would make it
+        # load the model and generate while logging (the whole model in this process's
+        # memory); the signature already says what goes in and out.
+        warnings.filterwarnings("ignore", message=".*(input example|type hints).*")
+        entry = Path(tmp) / "llamaray_model.py"
+        entry.write_text(pyfunc.ENTRY_SCRIPT)
+        info = Model.log(
+            artifact_path=None,
+            name=MODEL_NAME,
+            flavor=mlflow.pyfunc,
+            run_id=run_id,
+            step=step,
+            python_model=str(entry),
+            artifacts={pyfunc.HF_ARTIFACT: str(folder)},
+            code_paths=[pyfunc.code_path()],
+            pip_requirements=pyfunc.requirements(),
+            signature=pyfunc.signature(),
+            registered_model_name=registered_name,
+            tags=tags,
+        )
+    return RegisteredModel(
+        info.model_uri,
+        info.model_id,
+        registered_name if info.registered_model_version else None,
+        str(info.registered_model_version) if info.registered_model_version else None,
+    )
+
+
+def registered_versions(uri: str, run_id: str) -> list[RegisteredModel]:
+    """The Model Registry's versions made from `run_id`'s models, oldest first."""
+    versions = client(uri).search_model_versions(f"run_id = '{run_id}'")
+    found = [
+        RegisteredModel(v.source, v.source.removeprefix("models:/"), v.name, str(v.version))
+        for v in versions
+    ]
+    return sorted(found, key=lambda m: (m.name or "", int(m.version or 0)))
+
+
+DATASET_CONTEXT_TAG = "mlflow.data.context"  # MLflow's tag for what a run used a dataset for
+
+
+def log_dataset(
+    uri: str,
+    run_id: str,
+    *,
+    name: str,
+    digest: str,
+    source: str,
+    profile: dict,
+    context: str,
+    tensors: dict[str, tuple[str, tuple[int, ...]]] | None = None,
+) -> None:
+    """Record a dataset the run used as one of its MLflow inputs: `name` and `digest` (what
+    the UI shows and compares runs by), `source` (where it is: a local path or s3:// URI),
+    `profile` (a summary: sources, token counts), `tensors` (its columns: name -> numpy
+    dtype and shape, -1 for any length) and `context` ("training", ...). Logging the same
+    dataset again (a relaunch) adds nothing: MLflow keeps one input per name, digest and
+    context."""
+    import json
+
+    import numpy as np
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.types.schema import Schema, TensorSpec
+
+    schema = None
+    if tensors:
+        specs = [TensorSpec(np.dtype(t), shape, n) for n, (t, shape) in tensors.items()]
+        schema = {"mlflow_colspec": Schema(specs).to_dict()}
+
+    dataset = Dataset(
+        name=name,
+        digest=digest[:36],  # MLflow's limit
+        source_type="s3" if source.startswith("s3://") else "local",
+        source=json.dumps({"uri": redact(source)}),
+        schema=json.dumps(schema) if schema else None,
+        profile=json.dumps(profile),
+    )
+    tags = [InputTag(DATASET_CONTEXT_TAG, context)]
+    client(uri).log_inputs(run_id, datasets=[DatasetInput(dataset, tags)])
+
+
+def dataset_inputs(uri: str, run_id: str) -> list[tuple[str, str, str]]:
+    """(name, digest, context) of each dataset the run recorded as an input."""
+    inputs = client(uri).get_run(run_id).inputs
+    found = []
+    for entry in inputs.dataset_inputs if inputs else []:
+        tags = {t.key: t.value for t in entry.tags}
+        found.append((entry.dataset.name, entry.dataset.digest, tags.get(DATASET_CONTEXT_TAG)))
+    return found
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
 OUTAGE_BUFFER_STEPS = 10_000
 """Steps of metrics rank 0 keeps while the tracking server is away (about 15 numbers a step:
 a few MB). Past it the oldest are dropped, counted and said."""
@@ -300,6 +480,7 @@ class MetricLogger:
         self._limits.enter_context(bounded_requests())
         quiet_mlflow_retries()  # the sender says an outage once, not urllib3 at every retry
         self.client = client(uri)
+        self.uri = uri
         self.run_id = run_id
         self.flush_s = flush_s
         self._sender = _Sender(uri, run_id, buffer_steps)
@@ -361,6 +542,30 @@ class MetricLogger:
             self._sender.outage(err, f"artifact {where} is not logged")
             return False
         return True
+
+    def model(
+        self, folder: Path, registered_name: str | None, tags: dict[str, str], step: int
+    ) -> RegisteredModel | None:
+        """Log the exported model as the run's MLflow model and register it under
+        `registered_name` (`log_model`); None, with a warning, when the server does not
+        answer or refuses (the run's storage keeps the exported folder)."""
+        if self._sender.down:
+            logger("tracking").warning("MLflow is away: the model is not logged")
+            return None
+        try:
+            logged = log_model(self.uri, self.run_id, folder, registered_name, tags, step)
+        except Exception as err:
+            reason = redact(str(err)).splitlines()[0][:300] if str(err) else type(err).__name__
+            logger("tracking").warning(
+                f"the model was not logged to MLflow ({reason}); it is in the run's storage"
+            )
+            return None
+        if logged.version:
+            logger("tracking").info(
+                f"registered model {logged.name!r} version {logged.version}: load it with "
+                f"mlflow.pyfunc.load_model({logged.registry_uri!r})"
+            )
+        return logged
 
     def finish(self, status: str = "FINISHED") -> None:
         """Stop system metrics, send what is queued and then the run's `status`, waiting up

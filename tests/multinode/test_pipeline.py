@@ -49,7 +49,7 @@ import pytest
 from matplotlib import image
 
 from llamaray.config import load_config
-from llamaray.tracking import PARENT_TAG, RUN_NAME_TAG
+from llamaray.tracking import PARENT_TAG, RUN_NAME_TAG, dataset_inputs
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.multinode, pytest.mark.ray, pytest.mark.slow]
@@ -242,10 +242,17 @@ def test_pretrain_places_one_worker_on_each_node_with_corpus_and_checkpoints_in_
     assert any(k.startswith(f"{CHECKPOINTS}/p/hf/") for k in keys), keys[:50]  # the export
     # Rank 0 on a worker node logged the run's artifacts through the server into S3.
     artifacts = {a.path for a in _mlflow(cluster).list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "loss_curve.png", "model", "tokenizer"} <= artifacts, artifacts
-    stored = [k for k in _keys(cluster, "runs/", bucket="mlflow-artifacts") if run.info.run_id in k]
-    for name in ("loss_curve.png", "model.safetensors"):
-        assert any(k.endswith(f"/{name}") for k in stored), (name, stored)
+    assert {"config.yaml", "loss_curve.png", "tokenizer"} <= artifacts, artifacts
+    # ... and its final model, registered as the run's name, its weights in S3 too.
+    version = _mlflow(cluster).get_model_version("p", "1")
+    assert version.run_id == run.info.run_id
+    model_id = version.source.removeprefix("models:/")
+    stored = _keys(cluster, "runs/", bucket="mlflow-artifacts")
+    for owner, name in ((run.info.run_id, "loss_curve.png"), (model_id, "model.safetensors")):
+        assert any(owner in k and k.endswith(f"/{name}") for k in stored), (name, stored)
+    # The corpus and its mixture are the run's dataset inputs.
+    inputs = {(n, c) for n, _, c in dataset_inputs(cluster.mlflow_uri, run.info.run_id)}
+    assert inputs == {("corpus", "training"), ("corpus-mixture", "mixture")}, inputs
     # Where the two training workers ran: one on each worker node (none on the head).
     placed = _train_worker_nodes(cluster, job)
     assert sorted(placed) == sorted(n.node_id for n in cluster.nodes), placed
@@ -363,7 +370,12 @@ def test_finetune_lowers_the_heldout_loss_of_the_pretrained_run_with_a_driver_lo
     before, after = val[0][0], val[FINETUNE_STEPS][0]
     assert after < 0.7 * before, (before, after)  # an untouched model stays at 1.0 x
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "data", "tokenizer", "model", "loss_curve.png"} <= artifacts
+    assert {"config.yaml", "data", "tokenizer", "loss_curve.png"} <= artifacts
+    # A model of its own in the registry (not a version of the base's), from this run.
+    assert client.get_model_version("ft", "1").run_id == run.info.run_id
+    assert [v.version for v in client.search_model_versions("name = 'p'")] == ["1"]
+    inputs = dataset_inputs(cluster.mlflow_uri, run.info.run_id)
+    assert [(n, c) for n, _, c in inputs] == [("train.jsonl", "training")], inputs
     # The base run is left as it was: still one run of that name, finished, not reopened.
     assert _run(cluster, "p").info.run_id == base
     assert client.get_run(base).info.status == "FINISHED"

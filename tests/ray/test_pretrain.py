@@ -15,6 +15,8 @@ from MLflow, where rank 0 logged them.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -46,13 +48,55 @@ def test_loss_falls_and_run_is_tracked(reference, root):
     for key in ("lr", "grad_norm", "tokens_per_s", "memory_gb", "val_loss"):
         assert key in run.data.metrics, key
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "data", "tokenizer", "model", "loss_curve.png"} <= artifacts
-    model_files = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
-    assert {"model/config.json", "model/tokenizer.model"} <= model_files
+    assert {"config.yaml", "data", "tokenizer", "loss_curve.png"} <= artifacts
 
     # The exported model is the trained one: it scores held-out text like the run said.
     exported = Llama.from_pretrained(reference.model_uri)
     assert all(torch.isfinite(p).all() for p in exported.parameters())
+
+
+def test_run_registers_its_model_and_records_its_corpus_and_mixture(reference):
+    """The final model is the run's MLflow model, registered under the run's name: loaded
+    through MLflow it generates what the exported folder generates. The corpus and the
+    mixture plan are the run's dataset inputs, by digest."""
+    import json
+
+    import mlflow
+
+    from llamaray import storage, tracking
+    from llamaray.model.generation import SamplingConfig, generate_text
+    from llamaray.tokenizer import Tokenizer
+
+    assert reference.registered_model == "models:/reference/1"
+    client = MlflowClient(reference.tracking_uri)
+    version = client.get_model_version("reference", "1")
+    assert version.run_id == reference.mlflow_run_id
+    assert version.tags["llamaray.run_name"] == "reference"
+    outputs = client.get_run(reference.mlflow_run_id).outputs.model_outputs
+    assert [o.step for o in outputs] == [STEPS]
+
+    mlflow.set_tracking_uri(reference.tracking_uri)
+    try:
+        served = mlflow.pyfunc.load_model(reference.registered_model)
+        texts = served.predict(["def "], params={"temperature": 0.0, "max_new_tokens": 8})
+    finally:
+        mlflow.set_tracking_uri(None)
+    with storage.local_copy(reference.model_uri) as folder:
+        expected = generate_text(
+            Llama.from_pretrained(folder),
+            Tokenizer(folder / "tokenizer.model"),
+            ["def "],
+            SamplingConfig(max_new_tokens=8, temperature=0.0),
+        )
+    assert texts == expected
+
+    run_id = reference.mlflow_run_id
+    inputs = {(n, c): d for n, d, c in tracking.dataset_inputs(reference.tracking_uri, run_id)}
+    manifest = json.loads(Path(client.download_artifacts(run_id, "data/manifest.json")).read_text())
+    assert inputs[(manifest["name"], "training")] == manifest["digest"]
+    assert (f"{manifest['name']}-mixture", "mixture") in inputs
+    experiment = client.get_experiment(client.get_run(reference.mlflow_run_id).info.experiment_id)
+    assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == tracking.MODEL_TRAINING_KIND
 
 
 def test_tensor_parallel_workers_match_data_parallel_and_a_nan_stop_ends_the_run(reference, root):

@@ -139,6 +139,29 @@ def corpus_digest(manifest: Mapping[str, Any]) -> str:
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
+def corpus_profile(manifest: Mapping[str, Any]) -> dict:
+    """The corpus in numbers (MLflow's dataset profile): its version, `seq_len`, vocabulary,
+    and per source the documents kept and dropped and each split's tokens and rows, with
+    the totals."""
+    sources = {}
+    for name, entry in manifest["sources"].items():
+        splits = entry["splits"]
+        sources[name] = {
+            "documents_kept": entry.get("kept"),
+            "documents_dropped": sum((entry.get("dropped") or {}).values()),
+            **{f"{split}_tokens": part["tokens"] for split, part in splits.items()},
+            **{f"{split}_rows": part["rows"] for split, part in splits.items()},
+        }
+    return {
+        "version": manifest.get("version"),
+        "seq_len": manifest["seq_len"],
+        "vocab_size": manifest["tokenizer"].get("vocab_size"),
+        "train_tokens": sum(s.get("train_tokens", 0) for s in sources.values()),
+        "train_rows": sum(s.get("train_rows", 0) for s in sources.values()),
+        "sources": sources,
+    }
+
+
 def switch_to(corpus: str, version: str, own: Mapping, pointer: Mapping) -> None:
     """Make `version` the corpus's current one: its own manifest `own`, then the pointer
     `pointer` (its paths relative to `corpus`), each one object written whole. Call only

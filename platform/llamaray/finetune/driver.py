@@ -161,6 +161,22 @@ def open_finetune_tracking(cfg: RunConfig, plan: FinetunePlan) -> tuple[str, str
     return run_id, parent
 
 
+def record_instruction_dataset(cfg: RunConfig, plan: FinetunePlan, run_id: str, digest: str):
+    """The instruction set (by the digest of its tokenized examples, the run's course) as
+    the MLflow run's dataset input, with its counts per split."""
+    from llamaray import tracking
+
+    tracking.log_dataset(
+        plan.tracking_uri,
+        run_id,
+        name=cfg.finetune.train_file.rstrip("/").rsplit("/", 1)[-1],
+        digest=digest,
+        source=cfg.finetune.train_file,
+        profile=plan.data.stats(),
+        context="training",
+    )
+
+
 # ------------------------------------------------------------------------------ driver
 
 
@@ -245,6 +261,7 @@ def finetune(cfg: RunConfig, callbacks: Sequence = ()):
     if plan.tracking_uri:
         run_id, parent = open_finetune_tracking(cfg, plan)
         log.info(f"MLflow run {run_id}" + (f", a child of {parent}" if parent else ""))
+        record_instruction_dataset(cfg, plan, run_id, digest)
         record_course_changes(plan.tracking_uri, run_id, changes)
     spec = WorkerSpec(
         cfg.model_dump(),

@@ -56,6 +56,9 @@ class PretrainResult:
     mlflow_run_id: str | None
     paused: str | None = None
     """Set when the launch ended at train.stop_at_step: relaunch to continue."""
+    registered_model: str | None = None
+    """The final model's version in MLflow's Model Registry, `models:/<name>/<version>`
+    (`mlflow.pyfunc.load_model` takes it); None when not registered."""
 
 
 def corpus_for(cfg: RunConfig) -> str:
@@ -162,11 +165,48 @@ def open_tracking(cfg: RunConfig, corpus_dir: str, manifest: dict, plan: dict | 
     if plan is not None:
         client.log_dict(run_id, plan, "data/mixture.json")
     client.set_tag(run_id, "llamaray.corpus", corpus_dir)
+    record_datasets(uri, run_id, corpus_dir, manifest, plan)
     tokenizer = tokenizer_location(corpus_dir, manifest)
     if storage.exists(tokenizer):
         with storage.local_copy(tokenizer) as local:
             client.log_artifact(run_id, str(local), "tokenizer")
     return uri, run_id
+
+
+def record_datasets(
+    uri: str, run_id: str, corpus_dir: str, manifest: dict, plan: dict | None
+) -> None:
+    """The corpus (by its content digest, with its sources' token counts) and, when the run
+    has one, its mixture plan (by a digest of the plan) as the MLflow run's dataset inputs:
+    the UI shows them on the run and lets runs be compared by them."""
+    import json
+
+    from llamaray import tracking
+    from llamaray.data.corpus_layout import corpus_profile
+
+    name = manifest.get("name") or "corpus"
+    tracking.log_dataset(
+        uri,
+        run_id,
+        name=name,
+        digest=corpus_digest(manifest),
+        source=corpus_dir,
+        profile=corpus_profile(manifest),
+        context="training",
+        # A row: seq_len + 1 token ids (the inputs and, shifted by one, the targets).
+        tensors={"tokens": ("int32", (-1, manifest["seq_len"] + 1))},
+    )
+    if plan is not None:
+        text = json.dumps(plan, sort_keys=True)
+        tracking.log_dataset(
+            uri,
+            run_id,
+            name=f"{name}-mixture",
+            digest=hashlib.blake2b(text.encode(), digest_size=16).hexdigest(),
+            source=corpus_dir,
+            profile=plan,
+            context="mixture",
+        )
 
 
 def pretrain(cfg: RunConfig, callbacks: Sequence = ()) -> PretrainResult:
@@ -329,9 +369,48 @@ def launch(
             f"paused at step {out.step} of {cfg.train.steps}; relaunch {cfg.name!r} to go on"
         )
         log.info(out.paused)
+    if out.model_uri and run_id:
+        out.registered_model = registered_model(uri, run_id)
     if uri:
-        log.info(f"tracked in MLflow run {run_id} ({redact(uri)}); browse with: make mlflow-ui")
+        log.info(f"tracked in MLflow run {run_id} ({redact(uri)}): {run_page(uri, run_id)}")
     return out
+
+
+LOCAL_UI = "http://127.0.0.1:5000"
+"""Where `make mlflow-ui` serves the local store's UI."""
+
+
+def run_page(uri: str, run_id: str) -> str:
+    """How to see the run in the MLflow UI: its page on the tracking server, or for a local
+    store, `make mlflow-ui` and the page there."""
+    from llamaray import tracking
+
+    try:
+        with tracking.bounded_requests():
+            experiment = tracking.client(uri).get_run(run_id).info.experiment_id
+    except Exception:
+        return "the MLflow server does not answer"
+    if uri.startswith(("http://", "https://")):
+        return tracking.ui_link(uri, experiment, run_id)
+    return f"run `make mlflow-ui`, then open {tracking.ui_link(LOCAL_UI, experiment, run_id)}"
+
+
+def registered_model(uri: str, run_id: str) -> str | None:
+    """`models:/<name>/<version>` of the newest registered version of the run's model (rank 0
+    registered it), said with how to load it; None, quietly, when there is none."""
+    from llamaray import tracking
+
+    try:
+        with tracking.bounded_requests():
+            versions = tracking.registered_versions(uri, run_id)
+    except Exception as err:
+        log.warning(f"MLflow: the registered model is not known ({redact(str(err))[:300]})")
+        return None
+    if not versions:
+        return None
+    newest = versions[-1].registry_uri
+    log.info(f"the model is registered as {newest}: mlflow.pyfunc.load_model({newest!r})")
+    return newest
 
 
 def settle_status(uri: str, run_id: str, status: str) -> None:

@@ -27,12 +27,18 @@ def publish_model(
     tokenizer: str | None,
     run_dir: str,
     tracker=None,
+    *,
+    register_as: str | None = None,
+    tags: dict[str, str] | None = None,
+    step: int = 0,
 ) -> str | None:
     """Export the model (collective) and, on rank 0, put the folder into the run's storage
-    at `model_uri(run_dir)` (replacing an earlier export) and into MLflow as `model` (not
-    while the tracking server is away: the tracker warns, the storage copy stands). The
-    folder is written to a temporary directory on rank 0's node and removed after: nothing
-    is left on a disk only that node has. Returns the model's URI on rank 0, else None."""
+    at `model_uri(run_dir)` (replacing an earlier export) and into MLflow as the run's model
+    (`tracking.log_model`: a pyfunc that generates text), registered as a new version of
+    `register_as` when given (not while the tracking server is away: the tracker warns, the
+    storage copy stands). The folder is written to a temporary directory on rank 0's node
+    and removed after: nothing is left on a disk only that node has. Returns the model's
+    URI on rank 0, else None."""
     from llamaray import storage
 
     with tempfile.TemporaryDirectory(prefix="llamaray-export-") as tmp:
@@ -43,8 +49,33 @@ def publish_model(
         storage.delete_tree(target)
         storage.upload(folder, target)
         if tracker:
-            tracker.artifact(folder, "model")
+            tracker.flush()  # the model records the run's metrics at `step`: send them first
+            tracker.model(folder, register_as, tags or {}, step)
     return target
+
+
+def registered_name(cfg) -> str | None:
+    """The Model Registry name a run's final model is registered under: `tracking.model_name`,
+    else the run's name; None when `tracking.register_model` is off. A finetune is a model of
+    its own unless `tracking.model_name` names its base's (then it is that model's next
+    version): its weights and prompt format differ from the base's, so "the latest version"
+    of the base must not silently become the finetune."""
+    if not cfg.tracking.register_model:
+        return None
+    return cfg.tracking.model_name or cfg.name
+
+
+def model_tags(cfg, data_digest: str | None) -> dict[str, str]:
+    """What the logged model and its registered version are tagged with: the run that made
+    it, its preset and data (by content), and for a finetune, its base."""
+    from llamaray.tracking import RUN_NAME_TAG
+
+    tags = {RUN_NAME_TAG: cfg.name, "llamaray.model.preset": str(cfg.model.preset)}
+    if data_digest:
+        tags["llamaray.data_digest"] = data_digest
+    if cfg.finetune is not None:
+        tags["llamaray.finetune.base"] = cfg.finetune.base
+    return tags
 
 
 def export_hf(

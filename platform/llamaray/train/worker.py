@@ -39,7 +39,7 @@ from llamaray.train.course import check_course, data_digest, trajectory
 from llamaray.train.faults import maybe_kill
 from llamaray.train.launcher import Launcher
 from llamaray.train.optim import build_optimizer
-from llamaray.train.outputs import log_loss_curve, publish_model
+from llamaray.train.outputs import log_loss_curve, model_tags, publish_model, registered_name
 from llamaray.train.precision import resolve_dtype
 from llamaray.train.progress import progress_line, rank0_console
 from llamaray.train.schedule import lr_at
@@ -320,7 +320,17 @@ def run_worker(spec: WorkerSpec, launcher: Launcher) -> WorkerResult:
         launcher.wait_for_checkpoints()
         complete = stopped is None and state.step == t.steps
         if complete and cfg.tracking.export_hf:
-            publish_model(model, args, rank, feed.tokenizer_path, spec.run_dir, tracker)
+            publish_model(
+                model,
+                args,
+                rank,
+                feed.tokenizer_path,
+                spec.run_dir,
+                tracker,
+                register_as=registered_name(cfg),
+                tags=model_tags(cfg, spec.data_digest),
+                step=state.step,
+            )
         if tracker:
             log_loss_curve(tracker, history, cfg.name)
     except BaseException:
