@@ -325,14 +325,19 @@ def log_model(
     weights the folder's files, copied as they are (never loaded into this process's
     memory), llamaray's code inside it. Registered as a new version of `registered_name` in
     the Model Registry when given (the registered model is created on first use), with
-    `tags` on the logged model and the version."""
+    `tags` on the logged model and the version. The run's model of `step` is logged once:
+    when the run has one already (a finished run launched again), that one is returned."""
     import mlflow
     from mlflow.models import Model
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
     from llamaray import pyfunc
 
-    experiment_id = client(uri).get_run(run_id).info.experiment_id
+    run = client(uri).get_run(run_id)
+    for output in run.outputs.model_outputs if run.outputs else []:
+        if output.step == step:  # a relaunch of a finished run: this step's model is logged
+            return _already_logged(uri, run_id, output.model_id)
+    experiment_id = run.info.experiment_id
     with (
         tempfile.TemporaryDirectory(prefix="llamaray-mlflow-model-") as tmp,
         _use_tracking_uri(uri),  # MLflow's model logging reads the global URI
@@ -366,6 +371,14 @@ def log_model(
         registered_name if info.registered_model_version else None,
         str(info.registered_model_version) if info.registered_model_version else None,
     )
+
+
+def _already_logged(uri: str, run_id: str, model_id: str) -> RegisteredModel:
+    """The logged model `model_id` of `run_id`, with its newest registered version if any."""
+    versions = [m for m in registered_versions(uri, run_id) if m.model_id == model_id]
+    if versions:
+        return versions[-1]
+    return RegisteredModel(f"models:/{model_id}", model_id)
 
 
 def registered_versions(uri: str, run_id: str) -> list[RegisteredModel]:

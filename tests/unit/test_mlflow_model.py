@@ -101,8 +101,11 @@ def test_registered_model_generates_what_llamaray_generate_prints(exported, stor
     weights = next(f for f in files if f.path.endswith("model.safetensors"))
     assert weights.file_size == (exported / "model.safetensors").stat().st_size
 
-    # A second logged model of the same name is the next version; the driver finds the newest.
-    tracking.log_model(uri, run_id, exported, "demo")
+    # A finished run launched again logs and registers nothing new for the same step ...
+    assert tracking.log_model(uri, run_id, exported, "demo", step=7) == logged
+    assert len(client.get_run(run_id).outputs.model_outputs) == 1
+    # ... a later step's model is the next version; the driver finds the newest.
+    tracking.log_model(uri, run_id, exported, "demo", step=9)
     found = tracking.registered_versions(uri, run_id)
     assert [(m.name, m.version) for m in found] == [("demo", "1"), ("demo", "2")]
 
