@@ -573,12 +573,7 @@ class MetricLogger:
                 f"the model was not logged to MLflow ({reason}); it is in the run's storage"
             )
             return None
-        if logged.version:
-            logger("tracking").info(
-                f"registered model {logged.name!r} version {logged.version}: load it with "
-                f"mlflow.pyfunc.load_model({logged.registry_uri!r})"
-            )
-        return logged
+        return logged  # the driver says where it is registered
 
     def finish(self, status: str = "FINISHED") -> None:
         """Stop system metrics, send what is queued and then the run's `status`, waiting up
