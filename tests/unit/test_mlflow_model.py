@@ -256,3 +256,46 @@ def test_mlflow_ui_shows_the_registered_model_and_the_runs_datasets(
         finally:
             browser.close()
     assert all((shots / name).stat().st_size > 10_000 for name in pages)
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_with_the_models_continuations(
+    exported, tmp_path, server_process, serving, loopback_port
+):
+    """`mlflow models serve` on the registered model (in the current environment) answers
+    a REST request with the continuations `predict` gives in process."""
+    import urllib.request
+
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id, _ = tracking.open_run(uri, "llamaray", "served", artifact_root=tmp_path / "a")
+    logged = tracking.log_model(uri, run_id, exported, "served")
+    request = {"inputs": PROMPTS, "params": {"temperature": 0.0, "max_new_tokens": 6}}
+    mlflow.set_tracking_uri(uri)
+    try:
+        model = mlflow.pyfunc.load_model(logged.registry_uri)
+        expected = model.predict(PROMPTS, params=request["params"])
+    finally:
+        mlflow.set_tracking_uri(None)
+    port = loopback_port()
+    bin_dir = Path(sys.executable).parent  # its scoring server runs `uvicorn` from PATH
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    command = [str(bin_dir / "mlflow"), "models", "serve", "-m", logged.registry_uri]
+    server = server_process(
+        [*command, "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+        tmp_path / "serve.log",
+        env,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        serving(f"{url}/ping", server, 120, "mlflow models serve")
+        post = urllib.request.Request(
+            f"{url}/invocations",
+            data=json.dumps(request).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(post, timeout=120) as answer:
+            assert json.loads(answer.read()) == {"predictions": expected}
+    finally:
+        server_process.stop(server)
