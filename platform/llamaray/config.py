@@ -114,9 +114,105 @@ class TokenizerConfig(_Section):
     vocab_size: int = Field(32000, gt=259, description="Pieces when training (the paper: 32000).")
 
 
+WIKIPEDIA_LANGUAGES: tuple[str, ...] = (
+    "bg", "ca", "cs", "da", "de", "en", "es", "fr", "hr", "hu",
+    "it", "nl", "pl", "pt", "ro", "ru", "sl", "sr", "sv", "uk",
+)  # fmt: skip
+"""The paper's 20 Wikipedia languages (Touvron et al. 2023, section 2.1: "covering 20
+languages, which use either the Latin or Cyrillic scripts")."""
+
+STACKEXCHANGE_SITES: tuple[str, ...] = (
+    "stackoverflow.com", "math.stackexchange.com", "superuser.com", "serverfault.com",
+    "askubuntu.com", "unix.stackexchange.com", "physics.stackexchange.com",
+    "electronics.stackexchange.com", "tex.stackexchange.com", "stats.stackexchange.com",
+    "english.stackexchange.com", "mathoverflow.net", "apple.stackexchange.com",
+    "gis.stackexchange.com", "ell.stackexchange.com", "gaming.stackexchange.com",
+    "salesforce.stackexchange.com", "softwareengineering.stackexchange.com",
+    "codereview.stackexchange.com", "wordpress.stackexchange.com",
+    "magento.stackexchange.com", "dba.stackexchange.com", "sharepoint.stackexchange.com",
+    "scifi.stackexchange.com", "diy.stackexchange.com", "android.stackexchange.com",
+    "mathematica.stackexchange.com", "security.stackexchange.com",
+)  # fmt: skip
+"""The 28 largest Stack Exchange sites (the paper, section 2.1: "We kept the data from the 28
+largest websites"; it does not name them). RedPajama-Data v1 takes the first 28 of the dump's
+sites ordered by posts (questions + answers, `data_prep/stack_exchange/count.py`); this list is
+that ranking for the 2023 archive.org dump as far as we could establish it without the dump:
+recount with your own dump and set `stackexchange_sites` when it differs."""
+
+_SITE = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)+")
+_LANGUAGE = re.compile(r"[a-z]{2,3}(-[a-z]+)*")
+
+
+class SourceDedupConfig(_Section):
+    """Which deduplication runs on one source (`CorpusConfig.dedup.sources[name]`). Sources
+    are deduplicated independently, as the paper does (section 2.1)."""
+
+    lines: bool = Field(
+        False,
+        description="CCNet line dedup (Wenzek et al. 2020, section 3.2): every copy of a line "
+        "(normalized) that occurs more than once within a group of line_group_shards input "
+        "files is removed; a document left empty is dropped. The paper's: commoncrawl.",
+    )
+    line_group_shards: int = Field(
+        50,
+        ge=0,
+        description="Input files (CCNet's shards) whose lines are deduplicated together, in "
+        "the order the source lists them; 0: all of the source's files form one group. "
+        "CCNet's default (mine.py hash_in_mem) is 50.",
+    )
+    exact: bool = Field(
+        False,
+        description="Exact file-level dedup: of the documents with the same text (after the "
+        "cleaning, license header stripped) one is kept. The paper's: github.",
+    )
+    overlap: float | None = Field(
+        None,
+        ge=0.5,
+        le=1.0,
+        description="Near-duplicate removal: a document sharing more than this fraction of "
+        "its content (Jaccard similarity of word 5-gram sets, checked exactly) with a kept "
+        "one is dropped. The paper's: books at 0.9. None: off. At least 0.5, where MinHash "
+        "banding still finds candidate pairs reliably.",
+    )
+
+
+PAPER_DEDUP: dict[str, dict[str, Any]] = {
+    "commoncrawl": {"lines": True},
+    "github": {"exact": True},
+    "books": {"overlap": 0.9},
+}
+"""The paper's per-source deduplication (section 2.1); other sources get none by default."""
+
+
 class DedupConfig(_Section):
-    enabled: bool = Field(True, description="Exact (content hash) and near (MinHash LSH) dedup.")
-    near_threshold: float = Field(0.8, gt=0, le=1, description="Estimated Jaccard to drop at.")
+    enabled: bool = Field(True, description="False: no deduplication at all.")
+    sources: dict[str, SourceDedupConfig] = Field(
+        default_factory=lambda: {k: SourceDedupConfig(**v) for k, v in PAPER_DEDUP.items()},
+        description="Per-source dedup. The paper's (PAPER_DEDUP) apply unless a key is set: "
+        "`dedup.sources.books.overlap=0.95` changes the books threshold only, "
+        "`dedup.sources.wikipedia.overlap=0.8` adds near-dedup to wikipedia.",
+    )
+    cross_source: bool = Field(
+        False,
+        description="Also remove exact and near duplicates across all sources (content hash, "
+        "then MinHash Jaccard >= near_threshold, `data.dedup`); the paper does not, so off.",
+    )
+    near_threshold: float = Field(
+        0.8, gt=0, le=1, description="Estimated Jaccard of the cross-source pass."
+    )
+
+    @field_validator("sources", mode="before")
+    @classmethod
+    def _over_the_papers(cls, given: Any) -> Any:
+        # A source's given keys change the paper's defaults for it; they never drop them.
+        if not isinstance(given, dict):
+            return given
+        merged: dict[str, Any] = {k: dict(v) for k, v in PAPER_DEDUP.items()}
+        for name, value in given.items():
+            if isinstance(value, SourceDedupConfig):
+                value = value.model_dump(exclude_unset=True)
+            merged[name] = {**merged.get(name, {}), **value} if isinstance(value, dict) else value
+        return merged
 
 
 class CorpusConfig(_Section):
@@ -145,6 +241,18 @@ class CorpusConfig(_Section):
         "held whole. It bounds a reading task's memory: ~12 bytes a character.",
     )
     dedup: DedupConfig = Field(default_factory=DedupConfig)
+    wikipedia_languages: list[str] = Field(
+        default_factory=lambda: list(WIKIPEDIA_LANGUAGES),
+        description="Wikipedia languages kept (the record's meta language, or its url's "
+        "<lang>.wikipedia.org); others are dropped as wikipedia_language. Default: the "
+        "paper's 20. Empty: every language.",
+    )
+    stackexchange_sites: list[str] = Field(
+        default_factory=lambda: list(STACKEXCHANGE_SITES),
+        description="Stack Exchange sites kept (the record's meta site, or its url's host); "
+        "others are dropped as stackexchange_site. Default: the paper's 28 largest. Empty: "
+        "every site.",
+    )
     github_extra_licenses: list[str] = Field(
         default_factory=list,
         description="Licenses accepted besides the paper's MIT/BSD/Apache (e.g. PSF-2.0).",
@@ -168,6 +276,28 @@ class CorpusConfig(_Section):
     @classmethod
     def _a_name(cls, value: str) -> str:
         return check_name(value)
+
+    @field_validator("wikipedia_languages")
+    @classmethod
+    def _language_codes(cls, codes: list[str]) -> list[str]:
+        bad = [c for c in codes if not _LANGUAGE.fullmatch(c)]
+        if bad:
+            raise ValueError(
+                f"{', '.join(map(repr, bad))}: not a Wikipedia language code (lowercase, as "
+                "in <code>.wikipedia.org, e.g. en, fr, zh-yue)"
+            )
+        return codes
+
+    @field_validator("stackexchange_sites")
+    @classmethod
+    def _site_names(cls, sites: list[str]) -> list[str]:
+        bad = [s for s in sites if not _SITE.fullmatch(s)]
+        if bad:
+            raise ValueError(
+                f"{', '.join(map(repr, bad))}: not a site host name (lowercase, e.g. "
+                "math.stackexchange.com, stackoverflow.com)"
+            )
+        return sites
 
     @field_validator("sources")
     @classmethod

@@ -114,8 +114,15 @@ class TokenizerTrainSpec:
     """Id of </s>, the end-of-sequence token."""
     pad_id: int = -1
     """-1: no padding piece, as in LLaMA (pad with eos or mask instead)."""
-    input_sentence_size: int = 2_000_000
-    """At most this many training lines are used (0: all); see `shuffle_input_sentence`."""
+    input_sentence_size: int = 200_000_000
+    """At most this many training lines are used (0: all); see `shuffle_input_sentence`.
+    LLaMA's ``tokenizer.model`` records 200M (``trainer_spec.input_sentence_size``); the
+    sample is also bounded by memory (`max_sample_bytes`)."""
+    max_sample_bytes: int = 0
+    """Memory the line sample may take: its Python strings plus the copy sentencepiece makes
+    of them (``sample_bytes``). 0: half of the memory available when sampling starts. The
+    sample stops growing there and stays a uniform sample of the lines that fit, with a
+    message saying how many (200M lines of ~100 bytes need ~45 GB)."""
     shuffle_input_sentence: bool = True
     """True: a seeded uniform sample of the lines; False: the first lines."""
     num_threads: int = field(default_factory=_default_threads)
@@ -126,6 +133,8 @@ class TokenizerTrainSpec:
     def __post_init__(self) -> None:
         if self.vocab_size <= 0:
             raise ValueError(f"vocab_size must be positive, got {self.vocab_size}")
+        if self.max_sample_bytes < 0:
+            raise ValueError(f"max_sample_bytes must be >= 0, got {self.max_sample_bytes}")
         if self.input_sentence_size < 0:
             raise ValueError(f"input_sentence_size must be >= 0, got {self.input_sentence_size}")
         if self.max_sentence_length <= 0:
@@ -134,9 +143,10 @@ class TokenizerTrainSpec:
             )
 
     def trainer_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``SentencePieceTrainer.train`` (everything but `seed`)."""
+        """Keyword arguments for ``SentencePieceTrainer.train`` (everything but `seed` and
+        `max_sample_bytes`, which llamaray applies)."""
         kwargs = dataclasses.asdict(self)
-        del kwargs["seed"]
+        del kwargs["seed"], kwargs["max_sample_bytes"]
         return kwargs
 
 
@@ -161,6 +171,37 @@ class _Sample:
     bytes_read: int = 0
     lines_seen: int = 0
     too_long: int = 0
+    memory_bytes: int = 0
+    capped_at: int | None = None
+    """Lines the sample stopped at because `max_sample_bytes` was reached, if it was."""
+
+
+def sample_bytes(line: str) -> int:
+    """Memory one sampled line takes: the Python string and its list slot, and
+    sentencepiece's copy (a std::string of its UTF-8 bytes, ~32 bytes of overhead)."""
+    return sys.getsizeof(line) + 8 + len(line) * (1 if line.isascii() else 4) + 32
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available now (Linux's MemAvailable), None when unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for row in f:
+                if row.startswith("MemAvailable:"):
+                    return int(row.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _memory_budget(spec: TokenizerTrainSpec) -> int | None:
+    if spec.max_sample_bytes:
+        return spec.max_sample_bytes
+    free = available_memory()
+    return free // 2 if free else None
 
 
 def _usable_lines(paths: Sequence[Path], sample: _Sample, max_bytes: int) -> Iterator[str]:
@@ -184,13 +225,27 @@ def _sample_sentences(paths: Sequence[Path], spec: TokenizerTrainSpec) -> _Sampl
     """At most ``input_sentence_size`` lines: a seeded uniform sample (reservoir sampling,
     algorithm R) when ``shuffle_input_sentence``, else the first ones."""
     cap = spec.input_sentence_size
+    budget = _memory_budget(spec)
     rng = random.Random(spec.seed)
     sample = _Sample(sentences=[])
     kept = sample.sentences
     for n, line in enumerate(_usable_lines(paths, sample, spec.max_sentence_length), 1):
-        if cap == 0 or len(kept) < cap:
-            kept.append(line)
-        elif spec.shuffle_input_sentence:
+        if (cap == 0 or len(kept) < cap) and sample.capped_at is None:
+            size = sample_bytes(line)
+            if budget is None or sample.memory_bytes + size <= budget or not kept:
+                kept.append(line)
+                sample.memory_bytes += size
+                continue
+            # The memory bound: from here on a uniform sample of the lines that fit.
+            cap = sample.capped_at = len(kept)
+            print(
+                f"tokenizer: the line sample reached its memory bound of {budget / 1e9:.2f} GB "
+                f"(max_sample_bytes; default half the available memory) at {cap} lines, fewer "
+                f"than input_sentence_size={spec.input_sentence_size}: training on a uniform "
+                f"sample of {cap} lines. Give it more memory (max_sample_bytes) for more.",
+                file=sys.stderr,
+            )
+        if spec.shuffle_input_sentence:
             j = rng.randrange(n)
             if j < cap:
                 kept[j] = line

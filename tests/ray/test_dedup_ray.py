@@ -131,3 +131,38 @@ def test_dedup_dataset_without_documents_passes_rows_through():
     rows = [to_row(Rejected(f"bad.jsonl:{i}", "malformed_json", "c4", "{")) for i in range(5)]
     out = dedup_dataset(ray.data.from_items(rows, override_num_blocks=2)).take_all()
     assert sorted(out, key=lambda r: r["origin"]) == rows
+
+
+def test_prepare_gives_the_papers_per_source_decisions_on_the_planted_corpus(tmp_path):
+    """The planted corpus (tests/planted_corpus.py) through `prepare_corpus` on Ray: the
+    same decisions as the single-process reference `decide_rows` and as the paper's, source
+    by source, and a manifest that says which dedup ran and what it removed."""
+    from llamaray.config import CorpusConfig, load_config
+    from llamaray.data.prepare import decide_rows, outcomes, prepare_corpus
+    from planted_corpus import overrides, write
+
+    planted = write(tmp_path / "raw")
+    cfg = load_config(
+        None,
+        [*overrides(planted["sources"]), f"output_dir={tmp_path / 'out'}", "name=planted",
+         "tokenizer.vocab_size=400", "seq_len=32", "validation_fraction=0", "tokenize_actors=1"],
+        schema=CorpusConfig,
+    )  # fmt: skip
+    manifest = prepare_corpus(cfg)
+    rows, lines_removed = decide_rows(cfg, planted["sources"])
+    assert outcomes(rows) == planted["expected"]
+    for name, want in planted["expected"].items():
+        got = manifest["sources"][name]
+        assert {k: got[k] for k in want} == want, name
+        assert got["kept"] + sum(got["dropped"].values()) == got["documents_in"], name
+    steps = {name: s["dedup"]["steps"] for name, s in manifest["sources"].items()}
+    assert [
+        (s["step"], s["documents_removed"], s["lines_removed"]) for s in steps["commoncrawl"]
+    ] == [("lines", 1, lines_removed["commoncrawl"])]
+    assert [(s["step"], s["documents_removed"]) for s in steps["github"]] == [("exact", 1)]
+    assert [(s["step"], s["max_overlap"], s["documents_removed"]) for s in steps["books"]] == [
+        ("overlap", 0.9, 1)
+    ]
+    assert steps["wikipedia"] == steps["stackexchange"] == []
+    assert not manifest["sources"]["wikipedia"]["dedup"]["cross_source"]
+    assert len(manifest["sources"]["wikipedia"]["selection"]["wikipedia_languages"]) == 20

@@ -117,11 +117,13 @@ def test_drop_reasons_per_source(corpus):
     manifest, _, out, _ = corpus
     src = manifest["sources"]
     assert src["github"]["dropped"].get("github_license") == 1
-    assert (
-        src["github"]["dropped"].get("exact_duplicate", 0)
-        + src["github"]["dropped"].get("github_exact_duplicate", 0)
-        >= 1
+    # The paper's exact file dedup, per source; nothing across sources by default.
+    assert src["github"]["dropped"].get("github_exact_duplicate") == 1
+    assert not any(
+        r in s["dropped"] for s in src.values() for r in ("exact_duplicate", "near_duplicate")
     )
+    assert [d["step"] for d in src["github"]["dedup"]["steps"]] == ["exact"]
+    assert src["prose"]["dedup"]["steps"] == src["c4"]["dedup"]["steps"] == []
     assert src["c4"]["dropped"].get("c4_lorem_ipsum") == 1
     assert src["c4"]["dropped"].get("malformed_json") == 1
     assert src["c4"]["dropped"].get("missing_text") == 1

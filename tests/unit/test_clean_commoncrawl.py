@@ -79,38 +79,42 @@ def test_normalize_line_lowercases_zeroes_digits_strips_punctuation_accents_and_
     assert normalize_line("!!! ...") == ""
 
 
-def test_line_dedup_across_and_within_documents():
+def test_line_dedup_removes_every_copy_across_and_within_documents():
     dedup = LineDeduplicator()
     first = cc("Home | About\nThe first article's text.\nCopyright 2021.", "a:1")
     second = cc("home about\nA second, different article.\ncopyright 1999", "a:2")
     third = cc("Same line twice.\nA new line.\nsame line TWICE", "a:3")
-    out = list(dedup.process([first, second, third]))
-    assert out[0] is first  # nothing seen before: unchanged, same object
+    fourth = cc("Nothing repeated here.", "a:4")
+    out = dedup.process([first, second, third, fourth])
+    assert out[0].text == "The first article's text."  # CCNet: the first copy goes too
     assert out[1].text == "A second, different article."
-    assert out[2].text == "Same line twice.\nA new line."
-    assert len(dedup.seen) == 6  # 3 + 1 + 2 distinct normalized lines
-    assert all(isinstance(h, int) and 0 <= h < 2**64 for h in dedup.seen)
+    assert out[2].text == "A new line."
+    assert out[3] is fourth  # nothing repeated: unchanged, same object
+    assert dedup.lines_removed == 6
 
 
 def test_document_of_only_duplicate_lines_is_rejected():
-    dedup = LineDeduplicator()
-    kept = dedup.apply(cc("Menu\n\nLogin\n", "a:1"))
-    out = dedup.apply(cc("MENU.\n\n  login  \n---", "a:2"))
-    assert isinstance(kept, Document)
-    assert isinstance(out, Rejected)
-    assert (out.reason, out.origin) == ("cc_all_lines_duplicate", "a:2")
+    out = LineDeduplicator().process(
+        [cc("Menu\n\nLogin\n", "a:1"), cc("MENU.\n\n  login  \n---", "a:2")]
+    )
+    assert [(o.reason, o.origin) for o in out] == [
+        ("cc_all_lines_duplicate", "a:1"),
+        ("cc_all_lines_duplicate", "a:2"),
+    ]
 
 
 def test_line_dedup_keeps_blank_and_punctuation_only_lines_and_collapses_blank_runs():
     dedup = LineDeduplicator()
-    dedup.apply(cc("Footer line", "a:1"))
-    out = dedup.apply(cc("Para one.\n\nFooter line\n\nPara two.\n***\n***", "a:2"))
-    assert out.text == "Para one.\n\nPara two.\n***\n***"
+    out = dedup.process(
+        [cc("Footer line\nOwn text.", "a:1"),
+         cc("Para one.\n\nFooter line\n\nPara two.\n***\n***", "a:2")]
+    )  # fmt: skip
+    assert out[1].text == "Para one.\n\nPara two.\n***\n***"
 
 
 def test_line_dedup_passes_rejected_records_through():
     rej = Rejected("bad.jsonl:9", "malformed_json")
-    assert list(LineDeduplicator().process([rej])) == [rej]
+    assert LineDeduplicator().process([rej]) == [rej]
 
 
 # --- language id ---------------------------------------------------------------------------------

@@ -1,8 +1,11 @@
 """`llamaray prepare`: the paper's data recipe as one Ray Data pipeline.
 
     read (JSONL/Parquet/text, gz/zst, local or s3://; bad records become rejections)
-    -> clean per source (CCNet line dedup within each block, then the source's rules)
-    -> exact + near-duplicate removal across the whole corpus
+    -> select (the paper's Wikipedia languages and Stack Exchange sites; `data.select`)
+    -> CCNet line dedup of CommonCrawl within each group of shards (`data.source_dedup`)
+    -> clean per source (the source's rules, `data.clean`)
+    -> dedup per source as the paper (GitHub exact files, Books > 90% overlap;
+       `data.source_dedup`), across sources only when `dedup.cross_source` asks
     -> [tokenizer trained on a bounded sample of the cleaned text, unless one is given]
     -> tokenize in an actor pool, hold out documents per source by a hash of their text
     -> pack into rows of seq_len + 1 tokens within each block
@@ -46,7 +49,7 @@ import pyarrow as pa
 
 from llamaray.config import CorpusConfig
 from llamaray.console import logger
-from llamaray.data.clean import DEDUPLICATORS, clean_document
+from llamaray.data.clean import clean_document
 from llamaray.data.clean.commoncrawl import skipped_steps
 from llamaray.data.corpus_layout import (
     MANIFEST,  # noqa: F401 (re-exported: the manifest's name, for readers of a version)
@@ -59,9 +62,12 @@ from llamaray.data.corpus_layout import (
 )
 from llamaray.data.corpus_layout import corpus_location as _corpus_location
 from llamaray.data.corpus_lock import BuildLock
+from llamaray.data.files import expand_paths
 from llamaray.data.packing import Packer
 from llamaray.data.read import from_row, read_corpus, to_row
 from llamaray.data.records import Document
+from llamaray.data.select import select_document
+from llamaray.data.source_dedup import document_dedup, line_dedup, manifest_entry
 from llamaray.storage import (
     filesystem,
     join,
@@ -114,20 +120,31 @@ def _columns(rows: list[dict], keys: list[str]) -> dict[str, list]:
 
 
 def clean_block(batch: dict, options: dict | None = None) -> dict:
-    """Clean one block. CommonCrawl line dedup is stateful over the block, which plays the
-    role of CCNet's shard; whole-corpus duplicates are removed later, across blocks.
-    `options`: keyword arguments per source's cleaner (see `clean_document`)."""
-    rows = _rows(batch)
-    line_dedup = DEDUPLICATORS["commoncrawl"]()
+    """Clean one block, document by document (line dedup ran before, over shard groups;
+    the per-source document dedup runs after, `data.source_dedup`). `options`: keyword
+    arguments per source's cleaner (see `clean_document`)."""
     out = []
-    for row in rows:
+    for row in _rows(batch):
         item = from_row(row)
         if isinstance(item, Document):
-            if item.source == "commoncrawl":
-                item = line_dedup.apply(item)
-            if isinstance(item, Document):
-                item = clean_document(item, options)
+            item = clean_document(item, options)
         out.append(to_row(item))
+    return _columns(out, list(batch))
+
+
+def select_block(batch: dict, wikipedia_languages: tuple, stackexchange_sites: tuple) -> dict:
+    """The paper's source selection on one block (`data.select.select_document`)."""
+    out = []
+    for row in _rows(batch):
+        if row["kind"] == "doc" and row["source"] in ("wikipedia", "stackexchange"):
+            row = to_row(
+                select_document(
+                    from_row(row),
+                    wikipedia_languages=frozenset(wikipedia_languages),
+                    stackexchange_sites=frozenset(stackexchange_sites),
+                )
+            )
+        out.append(row)
     return _columns(out, list(batch))
 
 
@@ -351,24 +368,28 @@ def _build(cfg: CorpusConfig, out: str) -> dict:
     # driver resolved (storage.S3Storage), so the nodes need none of their own.
     fs, root = filesystem(out)
     sources = cfg.sources or _demo_sources(cfg, out)
-    licenses = list(cfg.github_extra_licenses)
-    if not cfg.sources and "PSF-2.0" not in licenses:
-        # The built-in sample is the standard library, PSF-licensed by construction; a
-        # config with real sources keeps the paper's MIT/BSD/Apache unless it asks.
-        licenses.append("PSF-2.0")
 
     log.info(f"reading {len(sources)} source(s): {', '.join(sources)}")
-    ds = read_corpus(sources, strict=cfg.strict, max_chars=cfg.max_document_chars)
+    # Listed once, here: the read tasks get these files, and line dedup's shard groups are
+    # made of them in this order.
+    files = {name: expand_paths(patterns) for name, patterns in sources.items()}
+    ds = read_corpus(files, strict=cfg.strict, max_chars=cfg.max_document_chars, expand=False)
+    if {"wikipedia", "stackexchange"} & set(sources):
+        ds = ds.map_batches(
+            select_block,
+            fn_kwargs={
+                "wikipedia_languages": tuple(cfg.wikipedia_languages),
+                "stackexchange_sites": tuple(cfg.stackexchange_sites),
+            },
+            batch_size=None,
+        )
+    ds, lines_removed = line_dedup(ds, cfg.dedup, files)
     ds = ds.map_batches(
         clean_block,
-        fn_kwargs={"options": {"github": {"extra_licenses": tuple(licenses)}}},
+        fn_kwargs={"options": _clean_options(cfg)},
         batch_size=None,
     )  # fmt: skip
-    if cfg.dedup.enabled:
-        from llamaray.data.dedup import dedup_dataset
-
-        ds = dedup_dataset(ds, threshold=cfg.dedup.near_threshold, seed=cfg.seed)
-    ds = ds.materialize()
+    ds = document_dedup(ds.materialize(), cfg.dedup, list(sources), cfg.seed).materialize()
 
     counts = _count_outcomes(ds)
     quarantine = _write_quarantine(ds, fs, root)
@@ -395,9 +416,87 @@ def _build(cfg: CorpusConfig, out: str) -> dict:
         n_docs=sum(c["kept"] for c in counts.values()),
     )
     manifest = _manifest(cfg, sources, out, counts, token_counts, shard_records, tokenizer_entry)
+    for name, entry in manifest["sources"].items():
+        entry["dedup"] = manifest_entry(
+            cfg.dedup, name, entry["dropped"], lines_removed.get(name, 0)
+        )
+        if name == "wikipedia":
+            entry["selection"] = {"wikipedia_languages": list(cfg.wikipedia_languages)}
+        elif name == "stackexchange":
+            entry["selection"] = {"stackexchange_sites": list(cfg.stackexchange_sites)}
     manifest["quarantine"] = quarantine
     manifest["elapsed_s"] = round(time.perf_counter() - start, 2)
     return manifest
+
+
+def _clean_options(cfg: CorpusConfig) -> dict:
+    """The per-source cleaners' options (`clean_document`)."""
+    licenses = list(cfg.github_extra_licenses)
+    if not cfg.sources and "PSF-2.0" not in licenses:
+        # The built-in sample is the standard library, PSF-licensed by construction; a
+        # config with real sources keeps the paper's MIT/BSD/Apache unless it asks.
+        licenses.append("PSF-2.0")
+    return {"github": {"extra_licenses": tuple(licenses)}}
+
+
+def decide_rows(cfg: CorpusConfig, files: dict[str, list[str]]) -> tuple[list[dict], dict]:
+    """What `_build` decides, in one process: the `to_row` rows left after read, select,
+    line dedup, clean and the document dedup, and the lines removed per source. The
+    reference the Ray pipeline is tested against (tests/ray/test_dedup_ray.py); it holds
+    the whole corpus in memory, so it is for small corpora. `files`: source -> its files
+    (`expand_paths`), in order."""
+    from llamaray.data import source_dedup as sd
+    from llamaray.data.dedup import dedup_rows
+    from llamaray.data.read import iter_file
+
+    rows = []
+    for source, paths in files.items():
+        for path in paths:
+            for item in iter_file(
+                path, source, strict=cfg.strict, max_chars=cfg.max_document_chars
+            ):
+                if isinstance(item, Document):
+                    item = select_document(
+                        item,
+                        wikipedia_languages=frozenset(cfg.wikipedia_languages),
+                        stackexchange_sites=frozenset(cfg.stackexchange_sites),
+                    )
+                rows.append(to_row(item))
+    dedup, lines_removed = cfg.dedup, {}
+    for source, paths in files.items():
+        rules = dedup.sources.get(source)
+        if dedup.enabled and rules is not None and rules.lines:
+            groups = sd.shard_groups(list(paths), rules.line_group_shards)
+            rows, lines_removed[source] = sd.line_dedup_rows(rows, source, groups)
+    options = _clean_options(cfg)
+    rows = [
+        to_row(clean_document(item, options)) if isinstance(item := from_row(r), Document) else r
+        for r in rows
+    ]
+    for source in files if dedup.enabled else ():
+        rules = dedup.sources.get(source)
+        if rules is not None and rules.exact:
+            rows = sd.exact_dedup_rows(rows, source)
+        if rules is not None and rules.overlap is not None:
+            rows = sd.overlap_dedup_rows(rows, source, rules.overlap, cfg.seed)
+    if dedup.enabled and dedup.cross_source:
+        kept, dropped = dedup_rows(rows, threshold=dedup.near_threshold, seed=cfg.seed)
+        rows = kept + dropped
+    return rows, lines_removed
+
+
+def outcomes(rows: list[dict]) -> dict[str, dict]:
+    """Per source: documents_in, kept, dropped by reason (as the manifest counts them)."""
+    counts: dict[str, dict] = defaultdict(lambda: {"kept": 0, "dropped": {}})
+    for r in rows:
+        entry = counts[r["source"]]
+        if r["kind"] == "doc":
+            entry["kept"] += 1
+        else:
+            entry["dropped"][r["reason"]] = entry["dropped"].get(r["reason"], 0) + 1
+    for entry in counts.values():
+        entry["documents_in"] = entry["kept"] + sum(entry["dropped"].values())
+    return dict(counts)
 
 
 def tokenize_and_write(

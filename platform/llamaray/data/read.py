@@ -429,12 +429,19 @@ def from_row(row: dict) -> Document | Rejected:
     return Rejected(row["origin"], row["reason"], row["source"], row["excerpt"])
 
 
-def read_corpus(sources: dict[str, list[str]], *, strict: bool = False, max_chars: int = MAX_CHARS):
+def read_corpus(
+    sources: dict[str, list[str]],
+    *,
+    strict: bool = False,
+    max_chars: int = MAX_CHARS,
+    expand: bool = True,
+):
     """A Ray Dataset of `to_row` rows for every file of every source, one file per task.
 
     `sources` maps a source name to its path patterns (see `expand_paths`, run here on the
-    driver). Each file is streamed by `iter_file` inside `flat_map`, so a large file is
-    emitted block by block rather than materialized. S3 files are opened with the driver's
+    driver), or with `expand=False` to its files as `expand_paths` listed them already.
+    Each file is streamed by `iter_file` inside `flat_map`, so a large file is emitted
+    block by block rather than materialized. S3 files are opened with the driver's
     S3 filesystem (`llamaray.storage.filesystem`: its endpoint, region and retries, and the
     driver's environment credentials for workers that have none of their own), pickled
     into each task.
@@ -446,7 +453,7 @@ def read_corpus(sources: dict[str, list[str]], *, strict: bool = False, max_char
     items = [
         {"source": source, "path": path}
         for source, patterns in sources.items()
-        for path in expand_paths(patterns)
+        for path in (expand_paths(patterns) if expand else patterns)
     ]
     if not items:
         raise ValueError("read_corpus: no sources or no path patterns given")

@@ -4,10 +4,10 @@ Pure Python (stdlib and numpy), so it runs the same in a test, a script or a Ray
 
 - `clean_document(doc)`: the common checks, then the source's per-document rules
   (`CLEANERS[doc.source]`); a source without rules gets only the common checks.
-- `DEDUPLICATORS[source]()`: the stateful steps, each a class with `apply(doc)` and
-  `process(docs)`, run over a shard (or the whole source) in order:
-  CommonCrawl line dedup (before the per-document rules, as CCNet does), GitHub exact file
-  dedup and book near-duplicate removal (after them).
+- `DEDUPLICATORS[source]()`: the paper's dedup of each source, as a single-process class
+  with `process(docs)`: CommonCrawl line dedup over a shard group (before the per-document
+  rules, as CCNet does), GitHub exact file dedup and book near-duplicate removal (after
+  them). `data.source_dedup` runs them (and their Ray Data versions) in `prepare`.
 
 Every rejection is a `Rejected` with a stable reason key; `REASONS` lists them all.
 """
@@ -41,7 +41,7 @@ DEDUPLICATORS: dict[str, type[LineDeduplicator | ExactFileDeduplicator | BookDed
     "github": ExactFileDeduplicator,
     "books": BookDeduplicator,
 }
-"""Stateful deduplication by source name: one instance per shard (CCNet) or per source."""
+"""The paper's deduplication by source name: one instance per shard group (CCNet) or source."""
 
 COMMON_REASONS: tuple[str, ...] = ("empty", "empty_after_clean")
 

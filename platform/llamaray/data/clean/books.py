@@ -58,6 +58,14 @@ CANDIDATE_OVERLAP = 0.8
 # 1 - (1 - 0.8**4)**32 > 0.99999999, at 0.1 with probability 0.003.
 BANDS, ROWS = 32, 4
 
+
+def candidate_threshold(max_overlap: float) -> float:
+    """The MinHash estimate from which a pair is checked exactly: 0.1 (~3.7 standard deviations
+    of a 128-permutation estimate) below the threshold, so a pair over it is practically never
+    missed."""
+    return max(0.0, max_overlap - 0.1)
+
+
 _U64 = np.uint64
 _M1, _M2 = _U64(0xBF58476D1CE4E5B9), _U64(0x94D049BB133111EB)
 _P = _U64(0x100000001B3)  # FNV-1a 64-bit prime, as the rolling-hash multiplier
@@ -142,11 +150,13 @@ class BookDeduplicator:
         bands: int = BANDS,
         seed: int = 0,
         exact_check: bool = True,
+        reason: str = "books_near_duplicate",
     ) -> None:
         if num_perm % bands:
             raise ValueError(f"num_perm={num_perm} is not a multiple of bands={bands}")
         self.max_overlap = max_overlap
-        self.candidate_overlap = candidate_overlap
+        self.candidate_overlap = min(candidate_overlap, candidate_threshold(max_overlap))
+        self.reason = reason
         self.exact_check = exact_check
         self.bands = bands
         self.rows = num_perm // bands
@@ -175,7 +185,7 @@ class BookDeduplicator:
             return doc
         sig = self.hasher.signature(sh)
         if self._match(sh, sig) is not None:
-            return Rejected.of(doc, "books_near_duplicate")
+            return Rejected.of(doc, self.reason)
         n = len(self.signatures)
         self.signatures.append(sig)
         self.shingle_sets.append(sh if self.exact_check else np.empty(0, dtype=_U64))

@@ -7,7 +7,9 @@ pages and filters low quality content with an n-gram language model. In addition
 a linear model to classify pages used as references in Wikipedia v.s. randomly sampled pages".
 
 Here:
-- `LineDeduplicator`: CCNet's line-level dedup over a shard (stateful; run it first).
+- `LineDeduplicator` (`repeated_lines`, `remove_lines`): CCNet's line-level dedup over a group
+  of shards, every copy of a repeated line removed (run first; on Ray:
+  `data.source_dedup.line_dedup_dataset`).
 - `language_filter`: fastText language id, only when a model file is configured.
 - `quality_filter`: the Gopher heuristics (Rae et al. 2021, appendix A.1.1), as computed by
   RedPajama-V2's quality signals; they need no model and stand in for the KenLM perplexity and
@@ -24,7 +26,7 @@ import os
 import re
 import string
 import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable
 
 from llamaray.data.records import Document, Rejected
 
@@ -94,47 +96,83 @@ def line_hash(normalized: str) -> int:
     return int.from_bytes(hashlib.blake2b(normalized.encode(), digest_size=8).digest(), "little")
 
 
-class LineDeduplicator:
-    """Removes every line seen before in the shard: in an earlier document or earlier in this one.
+def line_hashes(text: str) -> list[int | None]:
+    """The hash of each line of `text` (`str.splitlines`), None for a line that normalizes to
+    nothing (blank, or only punctuation): those are never counted nor removed."""
+    return [line_hash(n) if (n := normalize_line(line)) else None for line in text.splitlines()]
 
-    CCNet computes the hashes of all paragraphs of a shard and removes the repeated ones
-    (navigation menus, cookie banners, footers). The first occurrence of a line is kept.
-    Lines that normalize to nothing (blank, or only punctuation) are neither hashed nor removed.
-    A document left with no content is rejected "cc_all_lines_duplicate".
+
+def repeated_lines(docs: Iterable[Document | Rejected]) -> set[int]:
+    """The hashes of the lines that occur more than once in `docs` (one shard group): twice in
+    one document, or in two documents. CCNet's `HashesCollector` marks exactly these."""
+    seen: set[int] = set()
+    repeated: set[int] = set()
+    for doc in docs:
+        if isinstance(doc, Document):
+            for h in line_hashes(doc.text):
+                if h is None:
+                    continue
+                if h in seen:
+                    repeated.add(h)
+                seen.add(h)
+    return repeated
+
+
+def remove_lines(
+    doc: Document, repeated: Collection[int], reason: str = "cc_all_lines_duplicate"
+) -> tuple[Document | Rejected, int]:
+    """`doc` without every line whose hash is in `repeated`, and how many lines went.
+
+    CCNet (Wenzek et al. 2020, section 3.2; cc_net `dedup.py`, `deduplicate_two_pass`: "even
+    removing the first occurence. This is what is done in the paper"): no copy of a repeated
+    line is kept, so boilerplate (menus, cookie banners, footers) leaves every page it was on.
+    Lines that normalize to nothing stay, at most one blank line between kept lines. A
+    document left with no line of content is rejected with `reason`.
+    """
+    kept: list[str] = []
+    removed = 0
+    content = False  # a kept line with something left after normalization
+    for line, h in zip(doc.text.splitlines(), line_hashes(doc.text), strict=True):
+        if h is None:
+            if line.strip():
+                kept.append(line)
+            elif kept and kept[-1].strip():
+                kept.append("")
+            continue
+        if h in repeated:
+            removed += 1
+            continue
+        kept.append(line)
+        content = True
+    if not removed:
+        return doc, 0
+    if not content:
+        return Rejected.of(doc, reason), removed
+    return dataclasses.replace(doc, text="\n".join(kept).strip("\n")), removed
+
+
+class LineDeduplicator:
+    """CCNet's line dedup over one shard group, in one process: two passes over the group's
+    documents, the first finding the repeated lines (`repeated_lines`), the second removing
+    every copy of them (`remove_lines`). The reference for the Ray version
+    (`data.source_dedup.line_dedup_dataset`); `lines_removed` counts what went.
     """
 
-    def __init__(self) -> None:
-        self.seen: set[int] = set()
+    def __init__(self, reason: str = "cc_all_lines_duplicate") -> None:
+        self.reason = reason
+        self.lines_removed = 0
 
-    def apply(self, doc: Document) -> Document | Rejected:
-        kept: list[str] = []
-        removed = 0
-        content = False  # a kept line with something left after normalization
-        for line in doc.text.splitlines():
-            norm = normalize_line(line)
-            if not norm:
-                if line.strip():
-                    kept.append(line)
-                elif kept and kept[-1].strip():  # at most one blank line between kept lines
-                    kept.append("")
-                continue
-            h = line_hash(norm)
-            if h in self.seen:
-                removed += 1
-                continue
-            self.seen.add(h)
-            kept.append(line)
-            content = True
-        if not removed:
-            return doc
-        if not content:
-            return Rejected.of(doc, "cc_all_lines_duplicate")
-        return dataclasses.replace(doc, text="\n".join(kept).strip("\n"))
-
-    def process(self, docs: Iterable[Document | Rejected]) -> Iterator[Document | Rejected]:
-        """Dedups a shard's documents in order; already rejected records pass through."""
+    def process(self, docs: Iterable[Document | Rejected]) -> list[Document | Rejected]:
+        """The group's documents, deduplicated, in order; rejected records pass through."""
+        docs = list(docs)
+        repeated = repeated_lines(docs)
+        out: list[Document | Rejected] = []
         for doc in docs:
-            yield doc if isinstance(doc, Rejected) else self.apply(doc)
+            if isinstance(doc, Document):
+                doc, removed = remove_lines(doc, repeated, self.reason)
+                self.lines_removed += removed
+            out.append(doc)
+        return out
 
 
 # --- language identification (CCNet's fastText lid) ------------------------------------------
@@ -259,7 +297,7 @@ def quality_filter(doc: Document) -> Document | Rejected:
 def clean(doc: Document) -> Document | Rejected:
     """Per-document CommonCrawl steps, in CCNet's order: language id, then quality.
 
-    Line dedup is stateful over a shard and runs before this (`LineDeduplicator`).
+    Line dedup runs over a shard group before this (`LineDeduplicator`).
     """
     out = language_filter(doc)
     return quality_filter(out) if isinstance(out, Document) else out

@@ -232,6 +232,13 @@ def clean(doc: Document, extra_licenses: Collection[str] = ()) -> Document | Rej
     return out
 
 
+def file_key(text: str) -> bytes:
+    """The exact-duplicate key of a file: SHA-256 of its bytes after the license header strip
+    (idempotent, so a cleaned file and its raw form have the same key). Nothing else is
+    normalized: in code, whitespace is content."""
+    return hashlib.sha256(strip_license_header(text).encode("utf-8", "surrogatepass")).digest()
+
+
 class ExactFileDeduplicator:
     """LLaMA: "we deduplicate the resulting dataset at the file level, with exact matches".
 
@@ -240,13 +247,14 @@ class ExactFileDeduplicator:
     "github_exact_duplicate".
     """
 
-    def __init__(self) -> None:
+    def __init__(self, reason: str = "github_exact_duplicate") -> None:
         self.seen: set[bytes] = set()
+        self.reason = reason
 
     def apply(self, doc: Document) -> Document | Rejected:
-        digest = hashlib.sha256(strip_license_header(doc.text).encode()).digest()
+        digest = file_key(doc.text)
         if digest in self.seen:
-            return Rejected.of(doc, "github_exact_duplicate")
+            return Rejected.of(doc, self.reason)
         self.seen.add(digest)
         return doc
 
