@@ -179,3 +179,34 @@ def test_checkpoint_corpus_and_tokenizer_on_s3_are_read_by_the_actors(trained, r
     assert set(remote) == set(local) and "ppl/prose/bits_per_byte" in remote
     for name, value in local.items():
         assert remote[name] == pytest.approx(value, abs=1e-5), name
+
+
+def test_sampled_code_on_actors_equals_one_in_process_scorer(trained, tmp_path):
+    """`--samples`: the actors draw the samples and run them in the sandbox; the samples
+    and pass@k do not depend on the number of actors."""
+    from llamaray.eval.benchmarks import read_benchmark
+    from llamaray.eval.sandbox import unavailable_reason
+
+    if unavailable_reason():
+        pytest.skip(f"no code sandbox: {unavailable_reason()}")
+    cfg, _ = trained
+    problems = [
+        {
+            "task_id": f"HumanEval/{i}",
+            "prompt": f'def add{i}(a, b):\n    """Add two numbers."""\n',
+            "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n",
+            "entry_point": f"add{i}",
+        }
+        for i in range(3)
+    ]
+    file = tmp_path / "HumanEval.jsonl"
+    file.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    task = read_benchmark("humaneval", file)
+    task.spec.max_new_tokens = 12  # a model trained for a few steps writes no solution
+    opts = EvalConfig(samples=3, pass_k=[1, 3], perplexity_rows=0, num_workers=2)
+    target = run_target(cfg)
+    remote = evaluate(target, [task], opts).tasks["humaneval"]
+    local = evaluate(target, [task], opts, scorers=[Scorer(target, 8)]).tasks["humaneval"]
+    assert remote.records == local.records and len(remote.records) == 3
+    assert all(r["n"] == 3 and len(r["passed"]) == 3 for r in remote.records)
+    assert set(remote.metrics) == {"pass@1", "pass@3", "n", "samples"}

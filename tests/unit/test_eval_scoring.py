@@ -7,6 +7,7 @@ import json
 import pytest
 
 from llamaray.data.sample_text import write_stdlib_sample
+from llamaray.eval.answers import qa_answer
 from llamaray.eval.lm import LanguageModel
 from llamaray.eval.scoring import (
     aggregate,
@@ -216,13 +217,15 @@ def test_free_form_exact_match_counts_the_greedy_answers(lm, tmp_path):
     spec = {"name": "ff", "type": "free_form", "max_new_tokens": 4, "stop": ["\n"]}
     prompts = [f"Question: {q}\nAnswer:" for q in questions]
     greedy = lm.generate_until(prompts, max_new_tokens=4, stop=["\n"])
+    answers = [qa_answer(g) for g in greedy]  # the paper's cut: first dot or comma
     # Items 0 and 2 have the model's own answer (with other case and punctuation) as gold.
     items = [
-        {"id": i, "question": q, "answers": [greedy[i].upper() + "." if i % 2 == 0 else "zzz"]}
+        {"id": i, "question": q, "answers": [answers[i].upper() + "." if i % 2 == 0 else "zzz"]}
         for i, q in enumerate(questions)
     ]
-    assert normalize_answer(greedy[0]) and normalize_answer(greedy[2])
+    assert normalize_answer(answers[0]) and normalize_answer(answers[2])
     task = load_task(write_task(tmp_path / "ff", spec, {"test": items}))
     result = evaluate_task(lm, task)
-    assert [r["prediction"] for r in result.records] == greedy
+    assert [r["generation"] for r in result.records] == greedy
+    assert [r["prediction"] for r in result.records] == answers
     assert result.metrics["exact_match"] == 0.5

@@ -4,6 +4,9 @@ tasks and held-out perplexity, over Ray, into MLflow beside the training run.
     llamaray eval --config jobs/configs/demo.yaml --task jobs/tasks/stdlib-modules
     llamaray eval --config jobs/configs/demo.yaml --step 200 --fewshot 3 --workers 2
     llamaray eval --model runs/checkpoints/demo/hf --task jobs/tasks/stdlib-modules
+    llamaray eval --config jobs/configs/demo.yaml --benchmark arc=ARC-Easy/ARC-Easy-Test.jsonl
+    llamaray eval --config jobs/configs/demo.yaml --benchmark humaneval=HumanEval.jsonl \
+        --samples 200 --temperature 0.8 --k 1 --k 100        # pass@k, the paper's setup
 """
 
 from __future__ import annotations
@@ -19,7 +22,23 @@ def add_eval_parser(sub) -> None:
     )
     add_target_arguments(p)
     p.add_argument("--task", action="append", default=[], help="task folder; repeat for more")
+    p.add_argument(
+        "--benchmark",
+        action="append",
+        default=[],
+        help="name=path: one of the paper's benchmarks from its published files "
+        "(boolq, piqa, siqa, hellaswag, winogrande, arc, openbookqa, race, naturalquestions, "
+        "triviaqa, gsm8k, math, humaneval, mbpp, mmlu); repeat for more",
+    )
     p.add_argument("--fewshot", type=int, default=None, help="shots (default: each task's)")
+    p.add_argument(
+        "--samples", type=int, default=0, help="samples per code/free-form problem; 0: greedy"
+    )
+    p.add_argument("--temperature", type=float, default=0.8, help="with --samples")
+    p.add_argument("--top-p", type=float, default=0.95, help="with --samples")
+    p.add_argument(
+        "--k", type=int, action="append", default=None, help="pass@k / maj1@k to report; repeat"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="items per task at most")
     p.add_argument("--perplexity-rows", type=int, default=32, help="per source; 0: none")
@@ -33,6 +52,7 @@ def add_eval_parser(sub) -> None:
 def cmd_eval(opts: argparse.Namespace) -> int:
     """Everything is validated (config, tasks, checkpoint) before Ray starts."""
     from llamaray.config import ConfigError
+    from llamaray.eval.benchmarks import read_benchmark
     from llamaray.eval.checkpoint import corpus_dir_of
     from llamaray.eval.config import EvalConfig
     from llamaray.eval.tasks import load_task
@@ -49,10 +69,24 @@ def cmd_eval(opts: argparse.Namespace) -> int:
             num_workers=opts.workers,
             cpus_per_worker=opts.cpus_per_worker,
             batch_size=opts.batch_size,
+            benchmarks=opts.benchmark,
+            samples=opts.samples,
+            temperature=opts.temperature,
+            top_p=opts.top_p,
+            **({"pass_k": opts.k} if opts.k else {}),
         )
     except Exception as err:  # pydantic's ValidationError: one line per bad option
         raise ConfigError(f"invalid eval options: {err}") from None
     tasks = [load_task(Path(t)) for t in eval_cfg.tasks]
+    for entry in eval_cfg.benchmarks:
+        name, _, path = entry.partition("=")
+        tasks.append(read_benchmark(name, path))
+    if any(t.spec.type == "code" for t in tasks):
+        from llamaray.eval.sandbox import unavailable_reason
+
+        reason = unavailable_reason()
+        if reason:
+            raise ConfigError(f"code benchmarks run the generated programs, and {reason}")
     if opts.model and not tasks:
         raise ConfigError("--model needs at least one --task (no corpus to score)")
     run_cfg, target = load_target(opts, eval_cfg.step)

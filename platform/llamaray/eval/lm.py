@@ -167,13 +167,22 @@ class LanguageModel:
         *,
         max_new_tokens: int = 32,
         stop: Sequence[str] = ("\n",),
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
     ) -> list[str]:
-        """Greedy continuation of each prompt, cut before the first stop string."""
+        """Continuation of each prompt, cut before the first stop string: greedy by
+        default, else sampled at `temperature` from the `top_p` nucleus (`seed` seeds each
+        batch of `batch_size` prompts; the draws of a row depend on its batch)."""
+        import dataclasses
+
         from llamaray.model.generation import SamplingConfig, generate_text
 
-        config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
+        config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
         out: list[str] = []
         for start in range(0, len(prompts), self.batch_size):
+            if seed is not None:  # one stream per batch: equal prompts in two batches differ
+                config = dataclasses.replace(config, seed=batch_seed(seed, start))
             batch = list(prompts[start : start + self.batch_size])
             # Keep room for the new tokens: a prompt that fills the context gets none.
             fitted = [self._fit_prompt(p, max_new_tokens) for p in batch]
@@ -213,6 +222,13 @@ class LanguageModel:
         with self._autocast():
             logits = self.model(inputs)  # (B, T, vocab)
         return F.log_softmax(logits.float(), dim=-1)
+
+
+def batch_seed(seed: int, index: int | str) -> int:
+    """A generator seed for part `index` of a seeded computation (63 bits, torch's range)."""
+    import random
+
+    return random.Random(f"{seed}/{index}").getrandbits(63)
 
 
 def _cut(text: str, stop: Sequence[str]) -> str:

@@ -3,7 +3,9 @@
 Every task's requests (`scoring.build_requests`) and the held-out perplexity rows are cut
 into contiguous shards, one per `Scorer` actor; each actor loads the model once. Results
 come back in shard order, so the outcome does not depend on the number of workers (up to
-floating-point noise of batch shapes; tested against one in-process scorer).
+floating-point noise of batch shapes; tested against one in-process scorer). With
+`EvalConfig.samples`, code and free-form tasks are sampled instead (`sampling.py`), and
+generated programs, greedy or sampled, run in the sandbox on the actors' nodes too.
 
     >>> result = evaluate(run_target(cfg), [load_task("jobs/tasks/stdlib-modules")],
     ...                   EvalConfig(num_workers=2), corpus_dir)  # doctest: +SKIP
@@ -20,9 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llamaray.console import logger
+from llamaray.eval import report
 from llamaray.eval.checkpoint import EvalTarget
 from llamaray.eval.config import EvalConfig
 from llamaray.eval.perplexity import PerplexityStats, heldout_rows, score_rows
+from llamaray.eval.sampling import sample_requests, score_samples
 from llamaray.eval.scoring import TaskResult, aggregate, build_requests, run_requests
 from llamaray.eval.tasks import Task
 
@@ -41,7 +45,10 @@ class EvalResult:
     def metrics(self) -> dict[str, float]:
         out = {}
         for name, result in self.tasks.items():
-            out |= {f"eval/{name}/{k}": float(v) for k, v in result.metrics.items()}
+            # MLflow refuses "@" in a metric name: pass@1 is logged as pass_at_1.
+            out |= {
+                f"eval/{name}/{k.replace('@', '_at_')}": float(v) for k, v in result.metrics.items()
+            }
         for source, values in self.perplexity.items():
             out |= {f"ppl/{source}/{k}": v for k, v in values.items()}
         return out
@@ -65,6 +72,24 @@ class Scorer:
 
     def perplexity(self, rows) -> PerplexityStats:
         return score_rows(self.lm, rows) if len(rows) else PerplexityStats()
+
+    def samples(self, requests, n, temperature, top_p, max_new_tokens, stop, seed) -> list:
+        return sample_requests(
+            self.lm,
+            requests,
+            n,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            stop=stop,
+            seed=seed,
+        )
+
+    def run_code(self, pairs) -> list[bool]:
+        """(item, completion) pairs through the sandbox, on this actor's node."""
+        from llamaray.eval.code import run_completions
+
+        return run_completions([item for item, _ in pairs], [text for _, text in pairs])
 
 
 def ray_scorers(target: EvalTarget, opts: EvalConfig) -> list:
@@ -102,9 +127,15 @@ def evaluate(
     for task in tasks:
         start = time.perf_counter()
         requests = build_requests(task, opts.num_fewshot, opts.seed, opts.limit)
-        args = (task.spec.max_new_tokens, task.spec.stop)
-        responses = _gather(scorers, "requests", _shards(requests, len(scorers)), args)
-        result.tasks[task.name] = aggregate(task, requests, [r for part in responses for r in part])
+        if opts.samples and task.spec.type != "multiple_choice":
+            result.tasks[task.name] = _sampled(task, requests, opts, scorers)
+        else:
+            args = (task.spec.max_new_tokens, task.spec.stop)
+            parts = _gather(scorers, "requests", _shards(requests, len(scorers)), args)
+            responses = [r for p in parts for r in p]
+            result.tasks[task.name] = aggregate(task, requests, responses, _run_code_on(scorers))
+        shots = task.spec.num_fewshot if opts.num_fewshot is None else opts.num_fewshot
+        result.tasks[task.name].shots = shots
         shown = ", ".join(f"{k} {v:.4f}" for k, v in result.tasks[task.name].metrics.items())
         log.info(
             f"{task.name}: {shown} ({len(requests)} requests, {time.perf_counter() - start:.1f}s)"
@@ -119,6 +150,27 @@ def evaluate(
                 f" {result.perplexity[source]['nats_per_token']:.4f} nats/token ({len(rows)} rows)"
             )
     return result
+
+
+def _sampled(task: Task, requests: list, opts: EvalConfig, scorers: Sequence) -> TaskResult:
+    """`opts.samples` samples per problem on the scorers; code run on them too."""
+    spec = task.spec
+    args = (opts.samples, opts.temperature, opts.top_p, spec.max_new_tokens, spec.stop, opts.seed)
+    parts = _gather(scorers, "samples", _shards(requests, len(scorers)), args)
+    samples = [s for p in parts for s in p]
+    return score_samples(task, requests, samples, opts.pass_k, _run_code_on(scorers))
+
+
+def _run_code_on(scorers: Sequence):
+    """Generated programs run on the scorers' nodes (on a cluster the driver's node may
+    have no CPUs, or not be where work runs), shared out like the requests."""
+
+    def run_code(items: list[dict], completions: list[str]) -> list[bool]:
+        pairs = list(zip(items, completions, strict=True))
+        passed = _gather(scorers, "run_code", _shards(pairs, len(scorers)), ())
+        return [ok for part in passed for ok in part]
+
+    return run_code
 
 
 def _shards(items, n: int) -> list:
@@ -179,12 +231,20 @@ def log_evaluation(
         summary = Path(tmp) / "results.json"
         summary.write_text(json.dumps({"step": result.step, "metrics": metrics}, indent=2))
         logger.artifact(summary)
+        if result.tasks:  # the paper-style table: benchmark, shots, metric, score
+            rows = report.rows_of(result.tasks)
+            for name, text in (
+                ("results.md", report.markdown(rows)),
+                ("results.csv", report.csv_text(rows)),
+            ):
+                (Path(tmp) / name).write_text(text)
+                logger.artifact(Path(tmp) / name)
     logger.finish()
     if training_run_id:
         headline = {
             k: v
             for k, v in metrics.items()
-            if k.endswith(("/acc", "/exact_match", "/bits_per_byte"))
+            if k.endswith(("/acc", "/exact_match", "/bits_per_byte", "/pass_at_1", "/maj1_at_1"))
         }
         # Straight into the store: the training run's status (finished, killed) stays as is.
         tracking.log_metrics(uri, training_run_id, headline, step)

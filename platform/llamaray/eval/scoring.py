@@ -8,25 +8,35 @@ Evaluation is three steps so that the middle one can be spread over Ray workers:
 
 Multiple-choice rules (`task.yaml: normalization`), as in the LLaMA paper, section 3:
 - `chars`: the choice with the highest log-likelihood divided by its number of characters
-  (lm-evaluation-harness's `acc_norm`), so long answers are not punished for length;
+  (lm-evaluation-harness's `acc_norm`), so long answers are not punished for length; the
+  paper's rule for every task but two;
 - `answer`: the highest log p(choice | prompt) - log p(choice | "Answer:"), which divides
-  out how likely the choice is anyway (the paper uses it for OpenBookQA, BoolQ, ARC and
-  RACE);
+  out how likely the choice is anyway (Brown et al. 2020); the paper names OpenBookQA and
+  BoolQ as the tasks it uses it for;
 - `none`: the raw log-likelihood (the harness's `acc`).
-Free-form answers are generated greedily and scored by exact match after SQuAD's
-normalization (lowercase, no punctuation, no articles, single spaces), taking the best
-over the gold answers.
+Partial scoring (WinoGrande): each choice has its own prompt (the sentence up to the blank,
+with that option in it), and what is scored is the rest of the sentence, the same text for
+every choice; the rules then agree.
+
+Free-form answers are generated greedily, cut at the task's `stop` strings, and compared
+by `answer_format` (`llamaray.eval.answers`): `qa` stops the answer at the first line
+break, final dot or comma and takes exact match after the paper's normalization against
+any gold answer; `gsm8k` and `math` compare the final answer (after "####", in
+`\\boxed{}`). Code tasks run the generated program against the problem's tests in
+`llamaray.eval.sandbox` (greedy here: pass@1 of one sample; `eval/sampling.py` draws n).
 """
 
 from __future__ import annotations
 
 import random
-import re
-import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from llamaray.eval.answers import exact_match, extract_answer, is_correct, normalize_answer
+from llamaray.eval.code import RunCode, score_completions
 from llamaray.eval.tasks import Task
+
+__all__ = ["exact_match", "normalize_answer"]  # re-exported: where callers found them
 
 RULES = ("chars", "answer", "none")
 
@@ -51,6 +61,8 @@ class TaskResult:
     metrics: dict[str, float]
     records: list[dict] = field(default_factory=list)
     """Per item: id, gold, prediction, scores (what a reviewer needs to audit a number)."""
+    shots: int | None = None
+    """Few-shot examples per prompt (None: not known, e.g. a harness result)."""
 
 
 # ---- prompts ---------------------------------------------------------------------------
@@ -59,30 +71,55 @@ class TaskResult:
 def gold_text(task: Task, item: dict) -> str:
     if task.spec.type == "multiple_choice":
         return item["choices"][item["answer"]]
-    return item["answers"][0]
+    if task.spec.type == "code":
+        return item["solution"]
+    return item.get("solution") or item["answers"][0]
 
 
-def fewshot_context(task: Task, item: dict, k: int, seed: int) -> str:
-    """The prompt for `item` after k solved examples from the few-shot split.
+def solved(task: Task, item: dict) -> str:
+    """A few-shot example: the item's prompt and its right answer."""
+    spec = task.spec
+    if item.get("contexts") is not None:  # partial scoring: the whole, right sentence
+        return item["contexts"][item["answer"]] + spec.target_delimiter + item["target"]
+    return spec.prompt(item) + spec.target_delimiter + gold_text(task, item)
 
-    The shots are drawn with a generator seeded by (seed, task, item id), so an item gets
-    the same shots in every run and on every worker, whatever else is evaluated; the item
-    itself is never among its own shots.
+
+def shots(task: Task, item: dict, k: int, seed: int) -> list[dict]:
+    """The k solved examples that precede `item`.
+
+    Seeded (the default): drawn with a generator seeded by (seed, task, item id), so an item
+    gets the same shots in every run and on every worker, whatever else is evaluated; the
+    item itself is never among its own shots. `first`: the first k of the few-shot split,
+    in file order (MMLU's five dev questions). With `fewshot_group` only items sharing the
+    item's value of that field are candidates (MMLU: the same subject).
     """
     spec = task.spec
-    prompt = spec.prompt(item)
     if k == 0:
-        return prompt
+        return []
     pool = [x for x in task.items(spec.fewshot_split) if x["id"] != item["id"]]
+    if spec.fewshot_group:
+        pool = [x for x in pool if x.get(spec.fewshot_group) == item.get(spec.fewshot_group)]
     if len(pool) < k:
+        group = spec.fewshot_group
         raise ValueError(
             f"task {task.name}: {k}-shot needs {k} examples in split "
             f"{spec.fewshot_split!r}, it has {len(pool)}"
+            + (f" for {group}={item.get(group)!r}" if group else "")
         )
+    if spec.fewshot_sampler == "first":
+        return pool[:k]
     rng = random.Random(f"{seed}/{task.name}/{item['id']}")
-    shots = rng.sample(pool, k)
-    solved = [spec.prompt(s) + spec.target_delimiter + gold_text(task, s) for s in shots]
-    return spec.fewshot_delimiter.join([*solved, prompt])
+    return rng.sample(pool, k)
+
+
+def fewshot_context(task: Task, item: dict, k: int, seed: int, prompt: str | None = None) -> str:
+    """The prompt for `item` (or `prompt`, for one choice under partial scoring) after the
+    task's description and k solved examples (`shots`), joined by `fewshot_delimiter` as
+    lm-evaluation-harness joins them."""
+    spec = task.spec
+    prompt = spec.prompt(item) if prompt is None else prompt
+    examples = [solved(task, s) for s in shots(task, item, k, seed)]
+    return spec.header(item) + spec.fewshot_delimiter.join([*examples, prompt])
 
 
 def build_requests(
@@ -93,10 +130,16 @@ def build_requests(
     k = spec.num_fewshot if num_fewshot is None else num_fewshot
     requests = []
     for i, item in enumerate(task.items()[:limit]):
-        context = fewshot_context(task, item, k, seed)
-        if spec.type == "free_form":
-            requests.append(Request(i, "generate", 0, context))
+        if spec.type in ("free_form", "code"):
+            requests.append(Request(i, "generate", 0, fewshot_context(task, item, k, seed)))
             continue
+        if item.get("contexts") is not None:  # partial scoring
+            continuation = spec.target_delimiter + item["target"]
+            for c, context in enumerate(item["contexts"]):
+                context = fewshot_context(task, item, k, seed, prompt=context)
+                requests.append(Request(i, "choice", c, context, continuation))
+            continue
+        context = fewshot_context(task, item, k, seed)
         for c, choice in enumerate(item["choices"]):
             continuation = spec.target_delimiter + choice
             requests.append(Request(i, "choice", c, context, continuation))
@@ -151,25 +194,17 @@ def choose(
     return max(range(len(scores)), key=lambda i: (scores[i], -i))
 
 
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCTUATION = str.maketrans("", "", string.punctuation)
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD's answer normalization: lowercase, drop punctuation and articles, one space."""
-    text = _ARTICLES.sub(" ", text.lower().translate(_PUNCTUATION))
-    return " ".join(text.split())
-
-
-def exact_match(prediction: str, answers: Sequence[str]) -> bool:
-    return any(normalize_answer(prediction) == normalize_answer(a) for a in answers)
-
-
 # ---- aggregation -----------------------------------------------------------------------
 
 
-def aggregate(task: Task, requests: Sequence[Request], responses: Sequence) -> TaskResult:
-    """Choices, per-item records and metrics from the responses to `build_requests`."""
+def aggregate(
+    task: Task,
+    requests: Sequence[Request],
+    responses: Sequence,
+    run_code: RunCode | None = None,
+) -> TaskResult:
+    """Choices, per-item records and metrics from the responses to `build_requests`.
+    Code tasks run each completion through `run_code` (default: the sandbox, here)."""
     items = task.items()
     by_item: dict[int, dict] = {}
     for request, response in zip(requests, responses, strict=True):
@@ -179,16 +214,23 @@ def aggregate(task: Task, requests: Sequence[Request], responses: Sequence) -> T
         else:
             slot[request.role][request.choice] = response
     records = []
+    if task.spec.type == "code":
+        completions = [slot["generate"] for _, slot in sorted(by_item.items())]
+        records = score_completions([items[i] for i in sorted(by_item)], completions, run_code)
+        metrics = {"pass@1": _mean(r["passed"] for r in records), "n": len(records)}
+        return TaskResult(task.name, metrics, records)
     if task.spec.type == "free_form":
+        fmt = task.spec.answer_format
         for i, slot in sorted(by_item.items()):
             item = items[i]
-            hit = exact_match(slot["generate"], item["answers"])
+            prediction = extract_answer(fmt, slot["generate"])
             records.append(
                 {
                     "id": item["id"],
-                    "prediction": slot["generate"],
+                    "generation": slot["generate"],
+                    "prediction": prediction,
                     "answers": item["answers"],
-                    "exact_match": hit,
+                    "exact_match": is_correct(fmt, prediction, item["answers"]),
                 }
             )
         metrics = {"exact_match": _mean(r["exact_match"] for r in records), "n": len(records)}
@@ -201,7 +243,9 @@ def aggregate(task: Task, requests: Sequence[Request], responses: Sequence) -> T
         count = len(item["choices"])
         logprobs = [slot["choice"][c] for c in range(count)]
         priors = [slot["prior"][c] for c in range(count)] if slot["prior"] else None
-        picks = {rule: choose(logprobs, item["choices"], rule, priors) for rule in rules}
+        # What was scored: the choices, or under partial scoring the same target for all.
+        scored = item["choices"] if item.get("contexts") is None else [item["target"]] * count
+        picks = {rule: choose(logprobs, scored, rule, priors) for rule in rules}
         for rule, pick in picks.items():
             hits[rule].append(pick == item["answer"])
         record = {
@@ -228,7 +272,9 @@ def evaluate_task(
     """All three steps in this process."""
     requests = build_requests(task, num_fewshot, seed, limit)
     responses = run_requests(lm, requests, task.spec.max_new_tokens, task.spec.stop)
-    return aggregate(task, requests, responses)
+    result = aggregate(task, requests, responses)
+    result.shots = task.spec.num_fewshot if num_fewshot is None else num_fewshot
+    return result
 
 
 def _mean(values) -> float:

@@ -24,6 +24,11 @@ The continuation scored for a choice is `target_delimiter + choice` (" " by defa
 shots are joined by `fewshot_delimiter` ("\\n\\n"), which is how lm-evaluation-harness
 builds its multiple-choice requests; the same task exported to the harness gives the same
 strings. Nothing is downloaded: a bad line is an error naming `file:line` and the field.
+
+The paper's benchmarks, in the files they are published in, are read by
+`llamaray.eval.benchmarks` into the same `Task`; the fields below that only they use
+(`description`, `fewshot_sampler`, `fewshot_group`, `answer_format`, per-choice
+`contexts`) are also open to task folders.
 """
 
 from __future__ import annotations
@@ -40,13 +45,39 @@ class TaskSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    type: Literal["multiple_choice", "free_form"]
+    type: Literal["multiple_choice", "free_form", "code"] = Field(
+        description="multiple_choice: scored by log-likelihood; free_form: a generated "
+        "answer compared with the gold ones; code: a generated program run against tests "
+        "(benchmarks only: HumanEval, MBPP)."
+    )
     template: str = Field("Question: {question}\nAnswer:", description="Formats an item.")
     normalization: Literal["chars", "answer", "none"] = Field(
         "chars",
         description="Multiple choice: chars = log-likelihood per character of the choice "
         "(the paper's default); answer = log p(choice | prompt) - log p(choice | "
-        "answer_context) (the paper's rule for some tasks); none = raw log-likelihood.",
+        "answer_context) (the paper's rule for OpenBookQA and BoolQ); none = raw "
+        "log-likelihood.",
+    )
+    description: str = Field(
+        "",
+        description="Text before the shots and the prompt, formatted with the item "
+        "(MMLU: 'The following are multiple choice questions (with answers) about "
+        "{subject}.\\n\\n').",
+    )
+    fewshot_sampler: Literal["seeded", "first"] = Field(
+        "seeded",
+        description="seeded: k shots drawn per item by (seed, task, item id); first: the "
+        "first k of the few-shot split in file order (MMLU's dev examples, the "
+        "harness's first_n).",
+    )
+    fewshot_group: str | None = Field(
+        None, description="Shots come only from items with the same value of this field."
+    )
+    answer_format: Literal["qa", "gsm8k", "math"] = Field(
+        "qa",
+        description="Free form: qa = cut at the first line break, final dot or comma, "
+        "then exact match after normalization (the paper's closed-book QA); gsm8k = the "
+        "number after '####'; math = the last \\boxed{} answer.",
     )
     answer_context: str = Field("Answer:", description="The context of the answer rule.")
     num_fewshot: int = Field(0, ge=0)
@@ -60,6 +91,9 @@ class TaskSpec(BaseModel):
     def prompt(self, item: dict) -> str:
         return self.template.format(**item)
 
+    def header(self, item: dict) -> str:
+        return self.description.format(**item) if self.description else ""
+
 
 class MultipleChoiceItem(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -68,11 +102,21 @@ class MultipleChoiceItem(BaseModel):
     question: str
     choices: list[str] = Field(min_length=2)
     answer: int = Field(ge=0)
+    contexts: list[str] | None = Field(
+        None,
+        description="Partial scoring (WinoGrande): the prompt for each choice; what is "
+        "scored is `target` after it, the same text for every choice.",
+    )
+    target: str | None = None
 
     @model_validator(mode="after")
     def _answer_is_a_choice(self) -> MultipleChoiceItem:
         if self.answer >= len(self.choices):
             raise ValueError(f"answer {self.answer} is not an index of {len(self.choices)} choices")
+        if (self.contexts is None) != (self.target is None):
+            raise ValueError("contexts and target go together (partial scoring)")
+        if self.contexts is not None and len(self.contexts) != len(self.choices):
+            raise ValueError(f"{len(self.contexts)} contexts for {len(self.choices)} choices")
         return self
 
 
@@ -120,6 +164,11 @@ def load_task(path: str | Path) -> Task:
         spec = TaskSpec.model_validate(yaml.safe_load(spec_file.read_text()) or {})
     except (ValidationError, yaml.YAMLError) as err:
         raise TaskError(f"{spec_file}: {_reason(err)}") from None
+    if spec.type == "code":
+        raise TaskError(
+            f"{spec_file}: type: code tasks are read from their published files "
+            "(llamaray.eval.benchmarks: humaneval, mbpp), not from a task folder"
+        )
     item_type = MultipleChoiceItem if spec.type == "multiple_choice" else FreeFormItem
     splits = {}
     needed = {spec.eval_split} | ({spec.fewshot_split} if spec.num_fewshot else set())
@@ -160,6 +209,7 @@ def _read_items(file: Path, item_type: type[BaseModel]) -> list[dict]:
 def _check_template(spec: TaskSpec, item: dict, spec_file: Path) -> None:
     try:
         spec.prompt(item)
+        spec.header(item)
     except (KeyError, IndexError, ValueError) as err:
         raise TaskError(f"{spec_file}: template: {err!r} is not a field of the items") from None
 
