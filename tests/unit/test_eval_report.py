@@ -58,3 +58,32 @@ def test_the_table_is_an_artifact_of_the_eval_run(tmp_path, monkeypatch):
     assert table == markdown(rows_of(result().tasks))
     metrics = client.get_run(run_id).data.metrics
     assert metrics["eval/humaneval/pass_at_10"] == 0.75  # "@" is not allowed in MLflow names
+
+
+def test_scores_against_training_tokens_land_in_the_training_run(tmp_path, monkeypatch):
+    """Each evaluated checkpoint adds a point per headline score to the training run; the
+    figure (the paper's figure 2) is redrawn from them, x = step x batch tokens."""
+    from matplotlib import image
+
+    from llamaray.eval.runner import SCORES_VS_TOKENS
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    training, _ = tracking.open_run(uri, "exp", "demo", artifact_root=tmp_path / "a")
+    tracking.log_params(uri, training, {"derived.batch_tokens": "4096"})
+    for step, acc in ((100, 0.25), (200, 0.5)):
+        evaluated = result()
+        evaluated.step = step
+        evaluated.tasks["arc-easy"].metrics["acc"] = acc
+        log_evaluation(uri, "exp", "demo", evaluated, training)
+    history = tracking.metric_history(uri, training, "eval/arc-easy/acc")
+    assert [(m.step, m.value) for m in history] == [(100, 0.25), (200, 0.5)]
+    assert [m.step for m in tracking.metric_history(uri, training, "eval/humaneval/pass_at_1")] == [
+        100,
+        200,
+    ]
+    client = tracking.client(uri)
+    png = client.download_artifacts(training, SCORES_VS_TOKENS, str(tmp_path))
+    height, width = image.imread(png).shape[:2]
+    # One panel per headline score: arc-easy acc, humaneval pass@1, harness-piqa acc.
+    assert (width, height) == (3 * 420, 320)

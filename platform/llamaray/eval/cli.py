@@ -3,6 +3,7 @@ tasks and held-out perplexity, over Ray, into MLflow beside the training run.
 
     llamaray eval --config jobs/configs/demo.yaml --task jobs/tasks/stdlib-modules
     llamaray eval --config jobs/configs/demo.yaml --step 200 --fewshot 3 --workers 2
+    llamaray eval --config jobs/configs/demo.yaml --task jobs/tasks/stdlib-modules --all-steps
     llamaray eval --model runs/checkpoints/demo/hf --task jobs/tasks/stdlib-modules
     llamaray eval --config jobs/configs/demo.yaml --benchmark arc=ARC-Easy/ARC-Easy-Test.jsonl
     llamaray eval --config jobs/configs/demo.yaml --benchmark humaneval=HumanEval.jsonl \
@@ -46,6 +47,12 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--cpus-per-worker", type=float, default=0.5)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--address", default=None, help="Ray cluster (default: RAY_ADDRESS/local)")
+    p.add_argument(
+        "--all-steps",
+        action="store_true",
+        help="every complete checkpoint of the run, oldest first; each score is drawn against "
+        "training tokens in the training run's eval_vs_tokens.png (the paper's figure 2)",
+    )
     p.set_defaults(func=cmd_eval)
 
 
@@ -89,19 +96,43 @@ def cmd_eval(opts: argparse.Namespace) -> int:
             raise ConfigError(f"code benchmarks run the generated programs, and {reason}")
     if opts.model and not tasks:
         raise ConfigError("--model needs at least one --task (no corpus to score)")
+    if opts.all_steps and (opts.model or opts.step is not None):
+        raise ConfigError(
+            "--all-steps evaluates every checkpoint of a run: not with --model or --step"
+        )
     run_cfg, target = load_target(opts, eval_cfg.step)
     corpus_dir = corpus_dir_of(run_cfg) if run_cfg is not None else None
+    targets = all_step_targets(run_cfg) if opts.all_steps else [target]
 
     from llamaray.eval.runner import evaluate
     from llamaray.ray_session import start_ray
 
     start_ray(opts.address)
     require_target_shared(run_cfg, target)
-    result = evaluate(target, tasks, eval_cfg, corpus_dir)
-    log_beside_run(run_cfg, result)
-    for name, value in sorted(result.metrics().items()):
-        print(f"{name:48} {value:.4f}")
+    for each in targets:
+        result = evaluate(each, tasks, eval_cfg, corpus_dir)
+        log_beside_run(run_cfg, result)
+        if len(targets) > 1:
+            print(f"step {each.step}:")
+        for name, value in sorted(result.metrics().items()):
+            print(f"{name:48} {value:.4f}")
     return 0
+
+
+def all_step_targets(run_cfg) -> list:
+    """Every complete checkpoint of the run, oldest first (an incomplete one is said and
+    passed over)."""
+    from llamaray.eval.checkpoint import run_target
+    from llamaray.train.checkpoint import CheckpointError
+    from llamaray.train.stored_checkpoints import step_folders
+
+    targets = []
+    for step, _ in sorted(step_folders(run_cfg.run_uri)):
+        try:
+            targets.append(run_target(run_cfg, step))
+        except CheckpointError as err:
+            print(f"passing over step {step}: {err}")
+    return targets
 
 
 # ---- shared with `llamaray harness` ---------------------------------------------------

@@ -1,5 +1,7 @@
 """The results of an evaluation as a table like the paper's: benchmark, shots, metric,
-score; as markdown (to read) and CSV (to load), both logged as artifacts of the eval run.
+score; as markdown (to read) and CSV (to load), both logged as artifacts of the eval run;
+and, across a run's checkpoints, each score against training tokens (the paper's figure 2,
+`scores_vs_tokens_png`), logged into the training run.
 
     >>> rows = [Row("arc-easy", 0, "acc", 0.25), Row("humaneval", 0, "pass@1", 0.5)]
     >>> print(markdown(rows))
@@ -58,3 +60,35 @@ def csv_text(rows: list[Row]) -> str:
     for r in rows:
         writer.writerow([r.benchmark, "" if r.shots is None else r.shots, r.metric, repr(r.score)])
     return out.getvalue()
+
+
+def scores_vs_tokens_png(series: dict[str, list[tuple[int, float]]], path, title: str = ""):
+    """One panel per metric (`eval/<task>/<metric>`), its score against the training tokens
+    seen at each evaluated checkpoint, as the paper's figure 2 draws them. Returns `path`."""
+    import math
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display where evaluations run
+    import matplotlib.pyplot as plt
+
+    names = sorted(series)
+    cols = min(3, max(1, len(names)))
+    rows = max(1, math.ceil(len(names) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), dpi=100, squeeze=False)
+    for ax, name in zip(axes.flat, names, strict=False):
+        points = sorted(series[name])
+        ax.plot([t / 1e6 for t, _ in points], [v for _, v in points], "o-", lw=1.5)
+        ax.set_title(name.removeprefix("eval/"), fontsize=9)
+        ax.set_xlabel("training tokens (millions)")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

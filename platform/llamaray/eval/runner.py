@@ -241,11 +241,36 @@ def log_evaluation(
                 logger.artifact(Path(tmp) / name)
     logger.finish()
     if training_run_id:
-        headline = {
-            k: v
-            for k, v in metrics.items()
-            if k.endswith(("/acc", "/exact_match", "/bits_per_byte", "/pass_at_1", "/maj1_at_1"))
-        }
+        headline = {k: v for k, v in metrics.items() if k.endswith(HEADLINE)}
         # Straight into the store: the training run's status (finished, killed) stays as is.
         tracking.log_metrics(uri, training_run_id, headline, step)
+        log_scores_vs_tokens(uri, training_run_id, evaluated)
     return run_id
+
+
+HEADLINE = ("/acc", "/exact_match", "/bits_per_byte", "/pass_at_1", "/maj1_at_1")
+"""The metrics of an evaluation copied into the training run (one per task)."""
+SCORES_VS_TOKENS = "eval_vs_tokens.png"
+
+
+def log_scores_vs_tokens(uri: str, training_run_id: str, title: str = "") -> None:
+    """Draw every headline score the training run holds (one point per evaluated
+    checkpoint) against the tokens trained on by then (step x `derived.batch_tokens`), and
+    log it into the training run as `eval_vs_tokens.png` (replaced at each evaluation)."""
+    from llamaray import tracking
+
+    client = tracking.client(uri)
+    run = client.get_run(training_run_id)
+    batch_tokens = int(run.data.params.get("derived.batch_tokens", 0) or 0)
+    if not batch_tokens:
+        return  # not a pretraining run of ours: no tokens per step to draw against
+    series = {}
+    for key in run.data.metrics:
+        if key.startswith("eval/") and key.endswith(HEADLINE):
+            history = tracking.metric_history(uri, training_run_id, key)
+            series[key] = [(m.step * batch_tokens, m.value) for m in history]
+    if not series:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        png = report.scores_vs_tokens_png(series, Path(tmp) / SCORES_VS_TOKENS, title)
+        client.log_artifact(training_run_id, str(png))
