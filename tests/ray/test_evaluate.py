@@ -210,3 +210,35 @@ def test_sampled_code_on_actors_equals_one_in_process_scorer(trained, tmp_path):
     assert remote.records == local.records and len(remote.records) == 3
     assert all(r["n"] == 3 and len(r["passed"]) == 3 for r in remote.records)
     assert set(remote.metrics) == {"pass@1", "pass@3", "n", "samples"}
+
+
+def test_all_steps_evaluates_every_checkpoint_and_draws_scores_against_tokens(
+    trained, root, tmp_path
+):
+    """`--all-steps`: one evaluation (and eval run, with the results table) per complete
+    checkpoint, oldest first; the training run gets each score at each step and the figure
+    of scores against training tokens."""
+    from matplotlib import image
+
+    from llamaray.eval.runner import SCORES_VS_TOKENS
+    from llamaray.train.stored_checkpoints import step_folders
+
+    cfg, result = trained
+    config_file = root / "reference-all-steps.yaml"
+    config_file.write_text(cfg.to_yaml())
+    argv = ["eval", "--config", str(config_file), "--all-steps", "--limit", "2"]
+    argv += ["--task", str(TASKS / "stdlib-modules"), "--perplexity-rows", "0", "--workers", "1"]
+    assert main(argv) == 0
+    steps = sorted(s for s, _ in step_folders(cfg.run_uri))
+    assert len(steps) >= 2, steps  # the reference run keeps more than one checkpoint
+
+    client = MlflowClient(result.tracking_uri)
+    training = client.get_run(result.mlflow_run_id)
+    history = client.get_metric_history(training.info.run_id, "eval/stdlib-modules/acc")
+    assert sorted({m.step for m in history}) == steps
+    runs = {int(r.data.tags[STEP_TAG]): r for r in eval_runs(client, training)}
+    assert set(steps) <= set(runs)
+    table = client.download_artifacts(runs[steps[0]].info.run_id, "results.md", str(tmp_path))
+    assert "| stdlib-modules |" in Path(table).read_text()
+    png = client.download_artifacts(training.info.run_id, SCORES_VS_TOKENS, str(tmp_path))
+    assert image.imread(png).shape[0] > 100
