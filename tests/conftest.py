@@ -221,6 +221,26 @@ def loopback_port():
     return free_port
 
 
+# ------------------------------------------------------- lm-evaluation-harness offline
+
+
+@pytest.fixture(scope="module")
+def hf_offline(tmp_path_factory):
+    """For a module using lm-evaluation-harness: it and `datasets` read local files only,
+    and cache under a temporary home (`pytest.mark.usefixtures("hf_offline")`)."""
+    home = tmp_path_factory.mktemp("hf-home")
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in {
+            "HF_HOME": str(home),
+            "HF_DATASETS_CACHE": str(home / "datasets"),
+            "HF_DATASETS_OFFLINE": "1",
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }.items():
+            mp.setenv(name, value)
+        yield
+
+
 # ---------------------------------------------------------------------- MLflow server
 
 

@@ -21,18 +21,7 @@ lm_eval = pytest.importorskip("lm_eval", reason="the harness extra (pip install 
 TASKS = Path(lm_eval.__file__).parent / "tasks"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def offline(tmp_path_factory):
-    home = tmp_path_factory.mktemp("hf-home")
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in {
-            "HF_HOME": str(home),
-            "HF_DATASETS_CACHE": str(home / "datasets"),
-            "HF_DATASETS_OFFLINE": "1",
-            "HF_HUB_OFFLINE": "1",
-        }.items():
-            mp.setenv(name, value)
-        yield
+pytestmark = pytest.mark.usefixtures("hf_offline")
 
 
 def jsonl(path: Path, records) -> Path:

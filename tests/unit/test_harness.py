@@ -27,25 +27,10 @@ from llamaray.tokenizer import train_tokenizer
 pytest.importorskip("lm_eval", reason="the harness extra (pip install '.[harness]')")
 
 # Trains a model for 150 steps, then loads lm-evaluation-harness and transformers.
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("hf_offline")]
 
 SEQ = 64
 TOLERANCE = 1e-4  # what the adapter and the harness must agree to, in nats and in accuracy
-
-
-@pytest.fixture(scope="module", autouse=True)
-def offline(tmp_path_factory):
-    """The harness and `datasets` read local files only, and cache under a temporary home."""
-    home = tmp_path_factory.mktemp("hf-home")
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in {
-            "HF_HOME": str(home),
-            "HF_DATASETS_OFFLINE": "1",
-            "HF_HUB_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-        }.items():
-            mp.setenv(name, value)
-        yield
 
 
 @pytest.fixture(scope="module")

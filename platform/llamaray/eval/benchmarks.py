@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llamaray.eval.answers import last_boxed, normalize_number
-from llamaray.eval.tasks import Task, TaskError, TaskSpec
+from llamaray.eval.tasks import Task, TaskError, TaskSpec, jsonl_records
 
 
 @dataclass(frozen=True)
@@ -44,20 +44,8 @@ class Benchmark:
 
 
 def _lines(path: Path) -> Iterator[tuple[str, dict]]:
-    """(where, record) for each non-empty line of a JSONL file."""
-    if not path.is_file():
-        raise TaskError(f"{path}: no such file")
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise TaskError(f"{where}: not JSON ({err.msg})") from None
-        if not isinstance(record, dict):
-            raise TaskError(f"{where}: a record must be a JSON object")
-        yield where, record
+    """(where, record) for each non-empty line of a JSONL file (`tasks.jsonl_records`)."""
+    return jsonl_records(path)
 
 
 def _field(record: dict, where: str, path: str, kind: type | tuple = str):

@@ -34,6 +34,7 @@ The paper's benchmarks, in the files they are published in, are read by
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -183,8 +184,11 @@ def load_task(path: str | Path) -> Task:
     return Task(spec, splits, path)
 
 
-def _read_items(file: Path, item_type: type[BaseModel]) -> list[dict]:
-    items, seen = [], set()
+def jsonl_records(file: Path, what: str = "a record") -> Iterator[tuple[str, dict]]:
+    """(where, object) for each non-empty line of a JSONL file, `where` being `file:line`;
+    a TaskError naming the line for one that is not JSON or not an object (`what`)."""
+    if not file.is_file():
+        raise TaskError(f"{file}: no such file")
     for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -194,7 +198,13 @@ def _read_items(file: Path, item_type: type[BaseModel]) -> list[dict]:
         except json.JSONDecodeError as err:
             raise TaskError(f"{where}: not JSON ({err.msg})") from None
         if not isinstance(raw, dict):
-            raise TaskError(f"{where}: an item must be a JSON object")
+            raise TaskError(f"{where}: {what} must be a JSON object")
+        yield where, raw
+
+
+def _read_items(file: Path, item_type: type[BaseModel]) -> list[dict]:
+    items, seen = [], set()
+    for where, raw in jsonl_records(file, "an item"):
         try:
             item = item_type.model_validate(raw).model_dump()
         except ValidationError as err:
