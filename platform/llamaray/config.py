@@ -492,6 +492,12 @@ class FaultConfig(_Section):
         None, ge=0, description="Worker to freeze with SIGSTOP, as a hung process (once)."
     )
     stop_at_step: int | None = Field(None, gt=0, description="Step at which stop_rank freezes.")
+    slow_step_s: float = Field(
+        0.0,
+        ge=0,
+        description="Seconds every rank waits after each step, as on a slow cluster: gives a "
+        "drill or test time to act while a run is in the middle of its steps.",
+    )
 
     @field_validator("kill_at_step")
     @classmethod

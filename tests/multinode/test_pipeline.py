@@ -63,6 +63,7 @@ CHECKPOINTS = "runs/checkpoints"  # keys of the runs' storage (output_dir/checkp
 INSTRUCTIONS = f"s3://{BUCKET}/instructions/train.jsonl"
 FINETUNE_STEPS = 30
 SWEEP_STEPS, SWEEP_CHECKPOINT_EVERY = 16, 4  # ASHA's rungs at steps 2, 4 and 8
+SWEEP_SLOW_STEP_S = 0.75  # the first trial spends >= 8 s between its first checkpoint and end
 SWEEP_LRS = [3e-3, 1e-5]
 """Tried in this order. The driver is killed while the first (3e-3) trains. 1e-5 barely
 moves the weights in 2 steps: at the first rung its loss is far above the first trial's,
@@ -495,6 +496,9 @@ def test_sweep_stops_early_survives_its_drivers_death_and_reports_to_the_server_
         "tracking.system_metrics=false", "sweep.num_samples=1", "sweep.batch_tokens=[512]",
         f"sweep.lr.values=[{', '.join(map(str, SWEEP_LRS))}]", "sweep.asha.grace_period=2",
         "sweep.asha.reduction_factor=2", "sweep.max_concurrent_trials=1",
+        # A step of this model takes ~0.05 s: without a pause the first trial can go from its
+        # first checkpoint to its end between two looks of the kill loop (seen under load).
+        f"faults.slow_step_s={SWEEP_SLOW_STEP_S}",
     ]  # fmt: skip
     # Tune saves its experiment state at most every 10 s by default; every second here,
     # so the state in S3 is current whenever the driver is killed.

@@ -99,3 +99,13 @@ def test_failure_notes_count_from_the_resumed_step_and_the_last_report(capsys):
     assert "after step 6 " in fail()  # restarted from the checkpoint of step 6
     notes.after_report(None, [{"step": 6, "started": True}], checkpoint=None)
     assert "after step 6 " in fail()
+
+
+def test_slow_step_waits_the_configured_time_after_each_step(monkeypatch):
+    from llamaray.train import faults
+
+    waits = []
+    monkeypatch.setattr(faults.time, "sleep", waits.append)
+    faults.slow_step(load_config(None, []))
+    faults.slow_step(load_config(None, ["faults.slow_step_s=0.75"]))
+    assert waits == [0.75]

@@ -1,11 +1,13 @@
 """Fault injection for tests and drills (`faults.*` in the run config): kill a rank's
 process at one or more steps, as a lost worker would end, or freeze it (SIGSTOP) as a hung
-process or a frozen node would stop answering. Each fault fires once per run name."""
+process or a frozen node would stop answering. Each fault fires once per run name.
+`slow_step` slows every step down, as a slow cluster would."""
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Callable
 
 from llamaray.config import RunConfig
@@ -50,3 +52,10 @@ def _fire_once(
     storage.write_text(marker, f"{what} at step {step}\n")
     logger("fault").warning(f"fault injection: rank {rank} {what} at step {step}")
     os.kill(os.getpid(), sig)
+
+
+def slow_step(cfg: RunConfig) -> None:
+    """`faults.slow_step_s`: wait that long after a step (every rank alike, so the ranks stay
+    in step and the losses are those of an unslowed run)."""
+    if cfg.faults.slow_step_s:
+        time.sleep(cfg.faults.slow_step_s)

@@ -36,7 +36,7 @@ from llamaray.model.loss import IGNORE_INDEX
 from llamaray.train.batches import open_feed
 from llamaray.train.checkpoint import TrainState, restore_latest
 from llamaray.train.course import check_course, data_digest, trajectory
-from llamaray.train.faults import maybe_kill
+from llamaray.train.faults import maybe_kill, slow_step
 from llamaray.train.launcher import Launcher
 from llamaray.train.optim import build_optimizer
 from llamaray.train.outputs import log_loss_curve, model_tags, publish_model, registered_name
@@ -314,6 +314,7 @@ def run_worker(spec: WorkerSpec, launcher: Launcher) -> WorkerResult:
             elif "val_loss" in last and evaluate:
                 launcher.report(last | {"stopped": ""})
             maybe_kill(cfg, rank, state.step, spec.run_dir, launcher.wait_for_checkpoints)
+            slow_step(cfg)
             if stopped:
                 say(f"stopping: {stopped}")
                 break
