@@ -444,6 +444,23 @@ def dataset_inputs(uri: str, run_id: str) -> list[tuple[str, str, str]]:
     return found
 
 
+MODEL_UPLOAD_TIMEOUT_S = 3600
+"""Seconds one HTTP request may take while rank 0 logs the final model: a weights file
+(13 GB in a 7B model) goes up to the tracking server in one request, which the 10 s of
+`HTTP_LIMITS` would cut off. Only where llamaray set that bound; one set by the operator
+stands."""
+
+
+@contextlib.contextmanager
+def _patient_uploads() -> Iterator[None]:
+    name = "MLFLOW_HTTP_REQUEST_TIMEOUT"
+    if os.environ.get(name) != HTTP_LIMITS[name]:
+        yield
+        return
+    with _env(name, str(MODEL_UPLOAD_TIMEOUT_S)):
+        yield
+
+
 @contextlib.contextmanager
 def _env(name: str, value: str) -> Iterator[None]:
     before = os.environ.get(name)
@@ -566,7 +583,8 @@ class MetricLogger:
             logger("tracking").warning("MLflow is away: the model is not logged")
             return None
         try:
-            logged = log_model(self.uri, self.run_id, folder, registered_name, tags, step)
+            with _patient_uploads():
+                logged = log_model(self.uri, self.run_id, folder, registered_name, tags, step)
         except Exception as err:
             reason = redact(str(err)).splitlines()[0][:300] if str(err) else type(err).__name__
             logger("tracking").warning(

@@ -299,3 +299,27 @@ def test_mlflow_models_serve_answers_with_the_models_continuations(
             assert json.loads(answer.read()) == {"predictions": expected}
     finally:
         server_process.stop(server)
+
+
+def test_the_model_goes_up_without_the_short_request_bound(store, exported, monkeypatch):
+    """Rank 0 bounds MLflow's requests to 10 s; a weights file of gigabytes goes up in one
+    request, so the bound is lifted while the model is logged, unless the operator set it."""
+    uri, run_id = store
+    seen = []
+
+    def log_model(*args, **kwargs):
+        seen.append(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT"))
+        return tracking.RegisteredModel("models:/m-0", "m-0")
+
+    monkeypatch.setattr(tracking, "log_model", log_model)
+    bound = tracking.HTTP_LIMITS["MLFLOW_HTTP_REQUEST_TIMEOUT"]
+    for operators in (None, "77"):
+        if operators is None:
+            monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
+        else:
+            monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", operators)
+        logger = tracking.MetricLogger(uri, run_id, system_metrics=False)
+        assert logger.model(exported, None, {}, 1).model_id == "m-0"
+        assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == (operators or bound)  # restored
+        logger.finish()
+    assert seen == [str(tracking.MODEL_UPLOAD_TIMEOUT_S), "77"]
