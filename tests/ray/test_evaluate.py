@@ -190,17 +190,10 @@ def test_sampled_code_on_actors_equals_one_in_process_scorer(trained, tmp_path):
     if unavailable_reason():
         pytest.skip(f"no code sandbox: {unavailable_reason()}")
     cfg, _ = trained
-    problems = [
-        {
-            "task_id": f"HumanEval/{i}",
-            "prompt": f'def add{i}(a, b):\n    """Add two numbers."""\n',
-            "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n",
-            "entry_point": f"add{i}",
-        }
-        for i in range(3)
-    ]
+    from eval_problems import ADD_PROBLEMS
+
     file = tmp_path / "HumanEval.jsonl"
-    file.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    file.write_text("".join(json.dumps(p) + "\n" for p in ADD_PROBLEMS))
     task = read_benchmark("humaneval", file)
     task.spec.max_new_tokens = 12  # a model trained for a few steps writes no solution
     opts = EvalConfig(samples=3, pass_k=[1, 3], perplexity_rows=0, num_workers=2)

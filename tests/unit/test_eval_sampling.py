@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from eval_problems import ADD_PROBLEMS
 from llamaray.data.sample_text import write_stdlib_sample
 from llamaray.eval.benchmarks import read_benchmark
 from llamaray.eval.checkpoint import folder_target
@@ -24,15 +25,7 @@ from llamaray.tokenizer import train_tokenizer
 
 needs_sandbox = pytest.mark.skipif(unavailable_reason() is not None, reason="no code sandbox")
 
-HUMANEVAL = [
-    {
-        "task_id": f"HumanEval/{i}",
-        "prompt": f'def add{i}(a, b):\n    """Add two numbers."""\n',
-        "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n",
-        "entry_point": f"add{i}",
-    }
-    for i in range(3)
-]
+HUMANEVAL = ADD_PROBLEMS
 
 
 def jsonl(path, records):
