@@ -544,6 +544,52 @@ class MetricLogger:
         True when it was."""
         return self._sender.flush(self.flush_s if timeout is None else timeout)
 
+    def unsent(self) -> list[dict]:
+        """The steps of metrics not yet known to be stored, oldest first, as plain data
+        (`{"step", "timestamp", "metrics"}` per logged step): what a checkpoint carries so
+        that a process that dies before sending them loses none (`resend`)."""
+        return [
+            {"step": b[0].step, "timestamp": b[0].timestamp, "metrics": {m.key: m.value for m in b}}
+            for b in self._sender.pending()
+            if b
+        ]
+
+    def resend(self, carried: list[dict]) -> int:
+        """Queue the steps of `carried` (a checkpoint's `unsent()`) that the store does not
+        have; returns how many. The sender stores each key's steps in order, so a step is
+        stored exactly when it is at or below its key's latest stored step: one request
+        tells. When the server does not answer, every carried step is queued: a step may
+        then be stored twice, which loses nothing."""
+        if not carried:
+            return 0
+        latest: dict[str, int] = {}
+        if not self._sender.down:
+            try:
+                run = self.client.get_run(self.run_id)
+                # A run's latest value of each key is its highest step's.
+                latest = {m.key: m.step for m in run.data.to_proto().metrics}
+            except Exception as err:
+                self._sender.outage(err, "the steps a checkpoint carried are all sent again")
+        from mlflow.entities import Metric
+
+        queued = 0
+        for record in carried:
+            step = int(record["step"])
+            batch = [
+                Metric(key, float(value), int(record["timestamp"]), step)
+                for key, value in record["metrics"].items()
+                if step > latest.get(key, -1)
+            ]
+            if batch:
+                self._sender.put(batch)
+                queued += 1
+        if queued:
+            logger("tracking").info(
+                f"sending {queued} step(s) of metrics that the previous launch logged but had "
+                "not sent when it ended (carried by the checkpoint)"
+            )
+        return queued
+
     def history(self, key: str) -> list:
         """Every value of `key` in the store (MLflow `Metric`s), or [] with a warning when
         the server does not answer."""
@@ -625,7 +671,7 @@ class _Sender:
         self._queue: deque[list] = deque()
         self._status: str | None = None
         self._busy = False
-        self._inflight = 0  # steps in the request under way
+        self._inflight: list[list] = []  # the steps in the request under way
         self._closing = False
         self._hurry = 0  # flushes waiting: send without waiting for the interval
         self._next_send = 0.0
@@ -644,6 +690,12 @@ class _Sender:
             self._queue.append(batch)
             self._trim()
             self._cond.notify_all()
+
+    def pending(self) -> list[list]:
+        """The steps not known to be stored, oldest first: the request under way (it may
+        yet fail) and the queue."""
+        with self._cond:
+            return [*(self._inflight if self._busy else []), *self._queue]
 
     def set_status(self, status: str) -> None:
         with self._cond:
@@ -670,7 +722,7 @@ class _Sender:
         with self._cond:
             self._closing = True
             self._closed.set()
-            left = len(self._queue) + (self._inflight if self._busy else 0)
+            left = len(self._queue) + (len(self._inflight) if self._busy else 0)
             self.dropped += left
             self._queue.clear()
             unset = self._status is not None
@@ -739,7 +791,7 @@ class _Sender:
                     chunk.append(self._queue.popleft())
                 if not chunk and self._queue:  # one step past the limit: sent alone
                     chunk.append(self._queue.popleft())
-                self._busy, self._inflight = True, len(chunk)
+                self._busy, self._inflight = True, chunk
             try:
                 if status and early:
                     self._send_status(status)

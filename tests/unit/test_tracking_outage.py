@@ -9,7 +9,12 @@ before any cluster work."""
 
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
+import sys
 import time
+from dataclasses import asdict
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -166,3 +171,73 @@ def test_the_driver_refuses_a_server_that_does_not_answer_before_any_cluster_wor
         message = str(err.value)
         assert "http://***@127.0.0.1" in message and "does not answer" in message
         assert "pw-never-shown" not in message and "tracking.enabled=false" in message
+
+
+# Launch 1 of the test below, in a process of its own (it is SIGKILLed): its sender makes
+# one request and then none for an hour, so every later step is still unsent when it dies.
+_KILLED_LAUNCH = """
+import json, sys
+from llamaray import tracking
+from llamaray.config import load_config
+from llamaray.train.launcher import LocalLauncher, ensure_process_group
+from llamaray.train.worker import WorkerSpec, run_worker
+
+tracking.SEND_INTERVAL_S = 3600.0
+ensure_process_group()
+spec = WorkerSpec(**json.loads(sys.argv[1]))
+run_worker(spec, LocalLauncher(sys.argv[2]))
+"""
+
+
+@pytest.mark.slow  # two launches of the training loop, one in a subprocess
+def test_metrics_a_killed_process_had_not_sent_are_sent_by_the_launch_that_resumes(tmp_path):
+    """Rank 0 dies just after the checkpoint of step 4 with steps 2-4 logged but unsent
+    (a node lost). The launch that resumes from that checkpoint never runs those steps
+    again: their metrics reach the store only because the checkpoint carried them. Each
+    step is stored once: what the store already had is not sent twice."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    corpus = write_token_corpus(tmp_path / "corpus")
+    run_id, _ = tracking.open_run(uri, "killed", "killed-run")
+    cfg = load_config(
+        None,
+        [
+            "name=killed-run",
+            f"output_dir={tmp_path}",
+            "model.preset=debug",
+            "tracking.export_hf=false",
+            "tracking.system_metrics=false",
+            "data.eval_rows=8",
+            f"train.steps={STEPS}",
+            f"train.seq_len={SEQ_LEN}",
+            f"train.batch_tokens={4 * SEQ_LEN}",
+            "train.micro_batch_size=2",
+            "train.device=cpu",
+            "train.checkpoint_every=2",
+            "train.log_every=1",
+            "faults.kill_rank=0",
+            "faults.kill_at_step=4",
+        ],
+    )
+    spec = WorkerSpec(cfg.model_dump(), str(corpus), str(tmp_path / "run"), uri, run_id)
+    checkpoints = tmp_path / "checkpoints"
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_LAUNCH, json.dumps(asdict(spec)), str(checkpoints)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    client = MlflowClient(uri)
+    stored = {m.step for m in client.get_metric_history(run_id, "loss")}
+    assert 4 not in stored, stored  # else the kill lost nothing and this test shows nothing
+    carried = verify_checkpoint(checkpoints / step_dir_name(4)).extra["unsent_metrics"]
+    assert {r["step"] for r in carried} >= {4} - stored, carried
+
+    launcher = LocalLauncher(checkpoints)
+    result = run_worker(spec, launcher)
+
+    assert (result.step, result.stopped) == (STEPS, None)
+    assert [r["step"] for r in launcher.reports] == [5, 6]  # resumed: 1-4 did not run again
+    losses = [m.step for m in client.get_metric_history(run_id, "loss")]
+    assert sorted(losses) == list(range(1, STEPS + 1)), losses  # each step once
+    for key in ("lr", "grad_norm", "rows_crc"):
+        steps = sorted(m.step for m in client.get_metric_history(run_id, key))
+        assert steps == list(range(1, STEPS + 1)), (key, steps)

@@ -45,6 +45,13 @@ from llamaray.train.progress import progress_line, rank0_console
 from llamaray.train.schedule import lr_at
 from llamaray.train.step import autocast, train_step
 
+UNSENT_METRICS = "unsent_metrics"
+"""The train state's entry (in `extra`, rank 0's) with the steps of metrics rank 0 had
+logged but not yet sent to MLflow at the checkpoint (`MetricLogger.unsent`). Metrics are
+sent in the background about once a second, so a process that dies just after a
+checkpoint would lose the last steps' metrics for good: the launch that resumes from the
+checkpoint never runs those steps again. It sends the ones the store lacks."""
+
 
 @dataclass
 class WorkerSpec:
@@ -203,11 +210,15 @@ def run_worker(spec: WorkerSpec, launcher: Launcher) -> WorkerResult:
     dp, dp_rank = cfg.data_parallel, mesh["dp"].get_local_rank()
     batches = feed.batches(dp_rank, dp, start_step=state.step)
     val_sets = feed.validation_batches(dp_rank, dp, t.micro_batch_size)
+    # Steps the launch that wrote this checkpoint logged but had not sent when it ended (a
+    # node lost, a server away): its rank 0 kept them in the checkpoint.
+    carried = state.extra.pop(UNSENT_METRICS, [])
     tracker = None
     if rank == 0 and spec.mlflow_run_id:
         from llamaray.tracking import MetricLogger
 
         tracker = MetricLogger(spec.tracking_uri, spec.mlflow_run_id, cfg.tracking.system_metrics)
+        tracker.resend(carried)
 
     peak = _peak_flops(cfg, device)
     last_step = min(t.steps, t.stop_at_step or t.steps)
@@ -306,6 +317,8 @@ def run_worker(spec: WorkerSpec, launcher: Launcher) -> WorkerResult:
             # steps alone never wait on other ranks or on Ray Train's controller.
             if checkpoint:
                 report = last | {"stopped": stopped or ""}
+                if tracker:  # metrics of steps up to this one, if the process dies unsent
+                    state.extra[UNSENT_METRICS] = tracker.unsent()
                 stall = time.perf_counter()
                 launcher.save_checkpoint(model, optimizer, state, report, t.async_checkpoint)
                 stall = time.perf_counter() - stall
