@@ -20,9 +20,13 @@ import numpy as np
 import pytest
 import torch
 from test_feed import write_shard
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from llamaray.config import load_config
+from llamaray.model import Llama
+from llamaray.parallel.fsdp import apply_fsdp
+from llamaray.parallel.init import materialize
 from llamaray.train import checkpoint as checkpoint_module
 from llamaray.train.checkpoint import (
     TRAIN_STATE,
@@ -53,13 +57,20 @@ pytestmark = pytest.mark.usefixtures("process_group")  # tests/conftest.py
 # ------------------------------------------------------------------------------ helpers
 
 
-def build(seed: int = 0):
-    """A debug-preset Llama sharded with FSDP2 on the 1-rank mesh, as the worker builds it,
-    and its AdamW."""
+def build(seed: int = 0, sharded: bool = False):
+    """A debug-preset Llama as a worker group of one builds it (the plain model), or
+    `sharded` with FSDP2 as larger groups build it (here on a mesh of one rank), and its
+    AdamW."""
     cfg = load_config(
         None, ["model.preset=debug", f"train.seq_len={SEQ_LEN}", f"train.seed={seed}"]
     )
-    model, _mesh = build_parallel_model(cfg, cfg.model.args(VOCAB), torch.device("cpu"))
+    if not sharded:
+        model, _mesh = build_parallel_model(cfg, cfg.model.args(VOCAB), torch.device("cpu"))
+        return model, build_optimizer(model, LR)
+    with torch.device("meta"):
+        model = Llama(cfg.model.args(VOCAB))
+    apply_fsdp(model, init_device_mesh("cpu", (1,), mesh_dim_names=("dp",))["dp"])
+    materialize(model, torch.device("cpu"), seed=seed)
     return model, build_optimizer(model, LR)
 
 
@@ -161,12 +172,33 @@ def test_save_verify_load_round_trip(saved):
     assert state == saved["state"]
     assert_same(params(model), saved["params"])
     assert_same(optim_state(model, optimizer), saved["optim"])
-    assert all(isinstance(p, DTensor) for p in model.parameters())  # still sharded
     # The RNG continues where the saved run's did.
     assert torch.equal(torch.rand(4), saved["rng"])
     # And training continues exactly as the saved model would have.
     assert_same(_after_step(model, optimizer), saved["next_params"])
     assert differs(params(model), saved["params"])
+
+
+@pytest.mark.parametrize("saved_sharded", [False, True], ids=["plain-to-fsdp", "fsdp-to-plain"])
+def test_a_checkpoint_moves_between_the_plain_model_and_the_fsdp_sharded_one(
+    tmp_path, saved_sharded
+):
+    """A worker group of one trains the plain model (`worth_sharding`), larger groups shard
+    it with FSDP2: a run resized between the two resumes from the other's checkpoint with
+    the same parameters, optimizer state and next step."""
+    model, optimizer = build(seed=0, sharded=saved_sharded)
+    assert any(isinstance(p, DTensor) for p in model.parameters()) == saved_sharded
+    train(model, optimizer, [1, 2])
+    save_checkpoint(tmp_path / "step-2", model, optimizer, TrainState(step=2, world_size=1))
+    expected = params(model), optim_state(model, optimizer), _after_step(model, optimizer)
+
+    other, other_optimizer = build(seed=1, sharded=not saved_sharded)
+    assert any(isinstance(p, DTensor) for p in other.parameters()) != saved_sharded
+    assert differs(params(other), expected[0])
+    load_checkpoint(tmp_path / "step-2", other, other_optimizer)
+    assert_same(params(other), expected[0])
+    assert_same(optim_state(other, other_optimizer), expected[1])
+    assert_same(_after_step(other, other_optimizer), expected[2])
 
 
 def _truncate(directory: Path) -> str:

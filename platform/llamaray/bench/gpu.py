@@ -3,8 +3,9 @@ bf16, and the checkpoint stall (how long saving a checkpoint holds up training).
 
 The model is built as a training worker builds it (`train.worker.build_parallel_model`):
 on the meta device, each block wrapped in selective activation checkpointing, optionally
-compiled, sharded with FSDP2 (bf16 compute copies, fp32 master weights and gradient
-reduction), then materialized on the device. The attention backend is `auto`: xformers'
+compiled, sharded with FSDP2 over more than one rank (bf16 compute copies, fp32 master
+weights and gradient reduction; one rank trains the plain model under bf16 autocast, as a
+worker group of one does), then materialized on the device. The attention backend is `auto`: xformers'
 memory-efficient kernel where it is installed, torch SDPA's flash kernel otherwise. One
 step is forward, backward, clip and AdamW update on random tokens (the data feed is not
 what is measured); the median of `--steps` timed steps after `--warmup` untimed ones gives
@@ -45,7 +46,7 @@ from llamaray.model.device import pick_device
 from llamaray.model.flops import device_peak_flops, mfu, param_count
 from llamaray.parallel.activation_checkpoint import MODES, apply_activation_checkpointing
 from llamaray.parallel.compile import apply_compile
-from llamaray.parallel.fsdp import apply_fsdp
+from llamaray.parallel.fsdp import apply_fsdp, bf16_by_fsdp, step_autocast, worth_sharding
 from llamaray.parallel.init import materialize
 from llamaray.parallel.mesh import build_mesh, fsdp_mesh
 from llamaray.train.checkpoint import (
@@ -107,9 +108,10 @@ def build(args: ModelArgs, opts: argparse.Namespace, device: torch.device):
     apply_activation_checkpointing(model, opts.checkpointing)
     if opts.compile:
         apply_compile(model)
-    # bf16 on a GPU is FSDP's mixed precision; on a CPU it is autocast around the step.
-    fsdp_bf16 = opts.dtype == "bf16" and device.type == "cuda"
-    apply_fsdp(model, fsdp_mesh(mesh), param_dtype=torch.bfloat16 if fsdp_bf16 else torch.float32)
+    world = dist.get_world_size()
+    if worth_sharding(world):
+        bf16 = bf16_by_fsdp(opts.dtype, device, world)
+        apply_fsdp(model, fsdp_mesh(mesh), param_dtype=torch.bfloat16 if bf16 else torch.float32)
     materialize(model, device, seed=0)
     return model, build_optimizer(model, get_preset(opts.preset).lr)
 
@@ -131,7 +133,7 @@ def run(opts: argparse.Namespace) -> dict:
     args = base.with_(vocab_size=opts.vocab_size, max_seq_len=max(base.max_seq_len, opts.seq_len))
     torch.manual_seed(rank)
     model, optimizer = build(args, opts, device)
-    autocast_dtype = "bf16" if opts.dtype == "bf16" and device.type == "cpu" else "fp32"
+    autocast_dtype = step_autocast(opts.dtype, device, world)
     rows = torch.randint(0, args.vocab_size, (opts.micro_batch, opts.seq_len + 1), device=device)
     lr = get_preset(opts.preset).lr
 

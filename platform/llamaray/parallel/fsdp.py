@@ -21,6 +21,30 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 
+def worth_sharding(world_size: int) -> bool:
+    """Whether the workers wrap the model in FSDP at all. With one rank FSDP shards nothing
+    and synchronizes nothing, yet still copies every parameter into and out of its gather
+    buffers in each forward and backward: on CPU a `small` step took 35% (fp32) to 45-70%
+    (bf16) longer wrapped than plain (docs/benchmarks.md). As in torchtitan, one rank
+    trains the plain model; its checkpoints load into sharded models and back (DCP reshards
+    plain tensors and DTensors alike)."""
+    return world_size > 1
+
+
+def bf16_by_fsdp(dtype: str, device: torch.device, world_size: int) -> bool:
+    """Whether bf16 training is FSDP's mixed precision (parameters gathered in bf16 for
+    compute; fp32 master weights and gradient reduction) rather than autocast around the
+    step: on a GPU, wherever FSDP is applied. On a CPU autocast is used either way, and
+    on one rank there is no FSDP to do it."""
+    return dtype == "bf16" and device.type == "cuda" and worth_sharding(world_size)
+
+
+def step_autocast(dtype: str, device: torch.device, world_size: int) -> str:
+    """The dtype to autocast the training step in: `dtype`, unless FSDP already computes
+    in it (`bf16_by_fsdp`)."""
+    return "fp32" if bf16_by_fsdp(dtype, device, world_size) else dtype
+
+
 def apply_fsdp(
     model: nn.Module,
     mesh: DeviceMesh,

@@ -33,6 +33,7 @@ from llamaray.model.args import ModelArgs
 from llamaray.model.device import pick_device
 from llamaray.model.flops import device_peak_flops, mfu, param_count
 from llamaray.model.loss import IGNORE_INDEX
+from llamaray.parallel.fsdp import step_autocast
 from llamaray.train.batches import open_feed
 from llamaray.train.checkpoint import TrainState, restore_latest
 from llamaray.train.course import check_course, data_digest, trajectory
@@ -101,12 +102,12 @@ def worker_device(name: str) -> torch.device:
 
 def build_parallel_model(cfg: RunConfig, args: ModelArgs, device: torch.device):
     """Meta-device build -> tensor parallel -> activation checkpointing -> compile ->
-    FSDP2 (HSDP with parallel.replicate > 1) -> materialize on `device` with the same
-    weights an unsharded build would get."""
+    FSDP2 (HSDP with parallel.replicate > 1; none on one rank: `worth_sharding`) ->
+    materialize on `device` with the same weights an unsharded build would get."""
     from llamaray.model import Llama
     from llamaray.parallel.activation_checkpoint import apply_activation_checkpointing
     from llamaray.parallel.compile import apply_compile
-    from llamaray.parallel.fsdp import apply_fsdp
+    from llamaray.parallel.fsdp import apply_fsdp, bf16_by_fsdp, worth_sharding
     from llamaray.parallel.init import materialize
     from llamaray.parallel.mesh import build_mesh, fsdp_mesh
 
@@ -121,17 +122,15 @@ def build_parallel_model(cfg: RunConfig, args: ModelArgs, device: torch.device):
     apply_activation_checkpointing(model, cfg.model.activation_checkpointing)
     if cfg.model.compile:
         apply_compile(model)
-    # On GPU, bf16 is FSDP's mixed precision (bf16 compute copies, fp32 master weights and
-    # fp32 gradient reduction); on CPU it is autocast around the step instead.
-    dtype = resolve_dtype(cfg.train.dtype, device, args.dim)
-    fsdp_bf16 = dtype == "bf16" and device.type == "cuda"
-    apply_fsdp(
-        model,
-        fsdp_mesh(mesh),
-        param_dtype=torch.bfloat16 if fsdp_bf16 else torch.float32,
-        reshard_after_forward=cfg.parallel.reshard_after_forward,
-        prefetch=cfg.parallel.prefetch,
-    )
+    if worth_sharding(world):
+        dtype = resolve_dtype(cfg.train.dtype, device, args.dim)
+        apply_fsdp(
+            model,
+            fsdp_mesh(mesh),
+            param_dtype=torch.bfloat16 if bf16_by_fsdp(dtype, device, world) else torch.float32,
+            reshard_after_forward=cfg.parallel.reshard_after_forward,
+            prefetch=cfg.parallel.prefetch,
+        )
     materialize(model, device, seed=cfg.train.seed)
     return model, mesh
 
@@ -222,7 +221,7 @@ def run_worker(spec: WorkerSpec, launcher: Launcher) -> WorkerResult:
 
     peak = _peak_flops(cfg, device)
     last_step = min(t.steps, t.stop_at_step or t.steps)
-    autocast_dtype = "bf16" if dtype == "bf16" and device.type == "cpu" else "fp32"
+    autocast_dtype = step_autocast(dtype, device, world)
     n_params = param_count(args)
     per_step = f"{cfg.batch_tokens} tokens/step"
     if cfg.finetune is not None:  # a row is one example, padded: its tokens are not all used
