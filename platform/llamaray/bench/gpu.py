@@ -1,16 +1,16 @@
 """GPU training throughput: tokens/s and MFU of the `1b` preset at sequence length 2048 in
 bf16, and the checkpoint stall (how long saving a checkpoint holds up training).
 
-The model is built as a training worker builds it (`train.worker.build_parallel_model`):
-on the meta device, each block wrapped in selective activation checkpointing, optionally
+The model is built as a training worker builds it (`train.worker.build_parallel_model`): on
+the meta device, each block wrapped in selective activation checkpointing, optionally
 compiled, sharded with FSDP2 over more than one rank (bf16 compute copies, fp32 master
 weights and gradient reduction; one rank trains the plain model under bf16 autocast, as a
-worker group of one does), then materialized on the device. The attention backend is `auto`: xformers'
-memory-efficient kernel where it is installed, torch SDPA's flash kernel otherwise. One
-step is forward, backward, clip and AdamW update on random tokens (the data feed is not
-what is measured); the median of `--steps` timed steps after `--warmup` untimed ones gives
-tokens/s, and MFU is that against the device's datasheet peak (`model.flops`). Then a
-checkpoint is written twice with the workers' own code: as they write one by default
+worker group of one does), then materialized on the device. The attention backend is
+`auto`: xformers' memory-efficient kernel where it is installed, torch SDPA's flash kernel
+otherwise. One step is forward, backward, clip and AdamW update on random tokens (the data
+feed is not what is measured); the median of `--steps` timed steps after `--warmup` untimed
+ones gives tokens/s, and MFU is that against the device's datasheet peak (`model.flops`).
+Then a checkpoint is written twice with the workers' own code: as they write one by default
 (`stage_checkpoint` to pinned host memory, then `write_checkpoint` in a
 `CheckpointWriter`'s thread while steps go on), where the stall is the staging; and before
 the next step (`save_checkpoint`, `train.async_checkpoint=false`), where it is all of it.
