@@ -14,7 +14,8 @@ STAMP       := $(VENV)/.installed-$(EXTRAS)
 export RAY_AUTH_MODE ?= disabled
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-fast lint format bench bench-gpu mlflow-ui mlflow-server browser clean
+.PHONY: install demo test test-fast lint format bench bench-gpu mlflow-ui mlflow-server browser \
+	kenlm-tools wordlists clean
 
 # A shared tracking server: jobs log to it with MLFLOW_TRACKING_URI=http://<host>:<port>.
 # Loopback unless told otherwise (MLFLOW_HOST=0.0.0.0 only behind an authenticating proxy).
@@ -40,13 +41,13 @@ demo: $(STAMP)  ## corpus -> tokenizer -> 2 FSDP workers on local Ray -> MLflow 
 # Tests that start a Ray cluster are marked `ray` (tests/conftest.py), slow ones `slow`.
 DOCTESTS := $(PY) -m pytest platform/llamaray -q --doctest-modules
 
-test-fast: $(STAMP)  ## before every commit: no Ray cluster, nothing slow; and the doctests
+test-fast: $(STAMP) kenlm-tools wordlists  ## before every commit: no Ray cluster, nothing slow; and the doctests
 	$(PY) -m pytest tests -q -m "not ray and not slow"
 	$(DOCTESTS)
 
 # The tests that start Ray clusters run beside the rest, which runs at idle CPU priority
 # in the cycles the clusters leave unused (tests/run_suite.py says why and how).
-test: $(STAMP) browser  ## the whole suite, every tier, and the doctests (what CI runs)
+test: $(STAMP) browser kenlm-tools wordlists  ## the whole suite, every tier, and the doctests (what CI runs)
 	$(PY) tests/run_suite.py
 
 # The MLflow UI test drives a headless Chromium; Debian's package, installed where this
@@ -57,6 +58,39 @@ browser:
 	    { apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
 	      { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; }; }; } || \
 	  echo "chromium not installed: the MLflow UI browser test will be skipped"
+
+# KenLM's lmplz and build_binary (`llamaray quality train lm`), built from the kenlm sdist on
+# PyPI (the one the `quality` extra installs; it holds all of KenLM's source) into $(VENV)/bin:
+# 29 s on 2 cores, download included. They need Boost, zlib, cmake and a C++ compiler,
+# installed with apt where this runs as root (CI does). Elsewhere the tests that train a
+# KenLM model are skipped, saying why.
+KENLM_VERSION := 0.3.0
+KENLM_DEPS    := libboost-program-options-dev libboost-system-dev libboost-thread-dev \
+                 libboost-test-dev zlib1g-dev cmake g++
+kenlm-tools: $(STAMP)
+	@test -x $(VENV)/bin/lmplz && test -x $(VENV)/bin/build_binary || { \
+	  { dpkg -s $(KENLM_DEPS) >/dev/null 2>&1 || \
+	    { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	      { apt-get install -y -qq --no-install-recommends $(KENLM_DEPS) >/dev/null 2>&1 || \
+	        { apt-get update -qq && apt-get install -y -qq --no-install-recommends $(KENLM_DEPS); }; }; }; } && \
+	  tmp=$$(mktemp -d) && \
+	  $(PIP) download --quiet --no-deps --no-binary kenlm --no-build-isolation \
+	    kenlm==$(KENLM_VERSION) -d $$tmp && \
+	  tar xzf $$tmp/kenlm-$(KENLM_VERSION).tar.gz -C $$tmp && \
+	  cmake -S $$tmp/kenlm-$(KENLM_VERSION) -B $$tmp/build -DCMAKE_BUILD_TYPE=Release >/dev/null && \
+	  { $(MAKE) --no-print-directory -C $$tmp/build -j2 lmplz build_binary >$$tmp/build.log 2>&1 || \
+	    { tail -20 $$tmp/build.log; false; }; } && \
+	  cp $$tmp/build/bin/lmplz $$tmp/build/bin/build_binary $(VENV)/bin/ && rm -rf $$tmp; } || \
+	  echo "KenLM's lmplz could not be built: the tests that train a KenLM model will be skipped"
+
+# Debian's word lists: the real vocabularies the language-id tests train on (tests/quality_text.py).
+WORDLISTS := wamerican wfrench wngerman wspanish witalian
+wordlists:
+	@dpkg -s $(WORDLISTS) >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    { apt-get install -y -qq --no-install-recommends $(WORDLISTS) >/dev/null 2>&1 || \
+	      { apt-get update -qq && apt-get install -y -qq --no-install-recommends $(WORDLISTS); }; }; } || \
+	  echo "word lists not installed: the language-id tests will be skipped"
 
 lint: $(STAMP)  ## ruff, the import layering (pyproject's [tool.importlinter]), and no cluster file opening Ray's or MLflow's ports to the world
 	$(VENV)/bin/ruff check platform jobs tests cluster

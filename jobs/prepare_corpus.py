@@ -18,14 +18,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--address", default=None, help="Ray cluster (default: RAY_ADDRESS/local)")
     parser.add_argument("overrides", nargs="*", help="key.path=value")
     opts = parser.parse_args(argv)
+    from llamaray.data.prepare import check_models, corpus_location, prepare_corpus
+
     try:
         cfg = load_config(opts.config, opts.overrides, schema=CorpusConfig)
+        check_models(cfg)  # CommonCrawl's quality models, when it is a source
     except ConfigError as err:  # before any cluster work
         print(err, file=sys.stderr)
         return 2
 
     from llamaray.data.corpus_lock import CorpusLocked, check_free
-    from llamaray.data.prepare import corpus_location, prepare_corpus
     from llamaray.ray_session import start_ray
 
     try:

@@ -9,6 +9,7 @@ llamaray eval --config jobs/configs/demo.yaml --task jobs/tasks/stdlib-modules
 llamaray harness --model runs/checkpoints/demo/hf --tasks arc_easy   # lm-evaluation-harness
 llamaray plan --experiment llamaray-scaling --compute 1e21 --inference-tokens 1e12
 llamaray corpus versions runs/corpus-demo        # also: prune --keep 1, unlock
+llamaray quality train lid --lang en=en.txt --lang fr=fr.txt --output models/lid.bin
 """
 
 from __future__ import annotations
@@ -91,9 +92,10 @@ def cmd_prepare(opts: argparse.Namespace) -> int:
         print(cfg.to_yaml())
         return 0
     from llamaray.data.corpus_lock import CorpusLocked, check_free
-    from llamaray.data.prepare import corpus_location, prepare_corpus
+    from llamaray.data.prepare import check_models, corpus_location, prepare_corpus
     from llamaray.ray_session import start_ray
 
+    check_models(cfg)  # CommonCrawl's quality models: named before Ray starts
     try:
         check_free(corpus_location(cfg))  # seconds before Ray would be up
         start_ray(opts.address)
@@ -137,6 +139,76 @@ def cmd_corpus(opts: argparse.Namespace) -> int:
         storage.delete_tree(lock.uri)
         print(f"removed the lock of {describe(holder)}")
     return 0
+
+
+def cmd_quality_train(opts: argparse.Namespace) -> int:
+    """Train one of CommonCrawl's quality models on Ray (`data.quality.train`); print what
+    was written and what it took."""
+    import json
+
+    from llamaray.data.quality import train
+    from llamaray.ray_session import start_ray
+
+    if opts.model == "lid":
+        langs: dict[str, list[str]] = {}
+        for item in opts.lang:
+            lang, sep, path = item.partition("=")
+            if not sep or not lang or not path:
+                raise ValueError(f"--lang {item!r}: give <language>=<text file>, e.g. fr=fr.txt")
+            langs.setdefault(lang, []).append(path)
+        if len(langs) < 2:
+            raise ValueError("--lang: give text of at least two languages")
+    start_ray(opts.address)
+    common = {"cpus": opts.cpus, "seed": opts.seed}
+    if opts.model == "lid":
+        summary = train.train_lid(langs, opts.output, max_lines=opts.max_lines, **common)
+    elif opts.model == "lm":
+        summary = train.train_lm(
+            opts.input, opts.output, lang=opts.language, sample=opts.sample, order=opts.order,
+            vocab_size=opts.vocab_size, sample_pages=opts.sample_pages, **common,
+        )  # fmt: skip
+    else:
+        summary = train.train_reference(opts.positive, opts.negative, opts.output, **common)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def add_quality_parser(sub) -> None:
+    quality = sub.add_parser("quality", help="CommonCrawl's quality models (CCNet)")
+    train = quality.add_subparsers(dest="quality_command", required=True).add_parser(
+        "train", help="train a quality model on Ray from your own text (local or s3://)"
+    )
+    models = train.add_subparsers(dest="model", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--cpus", type=int, default=1, help="CPUs of the training task")
+    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--address", default=None, help="Ray cluster (default: RAY_ADDRESS/local)")
+    p = models.add_parser("lid", parents=[common], help="fastText language id (quality.lid_model)")
+    p.add_argument("--lang", action="append", required=True, metavar="LANG=PATH",
+                   help="text of one language (repeat; JSONL, Parquet or text files)")  # fmt: skip
+    p.add_argument("--output", required=True, help="the model file, e.g. models/lid.bin")
+    p.add_argument("--max-lines", type=int, default=None, help="sample at most this many lines")
+    p.set_defaults(func=cmd_quality_train)
+    p = models.add_parser(
+        "lm", parents=[common], help="KenLM + SentencePiece + cutoffs (quality.perplexity_model)"
+    )
+    p.add_argument("--input", nargs="+", required=True, help="training text (e.g. Wikipedia)")
+    p.add_argument("--output", required=True, help="folder for <lang>.arpa.bin and companions")
+    p.add_argument("--language", default="en", help="names the files: <language>.arpa.bin")
+    p.add_argument("--sample", nargs="+", default=None,
+                   help="pages whose perplexity percentiles set the cutoffs (CCNet: a sample "
+                   "of the crawl); default: the training pages")  # fmt: skip
+    p.add_argument("--sample-pages", type=int, default=10_000, help="most sample pages scored")
+    p.add_argument("--order", type=int, default=5, help="n-gram order (CCNet: 5)")
+    p.add_argument("--vocab-size", type=int, default=8000, help="SentencePiece pieces (at most)")
+    p.set_defaults(func=cmd_quality_train)
+    p = models.add_parser(
+        "reference", parents=[common], help="reference classifier (quality.reference_model)"
+    )
+    p.add_argument("--positive", nargs="+", required=True, help="pages cited by Wikipedia")
+    p.add_argument("--negative", nargs="+", required=True, help="randomly sampled pages")
+    p.add_argument("--output", required=True, help="the model file, e.g. models/reference.bin")
+    p.set_defaults(func=cmd_quality_train)
 
 
 def cmd_convert(opts: argparse.Namespace) -> int:
@@ -224,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = corpus.add_parser("unlock", help="remove the build lock of a launch that is dead")
     p.add_argument("corpus", help="<output_dir>/<name>, a local path or s3://")
     p.set_defaults(func=cmd_corpus)
+    add_quality_parser(sub)
 
     p = sub.add_parser("convert", help="convert between Meta and Hugging Face checkpoints")
     p.add_argument("src")

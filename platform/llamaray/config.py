@@ -215,6 +215,78 @@ class DedupConfig(_Section):
         return merged
 
 
+QUALITY_STEPS: tuple[str, ...] = ("lid_model", "perplexity_model", "reference_model")
+"""CommonCrawl's model steps, by the `quality` field naming each one's model."""
+
+
+class QualityConfig(_Section):
+    """CommonCrawl's model-based quality steps (`CorpusConfig.quality`), in CCNet's order:
+    language id, n-gram perplexity, then LLaMA's Wikipedia-reference classifier (Wenzek et
+    al. 2020, section 3.3; Touvron et al. 2023, section 2.1). Each model is a file, local or
+    s3://, made by `llamaray quality train` or published (fastText's lid.176.bin, CCNet's
+    lm_sp models); nothing is downloaded. With a commoncrawl source, `prepare` stops before
+    any cluster work while a model is not set, unless `allow_missing_models` says to go on."""
+
+    language: str = Field(
+        "en", description="The language kept (fastText's label, e.g. en, fr): LLaMA's is en."
+    )
+    lid_model: str | None = Field(
+        None,
+        description="fastText language-id model (lid.176.bin, or `llamaray quality train "
+        "lid`): a page whose top language is not `language` with at least lid_threshold "
+        "is dropped as cc_wrong_language.",
+    )
+    lid_threshold: float = Field(
+        0.5, ge=0, le=1, description="Least language probability kept (CCNet's: 0.5)."
+    )
+    perplexity_model: str | None = Field(
+        None,
+        description="KenLM model of `language` (`<lang>.arpa.bin`, CCNet's lm_sp or "
+        "`llamaray quality train lm`); its SentencePiece model and cutoffs sit beside it "
+        "(`<lang>.sp.model`, `<lang>.cutoffs.json`) unless set below.",
+    )
+    perplexity_tokenizer: str | None = Field(
+        None, description="SentencePiece model the KenLM text was tokenized with; None: beside."
+    )
+    perplexity_cutoffs: str | None = Field(
+        None,
+        description='JSON {"head": p33, "middle": p66}: perplexity percentiles of a sample '
+        "(CCNet's 33rd and 66th); None: beside the model.",
+    )
+    keep_buckets: list[Literal["head", "middle", "tail"]] = Field(
+        default_factory=lambda: ["head", "middle"],
+        min_length=1,
+        description="Perplexity buckets kept; others dropped as cc_perplexity_<bucket>. "
+        "CCNet's and LLaMA's: head and middle.",
+    )
+    reference_model: str | None = Field(
+        None,
+        description="fastText classifier of pages used as Wikipedia references vs random "
+        "pages (`llamaray quality train reference`); a page below reference_threshold is "
+        "dropped as cc_not_reference.",
+    )
+    reference_threshold: float = Field(
+        0.5, ge=0, le=1, description="Least probability of being a reference kept."
+    )
+    allow_missing_models: bool = Field(
+        False,
+        description="true: run commoncrawl with the model steps that have no model skipped "
+        "(the manifest records which and that this was allowed); false: prepare stops, "
+        "naming them.",
+    )
+
+    @field_validator("language")
+    @classmethod
+    def _language_code(cls, code: str) -> str:
+        if not _LANGUAGE.fullmatch(code):
+            raise ValueError(f"{code!r}: not a language code (lowercase, e.g. en, fr)")
+        return code
+
+    def missing(self) -> list[str]:
+        """The model fields not set, in CCNet's order."""
+        return [f for f in QUALITY_STEPS if getattr(self, f) is None]
+
+
 class CorpusConfig(_Section):
     """`llamaray prepare`: raw sources -> cleaned, deduplicated, packed token shards."""
 
@@ -241,6 +313,11 @@ class CorpusConfig(_Section):
         "held whole. It bounds a reading task's memory: ~12 bytes a character.",
     )
     dedup: DedupConfig = Field(default_factory=DedupConfig)
+    quality: QualityConfig = Field(
+        default_factory=QualityConfig,
+        description="CommonCrawl's model steps (language id, perplexity, reference "
+        "classifier): their model files and thresholds.",
+    )
     wikipedia_languages: list[str] = Field(
         default_factory=lambda: list(WIKIPEDIA_LANGUAGES),
         description="Wikipedia languages kept (the record's meta language, or its url's "

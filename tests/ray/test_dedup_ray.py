@@ -134,17 +134,25 @@ def test_dedup_dataset_without_documents_passes_rows_through():
 
 
 def test_prepare_gives_the_papers_per_source_decisions_on_the_planted_corpus(tmp_path):
-    """The planted corpus (tests/planted_corpus.py) through `prepare_corpus` on Ray: the
-    same decisions as the single-process reference `decide_rows` and as the paper's, source
-    by source, and a manifest that says which dedup ran and what it removed."""
+    """The planted corpus (tests/planted_corpus.py) through `prepare_corpus` on Ray, with
+    CommonCrawl's quality models trained here (tests/quality_text.py): the same decisions as
+    the single-process reference `decide_rows` and as the paper's, source by source, and a
+    manifest that says which dedup and which model steps ran and what each removed."""
     from llamaray.config import CorpusConfig, load_config
     from llamaray.data.prepare import decide_rows, outcomes, prepare_corpus
+    from llamaray.data.quality.models import kenlm_tool
     from planted_corpus import overrides, write
+    from quality_text import DICT_PACKAGES, have_dicts, train_models
 
+    if have_dicts():
+        pytest.skip(f"word lists missing: `make wordlists` installs {DICT_PACKAGES}")
+    if kenlm_tool("lmplz") is None:
+        pytest.skip("KenLM's lmplz not built: `make kenlm-tools`")
+    models = train_models(tmp_path / "quality")
     planted = write(tmp_path / "raw")
     cfg = load_config(
         None,
-        [*overrides(planted["sources"]), f"output_dir={tmp_path / 'out'}", "name=planted",
+        [*overrides(planted["sources"], models), f"output_dir={tmp_path / 'out'}", "name=planted",
          "tokenizer.vocab_size=400", "seq_len=32", "validation_fraction=0", "tokenize_actors=1"],
         schema=CorpusConfig,
     )  # fmt: skip
@@ -164,5 +172,15 @@ def test_prepare_gives_the_papers_per_source_decisions_on_the_planted_corpus(tmp
         ("overlap", 0.9, 1)
     ]
     assert steps["wikipedia"] == steps["stackexchange"] == []
+    # CommonCrawl's model steps: all ran, each removed its planted page; the 5 kept pages
+    # are counted in their buckets, the gibberish one in the tail.
+    quality = manifest["sources"]["commoncrawl"]["quality"]
+    assert [(q["step"], q["ran"], q["documents_removed"]) for q in quality["steps"]] == [
+        ("language_id", True, 1), ("perplexity", True, 1), ("reference_classifier", True, 1),
+    ]  # fmt: skip
+    buckets = quality["steps"][1]["buckets"]
+    assert buckets["tail"] == 1 and buckets["head"] + buckets["middle"] == 5
+    assert quality["skipped"] == {} and manifest["skipped_steps"] == {}
+    assert not quality["allow_missing_models"]
     assert not manifest["sources"]["wikipedia"]["dedup"]["cross_source"]
     assert len(manifest["sources"]["wikipedia"]["selection"]["wikipedia_languages"]) == 20

@@ -1,8 +1,5 @@
-"""CommonCrawl cleaning (CCNet line dedup, fastText lid when configured, Gopher heuristics),
-and the package's dispatch (`clean_document`, the registries)."""
-
-import sys
-import types
+"""CommonCrawl cleaning (CCNet line dedup, Gopher heuristics; the model steps are in
+test_quality.py), and the package's dispatch (`clean_document`, the registries)."""
 
 import pytest
 
@@ -14,13 +11,7 @@ from llamaray.data.clean import (
     clean_document,
     commoncrawl,
 )
-from llamaray.data.clean.commoncrawl import (
-    SKIPPED_STEPS,
-    language_filter,
-    normalize_line,
-    quality_filter,
-    skipped_steps,
-)
+from llamaray.data.clean.commoncrawl import normalize_line, quality_filter
 from llamaray.data.records import Document, Rejected
 from llamaray.data.sources import SOURCES
 
@@ -117,65 +108,14 @@ def test_line_dedup_passes_rejected_records_through():
     assert LineDeduplicator().process([rej]) == [rej]
 
 
-# --- language id ---------------------------------------------------------------------------------
+# --- the model steps ------------------------------------------------------------------------------
+# Language id, perplexity and the reference classifier run with real models trained on text
+# made there: tests/unit/test_quality.py.
 
 
-class _FakeLid:
-    def predict(self, text, k=1):
-        assert "\n" not in text  # fastText predicts on one line
-        if "bonjour" in text:
-            return ("__label__fr",), [0.97]
-        if "hmm" in text:
-            return ("__label__en",), [0.3]
-        return ("__label__en",), [0.93]
-
-
-@pytest.fixture
-def fake_fasttext(monkeypatch):
-    loaded = []
-
-    def load_model(path):
-        loaded.append(path)
-        return _FakeLid()
-
-    monkeypatch.setitem(sys.modules, "fasttext", types.SimpleNamespace(load_model=load_model))
-    monkeypatch.delenv(commoncrawl.LID_MODEL_ENV, raising=False)
-    commoncrawl._load_fasttext.cache_clear()
-    yield loaded
-    commoncrawl._load_fasttext.cache_clear()
-
-
-def test_language_filter_is_skipped_without_a_model(monkeypatch):
-    monkeypatch.delenv(commoncrawl.LID_MODEL_ENV, raising=False)
-    monkeypatch.setitem(sys.modules, "fasttext", None)  # importing it would fail
-    doc = cc("bonjour tout le monde")
-    assert language_filter(doc) is doc
-    assert skipped_steps() == SKIPPED_STEPS
-    assert SKIPPED_STEPS == {
-        "cc_language_id": "no fastText lid model configured",
-        "cc_kenlm_perplexity": "no KenLM model configured",
-        "cc_wikipedia_reference_classifier": "no reference classifier configured",
-    }
-
-
-def test_language_filter_with_a_model_keeps_confident_english_only(fake_fasttext):
-    english = cc("hello\nworld")
-    assert language_filter(english, "lid.176.bin") is english
-    assert reason(language_filter(cc("bonjour\nle monde"), "lid.176.bin")) == "cc_wrong_language"
-    assert reason(language_filter(cc("hmm"), "lid.176.bin")) == "cc_wrong_language"
-    assert fake_fasttext == ["lid.176.bin"]  # loaded once, then cached
-    assert "cc_language_id" not in skipped_steps("lid.176.bin")
-    assert set(skipped_steps("lid.176.bin")) == {
-        "cc_kenlm_perplexity",
-        "cc_wikipedia_reference_classifier",
-    }
-
-
-def test_language_filter_reads_the_model_path_from_the_environment(fake_fasttext, monkeypatch):
-    monkeypatch.setenv(commoncrawl.LID_MODEL_ENV, "/models/lid.bin")
-    assert reason(language_filter(cc("bonjour"))) == "cc_wrong_language"
-    assert fake_fasttext == ["/models/lid.bin"]
-    assert "cc_language_id" not in skipped_steps()
+def test_without_quality_settings_only_the_heuristics_run():
+    french = cc("\n".join(["Le conseil municipal a vote le budget de la ville hier soir."] * 6))
+    assert commoncrawl.clean(french) is french
 
 
 # --- quality heuristics --------------------------------------------------------------------------

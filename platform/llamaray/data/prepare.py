@@ -3,7 +3,9 @@
     read (JSONL/Parquet/text, gz/zst, local or s3://; bad records become rejections)
     -> select (the paper's Wikipedia languages and Stack Exchange sites; `data.select`)
     -> CCNet line dedup of CommonCrawl within each group of shards (`data.source_dedup`)
-    -> clean per source (the source's rules, `data.clean`)
+    -> clean per source (the source's rules, `data.clean`; for CommonCrawl the model steps
+       of `data.quality`: fastText language id, KenLM perplexity buckets, the reference
+       classifier, each with the model file `quality` names)
     -> dedup per source as the paper (GitHub exact files, Books > 90% overlap;
        `data.source_dedup`), across sources only when `dedup.cross_source` asks
     -> [tokenizer trained on a bounded sample of the cleaned text, unless one is given]
@@ -50,7 +52,6 @@ import pyarrow as pa
 from llamaray.config import CorpusConfig
 from llamaray.console import logger
 from llamaray.data.clean import clean_document
-from llamaray.data.clean.commoncrawl import skipped_steps
 from llamaray.data.corpus_layout import (
     MANIFEST,  # noqa: F401 (re-exported: the manifest's name, for readers of a version)
     VERSIONS,
@@ -64,12 +65,14 @@ from llamaray.data.corpus_layout import corpus_location as _corpus_location
 from llamaray.data.corpus_lock import BuildLock
 from llamaray.data.files import expand_paths
 from llamaray.data.packing import Packer
+from llamaray.data.quality import steps as quality_steps
 from llamaray.data.read import from_row, read_corpus, to_row
 from llamaray.data.records import Document
 from llamaray.data.select import select_document
 from llamaray.data.source_dedup import document_dedup, line_dedup, manifest_entry
 from llamaray.storage import (
     filesystem,
+    is_s3,
     join,
     put_bytes,
     read_bytes,
@@ -306,7 +309,10 @@ def corpus_location(cfg: CorpusConfig) -> str:
 def prepare_corpus(cfg: CorpusConfig) -> dict:
     """Run the pipeline on the running Ray cluster into a new version of the corpus and
     switch to it; return the corpus's manifest (its paths relative to the corpus), which
-    is also written. `data.corpus_lock.CorpusLocked` when another launch is preparing it."""
+    is also written. `data.corpus_lock.CorpusLocked` when another launch is preparing it;
+    `ConfigError` naming the settings when CommonCrawl's quality models are not all given
+    (`check_models`)."""
+    check_models(cfg)
     import ray.data
     from ray.data.context import ShuffleStrategy
 
@@ -321,6 +327,14 @@ def prepare_corpus(cfg: CorpusConfig) -> dict:
         return _run(cfg)
     finally:
         ctx.execution_options.preserve_order, ctx.shuffle_strategy = saved
+
+
+def check_models(cfg: CorpusConfig) -> None:
+    """With a commoncrawl source, its quality models must be set and their files there,
+    unless `quality.allow_missing_models` (`data.quality.steps.check_models`); a
+    `ConfigError` names each setting. Drivers call it before starting Ray."""
+    if "commoncrawl" in cfg.sources:
+        quality_steps.check_models(cfg.quality)
 
 
 def _run(cfg: CorpusConfig) -> dict:
@@ -420,6 +434,10 @@ def _build(cfg: CorpusConfig, out: str) -> dict:
         entry["dedup"] = manifest_entry(
             cfg.dedup, name, entry["dropped"], lines_removed.get(name, 0)
         )
+        if name == "commoncrawl":
+            entry["quality"] = quality_steps.manifest_entry(
+                cfg.quality, entry["dropped"], _bucket_counts(ds, cfg)
+            )
         if name == "wikipedia":
             entry["selection"] = {"wikipedia_languages": list(cfg.wikipedia_languages)}
         elif name == "stackexchange":
@@ -429,14 +447,41 @@ def _build(cfg: CorpusConfig, out: str) -> dict:
     return manifest
 
 
+def _bucket_counts(ds, cfg: CorpusConfig) -> dict[str, int]:
+    """Kept CommonCrawl pages per perplexity bucket (their `meta["ccnet"]["bucket"]`), when
+    the perplexity step ran; only the counts reach the driver."""
+    from ray.data.expressions import col
+
+    if cfg.quality.perplexity_model is None:
+        return {}
+    pages = ds.filter(expr=(col("kind") == "doc") & (col("source") == "commoncrawl"))
+    buckets = pages.map_batches(_bucket_of, batch_format="pyarrow")
+    return {r["bucket"]: r["count()"] for r in buckets.groupby("bucket").count().take_all()}
+
+
+def _bucket_of(batch: pa.Table) -> pa.Table:
+    metas = batch["meta_json"].to_pylist()
+    found = [json.loads(m).get("ccnet", {}).get("bucket", "") if m else "" for m in metas]
+    return pa.table({"bucket": pa.array(found, pa.string())})
+
+
 def _clean_options(cfg: CorpusConfig) -> dict:
-    """The per-source cleaners' options (`clean_document`)."""
+    """The per-source cleaners' options (`clean_document`): CommonCrawl's quality models and
+    thresholds, GitHub's accepted licenses."""
     licenses = list(cfg.github_extra_licenses)
     if not cfg.sources and "PSF-2.0" not in licenses:
         # The built-in sample is the standard library, PSF-licensed by construction; a
         # config with real sources keeps the paper's MIT/BSD/Apache unless it asks.
         licenses.append("PSF-2.0")
-    return {"github": {"extra_licenses": tuple(licenses)}}
+    q = cfg.quality
+    models = [q.lid_model, q.perplexity_model, q.perplexity_tokenizer, q.perplexity_cutoffs,
+              q.reference_model]  # fmt: skip
+    # Models on S3 are read by the cleaning tasks with the driver's S3 settings.
+    s3 = filesystem("s3://models")[0] if any(m and is_s3(m) for m in models) else None
+    return {
+        "github": {"extra_licenses": tuple(licenses)},
+        "commoncrawl": {"quality": q, "s3": s3},
+    }
 
 
 def decide_rows(cfg: CorpusConfig, files: dict[str, list[str]]) -> tuple[list[dict], dict]:
@@ -785,7 +830,8 @@ def _manifest(cfg, sources, out: str, counts, token_counts, shard_records, token
         "seq_len": cfg.seq_len,
         "row_tokens": cfg.seq_len + 1,
         "sources": per_source,
-        "skipped_steps": skipped_steps() if "commoncrawl" in sources else {},
+        # CommonCrawl's model steps that did not run (quality.allow_missing_models), and why.
+        "skipped_steps": quality_steps.skipped(cfg.quality) if "commoncrawl" in sources else {},
     }
 
 

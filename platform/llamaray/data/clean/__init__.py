@@ -1,6 +1,7 @@
 """Per-source cleaning of the LLaMA paper's corpus (Touvron et al. 2023, section 2.1).
 
-Pure Python (stdlib and numpy), so it runs the same in a test, a script or a Ray task.
+Pure Python (stdlib and numpy), so it runs the same in a test, a script or a Ray task;
+CommonCrawl's model steps (`data.quality`) load fastText and KenLM models when configured.
 
 - `clean_document(doc)`: the common checks, then the source's per-document rules
   (`CLEANERS[doc.source]`); a source without rules gets only the common checks.

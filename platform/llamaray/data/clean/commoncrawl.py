@@ -1,4 +1,5 @@
-"""CommonCrawl: the CCNet pipeline's model-free steps, plus Gopher-style quality heuristics.
+"""CommonCrawl: the CCNet pipeline (line dedup, language id, n-gram perplexity), LLaMA's
+reference classifier, and Gopher-style quality heuristics.
 
 LLaMA (Touvron et al. 2023, section 2.1): "We preprocess five CommonCrawl dumps ... with the
 CCNet pipeline (Wenzek et al., 2020). This process deduplicates the data at the line level,
@@ -10,39 +11,31 @@ Here:
 - `LineDeduplicator` (`repeated_lines`, `remove_lines`): CCNet's line-level dedup over a group
   of shards, every copy of a repeated line removed (run first; on Ray:
   `data.source_dedup.line_dedup_dataset`).
-- `language_filter`: fastText language id, only when a model file is configured.
+- the model steps (`data.quality`: fastText language id, KenLM perplexity buckets, the
+  reference classifier), each run when `CorpusConfig.quality` names its model
+  (`data.quality.steps`).
 - `quality_filter`: the Gopher heuristics (Rae et al. 2021, appendix A.1.1), as computed by
-  RedPajama-V2's quality signals; they need no model and stand in for the KenLM perplexity and
-  the Wikipedia-reference classifier, which need trained models we do not ship.
-- `skipped_steps()`: the paper's steps that did not run, and why, for the manifest.
+  RedPajama-V2's quality signals; they need no model and run after the model steps, a cheap
+  floor under them (and the only quality rules where the models are skipped).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
-import os
 import re
 import string
 import unicodedata
 from collections.abc import Collection, Iterable
 
+from llamaray.config import QualityConfig
+from llamaray.data.quality import steps
 from llamaray.data.records import Document, Rejected
-
-LID_MODEL_ENV = "LLAMARAY_FASTTEXT_LID_MODEL"
-"""Environment variable naming a fastText language-id model (e.g. CCNet's lid.176.bin)."""
-
-SKIPPED_STEPS: dict[str, str] = {
-    "cc_language_id": "no fastText lid model configured",
-    "cc_kenlm_perplexity": "no KenLM model configured",
-    "cc_wikipedia_reference_classifier": "no reference classifier configured",
-}
-"""The paper's CommonCrawl steps that need a model, and why each did not run by default."""
+from llamaray.storage import adopt_s3
 
 REASONS: tuple[str, ...] = (
     "cc_all_lines_duplicate",
-    "cc_wrong_language",
+    *steps.REASONS,
     "cc_too_few_words",
     "cc_too_many_words",
     "cc_mean_word_length",
@@ -175,48 +168,6 @@ class LineDeduplicator:
         return out
 
 
-# --- language identification (CCNet's fastText lid) ------------------------------------------
-
-
-def skipped_steps(lid_model_path: str | None = None) -> dict[str, str]:
-    """The model-based steps that did not run, keyed by step, with the reason (for the manifest)."""
-    skipped = dict(SKIPPED_STEPS)
-    if lid_model_path or os.environ.get(LID_MODEL_ENV):
-        del skipped["cc_language_id"]
-    return skipped
-
-
-@functools.lru_cache(maxsize=2)
-def _load_fasttext(path: str):
-    import fasttext  # lazy: an optional dependency, only needed when a model is configured
-
-    return fasttext.load_model(path)
-
-
-def language_filter(
-    doc: Document,
-    model_path: str | None = None,
-    *,
-    language: str = "en",
-    min_score: float = 0.5,
-) -> Document | Rejected:
-    """Keeps the document if fastText says `language` with at least `min_score` confidence.
-
-    CCNet's default language threshold is 0.5 (`--lang_threshold`). Without a model (argument,
-    or the LLAMARAY_FASTTEXT_LID_MODEL environment variable) the step is skipped: the document
-    is returned unchanged and `skipped_steps()` records why.
-    """
-    path = model_path or os.environ.get(LID_MODEL_ENV)
-    if not path:
-        return doc
-    model = _load_fasttext(path)
-    labels, scores = model.predict(doc.text.replace("\n", " "), k=1)
-    label = labels[0].removeprefix("__label__") if len(labels) else ""
-    if label != language or float(scores[0]) < min_score:
-        return Rejected.of(doc, "cc_wrong_language")
-    return doc
-
-
 # --- quality heuristics (Gopher, as in RedPajama-V2's quality signals) -----------------------
 
 MIN_WORDS, MAX_WORDS = 50, 100_000  # Gopher: "between 50 and 100,000 words"
@@ -294,10 +245,15 @@ def quality_filter(doc: Document) -> Document | Rejected:
     return doc
 
 
-def clean(doc: Document) -> Document | Rejected:
-    """Per-document CommonCrawl steps, in CCNet's order: language id, then quality.
+def clean(doc: Document, quality: QualityConfig | None = None, s3=None) -> Document | Rejected:
+    """Per-document CommonCrawl steps: the model steps `quality` configures, in CCNet's order
+    (language id, perplexity, reference classifier; `data.quality.steps`), then the Gopher
+    heuristics. None: the heuristics only. `s3`: the driver's S3 filesystem, adopted
+    (`storage.adopt_s3`) so a node reads s3:// models with the driver's settings.
 
     Line dedup runs over a shard group before this (`LineDeduplicator`).
     """
-    out = language_filter(doc)
+    if s3 is not None:
+        adopt_s3(s3)
+    out = steps.apply_models(doc, quality) if quality is not None else doc
     return quality_filter(out) if isinstance(out, Document) else out

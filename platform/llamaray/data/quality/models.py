@@ -1,0 +1,78 @@
+"""Opening the quality steps' model files, once per process, local or on S3.
+
+fastText, KenLM and SentencePiece open local files only. A model configured as `s3://...`
+is copied once into a temporary folder of the process that needs it (a Ray task's worker on
+whichever node runs it: nodes share no disk), then opened from there; a local path is opened
+where it is. Each model stays loaded for the life of the process (`functools.lru_cache`), so
+a cleaning worker loads it once, not per block. Nothing is ever fetched from the internet.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+from pathlib import Path
+
+from llamaray.storage import download, is_s3
+
+LMPLZ_HINT = (
+    "build KenLM's lmplz and build_binary with `make kenlm-tools` (they land in .venv/bin), "
+    "or put them on PATH"
+)
+
+
+@functools.lru_cache(maxsize=16)
+def local_path(uri: str) -> str:
+    """A local file holding `uri`: the path itself, or a per-process copy of an S3 object."""
+    if not is_s3(uri):
+        if not Path(uri).is_file():
+            raise FileNotFoundError(f"{uri} does not exist")
+        return uri
+    folder = tempfile.mkdtemp(prefix="llamaray-model-")
+    return str(download(uri, Path(folder) / uri.rstrip("/").rsplit("/", 1)[-1]))
+
+
+@functools.lru_cache(maxsize=8)
+def fasttext_model(uri: str):
+    """A fastText model (`.bin`). The `fasttext` module's own `predict` breaks on numpy 2
+    (`np.array(copy=False)`), so callers use the binding underneath, `model.f.predict`."""
+    import fasttext  # the `quality` extra
+
+    # fastText prints a warning to stderr on every load_model; it says nothing useful here.
+    fasttext.FastText.eprint = lambda *args, **kwargs: None
+    return fasttext.load_model(local_path(uri))
+
+
+@functools.lru_cache(maxsize=8)
+def kenlm_model(uri: str):
+    """A KenLM model, ARPA or binary (`build_binary`'s)."""
+    import kenlm  # the `quality` extra
+
+    return kenlm.Model(local_path(uri))
+
+
+@functools.lru_cache(maxsize=8)
+def sentencepiece_model(uri: str):
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=local_path(uri))
+
+
+def predict(model, line: str, k: int = 1) -> list[tuple[str, float]]:
+    """fastText's top-k (label without `__label__`, probability) for one line of text."""
+    # The binding wants one line ending in a newline, like fastText's own predict builds.
+    found = model.f.predict(line.replace("\n", " ") + "\n", k, 0.0, "strict")
+    return [(label.removeprefix("__label__"), float(p)) for p, label in found]
+
+
+def kenlm_tool(name: str) -> str | None:
+    """KenLM's `lmplz` or `build_binary`: beside this Python (the venv's bin, where `make
+    kenlm-tools` puts them), else on PATH; None when neither has it."""
+    import shutil
+    import sys
+
+    beside = Path(sys.executable).parent / name
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which(name)
