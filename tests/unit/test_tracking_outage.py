@@ -41,6 +41,30 @@ def quick_retries(monkeypatch):
     monkeypatch.setattr(tracking, "SEND_RETRY_S", (0.2, 0.5), raising=False)
 
 
+def _config(name: str, tmp_path, *overrides: str):
+    """A debug-preset run of STEPS steps in this process, a checkpoint every 2 steps and
+    metrics logged every step."""
+    return load_config(
+        None,
+        [
+            f"name={name}",
+            f"output_dir={tmp_path}",
+            "model.preset=debug",
+            "tracking.export_hf=false",
+            "tracking.system_metrics=false",
+            "data.eval_rows=8",
+            f"train.steps={STEPS}",
+            f"train.seq_len={SEQ_LEN}",
+            f"train.batch_tokens={4 * SEQ_LEN}",
+            "train.micro_batch_size=2",
+            "train.device=cpu",
+            "train.checkpoint_every=2",
+            "train.log_every=1",
+            *overrides,
+        ],
+    )
+
+
 class OutageLauncher(LocalLauncher):
     """A LocalLauncher that stops the MLflow server once step `down` is logged and starts
     it again, on the same port and store, after step `up`: steps down+1..up are trained and
@@ -68,24 +92,7 @@ def test_training_rides_out_a_tracking_server_outage(
     uri = mlflow_server.uri
     corpus = write_token_corpus(tmp_path / "corpus")
     run_id, _ = tracking.open_run(uri, "outage", "outage-run")
-    cfg = load_config(
-        None,
-        [
-            "name=outage-run",
-            f"output_dir={tmp_path}",
-            "model.preset=debug",
-            "tracking.export_hf=false",
-            "tracking.system_metrics=false",
-            "data.eval_rows=8",
-            f"train.steps={STEPS}",
-            f"train.seq_len={SEQ_LEN}",
-            f"train.batch_tokens={4 * SEQ_LEN}",
-            "train.micro_batch_size=2",
-            "train.device=cpu",
-            "train.checkpoint_every=2",
-            "train.log_every=1",
-        ],
-    )
+    cfg = _config("outage-run", tmp_path)
     # Down after step 2 (a checkpoint), back after step 4: step 4's checkpoint and the
     # metrics of steps 3 and 4 are written with no server.
     launcher = OutageLauncher(tmp_path / "checkpoints", mlflow_server, down=2, up=4)
@@ -198,26 +205,7 @@ def test_metrics_a_killed_process_had_not_sent_are_sent_by_the_launch_that_resum
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     corpus = write_token_corpus(tmp_path / "corpus")
     run_id, _ = tracking.open_run(uri, "killed", "killed-run")
-    cfg = load_config(
-        None,
-        [
-            "name=killed-run",
-            f"output_dir={tmp_path}",
-            "model.preset=debug",
-            "tracking.export_hf=false",
-            "tracking.system_metrics=false",
-            "data.eval_rows=8",
-            f"train.steps={STEPS}",
-            f"train.seq_len={SEQ_LEN}",
-            f"train.batch_tokens={4 * SEQ_LEN}",
-            "train.micro_batch_size=2",
-            "train.device=cpu",
-            "train.checkpoint_every=2",
-            "train.log_every=1",
-            "faults.kill_rank=0",
-            "faults.kill_at_step=4",
-        ],
-    )
+    cfg = _config("killed-run", tmp_path, "faults.kill_rank=0", "faults.kill_at_step=4")
     spec = WorkerSpec(cfg.model_dump(), str(corpus), str(tmp_path / "run"), uri, run_id)
     checkpoints = tmp_path / "checkpoints"
     killed = subprocess.run(

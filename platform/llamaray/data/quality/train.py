@@ -258,18 +258,8 @@ def train_lid(
     start = time.perf_counter()
     log.info(f"language id: preparing lines of {', '.join(langs)}")
     ds = _limit(_documents(langs).map_batches(lid_lines, batch_format="pyarrow"), max_lines, seed)
-    refs = _prepared(ds, seed)
     params = {**trainers.LID_PARAMS, **({"epoch": epoch} if epoch else {})}
-    folder, name = _split_output(output)
-    log.info(f"language id: training fastText in one task with {cpus} CPU(s)")
-    out = _run_task(fasttext_task, cpus, refs, name, folder, _s3(folder), params, cpus, seed)
-    written = _write_output(folder, out.pop("files")) or [output]
-    return {
-        "model": "lid",
-        "outputs": written,
-        **out,
-        "seconds": round(time.perf_counter() - start, 2),
-    }
+    return _fasttext("lid", "language id", ds, output, params, cpus, seed, start)
 
 
 def train_reference(
@@ -287,14 +277,22 @@ def train_reference(
     inputs = {reference.POSITIVE: positive, reference.NEGATIVE: negative}
     log.info("reference classifier: preparing pages")
     ds = _documents(inputs).map_batches(reference_lines, batch_format="pyarrow")
-    refs = _prepared(ds, seed)
     params = {**trainers.REFERENCE_PARAMS, **({"epoch": epoch} if epoch else {})}
+    return _fasttext("reference", "reference classifier", ds, output, params, cpus, seed, start)
+
+
+def _fasttext(
+    model: str, what: str, ds, output: str, params: dict, cpus: int, seed: int, start: float
+) -> dict:
+    """Train a fastText model on the examples of `ds` (column `line`) in one Ray task and
+    write it to `output`; the summary `llamaray quality train` prints."""
+    refs = _prepared(ds, seed)
     folder, name = _split_output(output)
-    log.info(f"reference classifier: training fastText in one task with {cpus} CPU(s)")
+    log.info(f"{what}: training fastText in one task with {cpus} CPU(s)")
     out = _run_task(fasttext_task, cpus, refs, name, folder, _s3(folder), params, cpus, seed)
     written = _write_output(folder, out.pop("files")) or [output]
     return {
-        "model": "reference",
+        "model": model,
         "outputs": written,
         **out,
         "seconds": round(time.perf_counter() - start, 2),
