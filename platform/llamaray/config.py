@@ -268,6 +268,13 @@ class QualityConfig(_Section):
     reference_threshold: float = Field(
         0.5, ge=0, le=1, description="Least probability of being a reference kept."
     )
+    heuristics: bool = Field(
+        False,
+        description="Also apply Gopher's heuristics (Rae et al. 2021, A.1.1; RedPajama-V2's "
+        "thresholds: word count, mean word length, symbol ratio, bullet and ellipsis lines, "
+        "alphabetic words) to CommonCrawl pages after the model steps. Not in LLaMA's recipe, "
+        "hence off; a model-free floor where the model steps are skipped.",
+    )
     allow_missing_models: bool = Field(
         False,
         description="true: run commoncrawl with the model steps that have no model skipped "

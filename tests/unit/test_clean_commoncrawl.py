@@ -3,6 +3,7 @@ test_quality.py), and the package's dispatch (`clean_document`, the registries).
 
 import pytest
 
+from llamaray.config import QualityConfig
 from llamaray.data.clean import (
     CLEANERS,
     DEDUPLICATORS,
@@ -51,8 +52,9 @@ def test_unknown_source_passes_through_unchanged():
 
 
 def test_dispatch_uses_the_source_rules():
-    assert reason(clean_document(cc("too short"))) == "cc_too_few_words"
-    assert reason(clean_document(Document("too short", "my_own", "x:1"))) is None
+    asked = {"commoncrawl": {"quality": QualityConfig(heuristics=True)}}
+    assert reason(clean_document(cc("too short"), asked)) == "cc_too_few_words"
+    assert reason(clean_document(Document("too short", "my_own", "x:1"), asked)) is None
 
 
 def test_a_document_the_rules_empty_is_rejected_with_its_original_excerpt():
@@ -113,9 +115,18 @@ def test_line_dedup_passes_rejected_records_through():
 # made there: tests/unit/test_quality.py.
 
 
-def test_without_quality_settings_only_the_heuristics_run():
+def test_without_quality_settings_nothing_runs():
     french = cc("\n".join(["Le conseil municipal a vote le budget de la ville hier soir."] * 6))
     assert commoncrawl.clean(french) is french
+    assert commoncrawl.clean(cc("too short")).text == "too short"
+
+
+def test_the_gopher_heuristics_run_only_when_asked():
+    """They are not in LLaMA's CommonCrawl recipe: off by default, `quality.heuristics` on."""
+    short, asked = cc("too short"), QualityConfig(heuristics=True)
+    assert commoncrawl.clean(short, QualityConfig()) is short
+    assert reason(commoncrawl.clean(short, asked)) == "cc_too_few_words"
+    assert commoncrawl.clean(cc(GOOD), asked).text == GOOD
 
 
 # --- quality heuristics --------------------------------------------------------------------------

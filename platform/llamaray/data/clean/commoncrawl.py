@@ -15,8 +15,9 @@ Here:
   reference classifier), each run when `CorpusConfig.quality` names its model
   (`data.quality.steps`).
 - `quality_filter`: the Gopher heuristics (Rae et al. 2021, appendix A.1.1), as computed by
-  RedPajama-V2's quality signals; they need no model and run after the model steps, a cheap
-  floor under them (and the only quality rules where the models are skipped).
+  RedPajama-V2's quality signals. They are not in LLaMA's recipe, so they run only when
+  `quality.heuristics` asks: after the model steps, a floor that needs no model (where the
+  model steps are skipped, say).
 """
 
 from __future__ import annotations
@@ -248,12 +249,16 @@ def quality_filter(doc: Document) -> Document | Rejected:
 def clean(doc: Document, quality: QualityConfig | None = None, s3=None) -> Document | Rejected:
     """Per-document CommonCrawl steps: the model steps `quality` configures, in CCNet's order
     (language id, perplexity, reference classifier; `data.quality.steps`), then the Gopher
-    heuristics. None: the heuristics only. `s3`: the driver's S3 filesystem, adopted
-    (`storage.adopt_s3`) so a node reads s3:// models with the driver's settings.
+    heuristics if `quality.heuristics` asks (they are not in LLaMA's recipe). None: the
+    defaults, under which nothing runs (no model is set). `s3`: the driver's S3 filesystem,
+    adopted (`storage.adopt_s3`) so a node reads s3:// models with the driver's settings.
 
     Line dedup runs over a shard group before this (`LineDeduplicator`).
     """
     if s3 is not None:
         adopt_s3(s3)
-    out = steps.apply_models(doc, quality) if quality is not None else doc
-    return quality_filter(out) if isinstance(out, Document) else out
+    quality = quality or QualityConfig()
+    out = steps.apply_models(doc, quality)
+    if quality.heuristics and isinstance(out, Document):
+        return quality_filter(out)
+    return out

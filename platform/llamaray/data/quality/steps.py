@@ -159,4 +159,9 @@ def manifest_entry(q: QualityConfig, dropped: dict[str, int], kept_buckets: dict
                 "documents_removed": dropped.get(reference.REASON, 0),
             }
         steps.append(entry)
-    return {"allow_missing_models": q.allow_missing_models, "steps": steps, "skipped": skipped(q)}
+    return {
+        "allow_missing_models": q.allow_missing_models,
+        "steps": steps,
+        "skipped": skipped(q),
+        "gopher_heuristics": q.heuristics,  # not the paper's; on only when asked
+    }
