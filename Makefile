@@ -28,6 +28,12 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@# pip compiles kenlm (the quality extra, in dev): a C++ compiler and cmake, with apt where root.
+	@command -v g++ >/dev/null && command -v cmake >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    { apt-get install -y -qq --no-install-recommends g++ cmake zlib1g-dev >/dev/null 2>&1 || \
+	      { apt-get update -qq && apt-get install -y -qq --no-install-recommends g++ cmake zlib1g-dev; }; }; } || \
+	  echo "no C++ compiler or cmake here: pip cannot build kenlm (the quality extra)"
 	$(PIP) install --quiet --upgrade pip
 	# torch first, from the chosen build; the project's `torch>=` range then keeps it.
 	$(PIP) install --quiet "$(TORCH_SPEC)" $(TORCH_INDEX)
@@ -67,7 +73,9 @@ browser:
 KENLM_VERSION := 0.3.0
 KENLM_DEPS    := libboost-program-options-dev libboost-system-dev libboost-thread-dev \
                  libboost-test-dev zlib1g-dev cmake g++
-kenlm-tools: $(STAMP)
+# (No prerequisite: `test` installs the venv first; cluster/Dockerfile runs it on the image's
+# Python with VENV=/home/ray/anaconda3.)
+kenlm-tools:
 	@test -x $(VENV)/bin/lmplz && test -x $(VENV)/bin/build_binary || { \
 	  { dpkg -s $(KENLM_DEPS) >/dev/null 2>&1 || \
 	    { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \

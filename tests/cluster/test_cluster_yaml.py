@@ -141,12 +141,12 @@ def test_aws_yaml_shape(cluster_dir):
     assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
     assert "--env RAY_AUTH_MODE=token" in config["docker"]["run_options"]
 
-    # The project: synced from the checkout, installed editable with the gpu extra.
+    # The project: synced from the checkout, installed editable with the gpu and quality extras.
     assert config["file_mounts"]["~/llamaray"] == "."
     assert ".gitignore" in config["rsync_filter"]
     setup = "\n".join(config["setup_commands"])
     assert re.search(r"pip install .*torch==", setup)
-    assert 'pip install -q -e "$HOME/llamaray[gpu]"' in setup
+    assert 'pip install -q -e "$HOME/llamaray[gpu,quality]"' in setup
     # The CUDA check runs after torch is installed, on every node (CPU nodes pass).
     commands = config["setup_commands"]
     (check,) = [i for i, c in enumerate(commands) if "cluster/check_cuda.py" in c]
