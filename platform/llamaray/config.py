@@ -447,7 +447,8 @@ class TrainConfig(_Section):
     )
     dtype: Literal["fp32", "bf16", "auto"] = Field(
         "fp32",
-        description="bf16: FSDP mixed precision on GPU, autocast on CPU. auto: bf16 on a GPU "
+        description="bf16: FSDP mixed precision on GPUs with more than one worker, autocast "
+        "otherwise (on CPU, and for a single worker). auto: bf16 on a GPU "
         "that supports it; on CPU bf16 only where a short matmul probe at the model's width "
         "finds it faster than fp32 (CPUs with AMX), else fp32 (llamaray.train.precision).",
     )

@@ -143,3 +143,22 @@ def test_run_paths_name_the_settings_a_run_shares(tmp_path):
     assert run_paths(named) == {"data.corpus": "s3://b/corpus", "storage": "s3://b/ckpt"}
     on_s3 = cfg("output_dir=s3://b/runs/")
     assert run_paths(on_s3) == {"output_dir": "s3://b/runs/", "storage": "s3://b/runs/checkpoints"}
+
+
+def test_local_quality_models_are_named_on_a_cluster_and_s3_ones_pass():
+    """CommonCrawl's model files are opened by cleaning tasks on any node (`prepare_corpus`
+    checks them with this rule): a local one, and the files read beside it, are named."""
+    from llamaray.config import QualityConfig
+    from llamaray.data.quality.steps import model_paths
+
+    local = model_paths(
+        QualityConfig(lid_model="/models/lid.bin", perplexity_model="m/en.arpa.bin")
+    )
+    problem = shared_state_problem(local, None, HEAD_AND_WORKER, "head")
+    assert problem is not None
+    for setting in ("lid_model", "perplexity_model", "perplexity_tokenizer", "perplexity_cutoffs"):
+        assert f"quality.{setting}=s3://" in problem, setting
+    assert "(now m/en.sp.model)" in problem and "reference_model" not in problem
+    assert shared_state_problem(local, None, ONE_MACHINE, "head") is None
+    in_s3 = model_paths(QualityConfig(lid_model="s3://b/lid.bin", perplexity_model="s3://b/en.bin"))
+    assert shared_state_problem(in_s3, None, HEAD_AND_WORKER, "head") is None

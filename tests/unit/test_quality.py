@@ -309,3 +309,17 @@ def test_the_manifest_entry_records_the_opt_out_and_what_was_skipped():
     assert [s["ran"] for s in entry["steps"]] == [False, False, True]
     assert set(entry["skipped"]) == {"language_id", "perplexity"}
     assert "quality.lid_model not set" in entry["skipped"]["language_id"]
+
+
+def test_quality_train_names_an_input_that_matches_no_file(tmp_path):
+    """Read as a corpus, a missing file is only a rejected record: the model would be
+    trained on the rest (a language-id model without French). The flag is named first."""
+    from llamaray.config import ConfigError
+    from llamaray.data.quality.train import check_inputs
+
+    there = tmp_path / "fr.txt"
+    there.write_text("bonjour\n")
+    with pytest.raises(ConfigError) as err:
+        check_inputs({"--lang fr=": [str(there)], "--lang en=": [str(tmp_path / "en.tx")]})
+    assert f"--lang en= {tmp_path / 'en.tx'}: no such file" in str(err.value)
+    assert "fr.txt" not in str(err.value)

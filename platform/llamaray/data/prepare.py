@@ -70,6 +70,7 @@ from llamaray.data.read import from_row, read_corpus, to_row
 from llamaray.data.records import Document
 from llamaray.data.select import select_document
 from llamaray.data.source_dedup import document_dedup, line_dedup, manifest_entry
+from llamaray.placement import require_shared_state
 from llamaray.storage import (
     filesystem,
     is_s3,
@@ -313,6 +314,10 @@ def prepare_corpus(cfg: CorpusConfig) -> dict:
     `ConfigError` naming the settings when CommonCrawl's quality models are not all given
     (`check_models`)."""
     check_models(cfg)
+    if "commoncrawl" in cfg.sources:
+        # The model files are opened by cleaning tasks on any node: local ones only where
+        # every node sees the driver's disk.
+        require_shared_state(quality_steps.model_paths(cfg.quality), None)
     import ray.data
     from ray.data.context import ShuffleStrategy
 

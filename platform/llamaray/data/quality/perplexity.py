@@ -5,9 +5,14 @@ CCNet (Wenzek et al. 2020, section 3.3, "Quality filtering"): a 5-gram KenLM mod
 2011) per language, trained on that language's Wikipedia tokenized with a SentencePiece model
 (Kudo 2018) and normalized (`normalize.normalize`), scores every paragraph (line) of a page;
 the page's perplexity is 10 ** (-sum of log10 probabilities / tokens), where each line counts
-its pieces plus one for the end of sentence (cc_net `perplexity.py`, `DocLM`, `pp`). Pages are
-split by perplexity into head, middle and tail at the 33rd and 66th percentiles of a sample of
-that language's pages (cc_net `cutoff.csv`, `PerplexityBucket`); LLaMA keeps what CCNet keeps:
+its pieces plus one for the end of sentence (cc_net `perplexity.py`, `DocLM`, `pp`). cc_net's
+own pipeline normalizes a page whole before scoring it, and its normalizer drops newlines, so
+there a page is one line with one end of sentence; here each line is scored with its own.
+Cutoffs must therefore come from this scoring (`llamaray quality train lm --sample`): cc_net's
+published per-language cutoffs (`cutoff.csv`) are not comparable. Pages are split by
+perplexity into three equal parts, head, middle and tail, at the 33rd and 66th percentiles of
+a sample of that language's crawl pages (the paper's buckets; cc_net's code keeps its own
+per-language edges in `cutoff.csv`); LLaMA keeps what CCNet keeps:
 head and middle, "dropping the tail" (CCNet's released corpus) is `quality.keep_buckets`'s
 default. `llamaray quality train lm` writes the three files this step reads, side by side:
 `<lang>.arpa.bin` (KenLM), `<lang>.sp.model` (SentencePiece), `<lang>.cutoffs.json`.
@@ -57,7 +62,7 @@ class Cutoffs:
     middle: float
 
     def bucket(self, perplexity: float) -> str:
-        """CCNet's `PerplexityBucket`: the first bucket whose edge is not below it."""
+        """Head up to `head`, middle up to `middle`, tail above."""
         if perplexity <= self.head:
             return "head"
         return "middle" if perplexity <= self.middle else "tail"
@@ -107,10 +112,11 @@ def tokenized_lines(text: str, tokenizer_uri: str) -> list[str]:
     return [" ".join(pieces) for pieces in sp.encode(lines, out_type=str)] if lines else []
 
 
-def perplexity_of_lines(lines: Iterable[str], model_uri: str) -> tuple[float, int]:
-    """(perplexity, tokens) of tokenized lines: 10 ** (-sum log10 p / tokens), each line's
-    tokens its pieces + 1 (`</s>`; cc_net `DocLM`); inf for no line."""
-    lm = kenlm_model(model_uri)
+def perplexity_of_lines(lines: Iterable[str], model) -> tuple[float, int]:
+    """(perplexity, tokens) of tokenized lines under `model` (a KenLM model's location,
+    loaded once per process, or a loaded `kenlm.Model`): 10 ** (-sum log10 p / tokens),
+    each line's tokens its pieces + 1 (`</s>`; cc_net `DocLM`); inf for no line."""
+    lm = kenlm_model(model) if isinstance(model, str) else model
     log_prob, tokens = 0.0, 0
     for line in lines:
         log_prob += lm.score(line, bos=True, eos=True)

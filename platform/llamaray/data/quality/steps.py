@@ -33,7 +33,8 @@ ORIGINS: dict[str, str] = {
 HOW_TO_TRAIN: dict[str, str] = {
     "lid_model": "fastText's published lid.176.bin, or `llamaray quality train lid --lang "
     "en=<english text> --lang fr=<french text> ... --output lid.bin`",
-    "perplexity_model": "CCNet's lm_sp/<lang>.arpa.bin (with <lang>.sp.model and cutoffs), "
+    "perplexity_model": "CCNet's lm_sp/<lang>.arpa.bin (with <lang>.sp.model and cutoffs of "
+    "a crawl sample scored as prepare scores it), "
     "or `llamaray quality train lm --input <wikipedia text> --sample <crawl pages> --output "
     "en.arpa.bin`",
     "reference_model": "`llamaray quality train reference --positive <pages cited by "
@@ -54,6 +55,17 @@ def perplexity_files(q: QualityConfig) -> tuple[str, str]:
         q.perplexity_tokenizer or perplexity.companion(q.perplexity_model, ".sp.model"),
         q.perplexity_cutoffs or perplexity.companion(q.perplexity_model, ".cutoffs.json"),
     )
+
+
+def model_paths(q: QualityConfig) -> dict[str, str | None]:
+    """Every file the model steps read, by its setting: what the cleaning tasks open on
+    whichever node runs them (`placement.shared_state_problem` names the local ones on a
+    cluster whose nodes share no disk)."""
+    paths: dict[str, str | None] = {f"quality.{f}": getattr(q, f) for f in STEPS.values()}
+    if q.perplexity_model is not None:
+        tokenizer, cutoffs = perplexity_files(q)
+        paths |= {"quality.perplexity_tokenizer": tokenizer, "quality.perplexity_cutoffs": cutoffs}
+    return paths
 
 
 def check_models(q: QualityConfig) -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from llamaray.config import ConfigError
 from llamaray.console import logger
 from llamaray.data.quality import perplexity, reference, trainers
 from llamaray.data.quality.normalize import normalize
@@ -37,6 +38,31 @@ log = logger("quality")
 
 
 # --------------------------------------------------------------- text preparation (Ray Data)
+
+
+def check_inputs(flags: dict[str, list[str] | None]) -> None:
+    """Each input pattern names at least one file, and none is local on a cluster whose
+    nodes share no disk: else `ConfigError` naming the flag, before any work. (Read as a
+    corpus, a missing file would only be a rejected record, dropped with the rest, and the
+    model trained on what is left: a language-id model missing a language, say.)"""
+    from llamaray.data.files import expand_paths
+    from llamaray.placement import require_shared_state
+    from llamaray.storage import exists
+
+    problems = [
+        f"{flag} {pattern}: no such file"
+        for flag, patterns in flags.items()
+        for pattern in patterns or []
+        if not any(exists(path) for path in expand_paths([pattern]))
+    ]
+    if problems:
+        raise ConfigError("invalid input:\n" + "\n".join(f"  {p}" for p in problems))
+    local = {
+        flag: next((p for p in patterns if not is_s3(p)), None)
+        for flag, patterns in flags.items()
+        if patterns
+    }
+    require_shared_state(local, None)
 
 
 def _documents(inputs: dict[str, list[str]]):
@@ -256,6 +282,7 @@ def train_lid(
     `output` (local or s3://). `max_lines`: a seeded sample of at most about this many
     lines."""
     start = time.perf_counter()
+    check_inputs({f"--lang {lang}=": paths for lang, paths in langs.items()})
     log.info(f"language id: preparing lines of {', '.join(langs)}")
     ds = _limit(_documents(langs).map_batches(lid_lines, batch_format="pyarrow"), max_lines, seed)
     params = {**trainers.LID_PARAMS, **({"epoch": epoch} if epoch else {})}
@@ -274,6 +301,7 @@ def train_reference(
     """The reference classifier from `positive` (pages used as Wikipedia references) and
     `negative` (random pages) text files, at `output`."""
     start = time.perf_counter()
+    check_inputs({"--positive": positive, "--negative": negative})
     inputs = {reference.POSITIVE: positive, reference.NEGATIVE: negative}
     log.info("reference classifier: preparing pages")
     ds = _documents(inputs).map_batches(reference_lines, batch_format="pyarrow")
@@ -316,6 +344,13 @@ def train_lm(
     `sample` (pages of the crawl to be filtered; None: of the training pages), written to
     `output_dir` as `<lang>.arpa.bin`, `<lang>.sp.model`, `<lang>.cutoffs.json`."""
     start = time.perf_counter()
+    check_inputs({"--input": inputs, "--sample": sample})
+    if not sample:
+        log.warning(
+            "lm: no --sample: the perplexity cutoffs come from the training text itself; "
+            "CCNet sets them on pages of the crawl to be filtered, where the same cutoffs "
+            "would put most pages in the tail"
+        )
     docs = _documents({lang: inputs})
     lines = docs.map_batches(normalized_lines, batch_format="pyarrow").materialize()
     log.info(f"lm: training a SentencePiece model on up to {sp_lines} lines")

@@ -132,5 +132,10 @@ def _run(command: list[str]) -> None:
 def sample_cutoffs(pages: Iterable[list[str]], model_uri: str | Path) -> tuple[Cutoffs, int]:
     """The bucket edges from a sample of pages, each given as its tokenized lines: the 33rd
     and 66th percentiles of their perplexities. Returns them and the pages scored."""
-    scores = [perplexity_of_lines(lines, str(model_uri))[0] for lines in pages if lines]
+    import kenlm  # the `quality` extra
+
+    # Loaded here, not through the process's model cache: the file is a task's temporary,
+    # and a cached model would pin its memory and its deleted file in a reused worker.
+    lm = kenlm.Model(str(model_uri))
+    scores = [perplexity_of_lines(lines, lm)[0] for lines in pages if lines]
     return percentile_cutoffs(scores), len(scores)
