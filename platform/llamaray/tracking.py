@@ -557,9 +557,12 @@ class MetricLogger:
     def resend(self, carried: list[dict]) -> int:
         """Queue the steps of `carried` (a checkpoint's `unsent()`) that the store does not
         have; returns how many. The sender stores each key's steps in order, so a step is
-        stored exactly when it is at or below its key's latest stored step: one request
-        tells. When the server does not answer, every carried step is queued: a step may
-        then be stored twice, which loses nothing."""
+        stored when it is at or below its key's latest stored step: one request tells.
+        (Steps the sender dropped in a long outage or the server refused are already
+        counted as lost; and a run name relaunched after its checkpoints were deleted
+        keeps its MLflow run, whose later steps would make carried ones look stored.)
+        When the server does not answer, every carried step is queued: a step may then be
+        stored twice, which loses nothing."""
         if not carried:
             return 0
         latest: dict[str, int] = {}
