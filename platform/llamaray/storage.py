@@ -488,8 +488,17 @@ def download(uri: str | os.PathLike, local: str | os.PathLike) -> Path:
     local = Path(local)
     info = file_info(fs, path)
     if info.type == pyarrow.fs.FileType.File:
+        # Streamed into a temporary beside `local`, renamed when whole: a model of several
+        # GB is never held in memory, and a reader never sees half a file.
         local.parent.mkdir(parents=True, exist_ok=True)
-        local.write_bytes(read_bytes(uri))
+        partial = local.with_name(f".{local.name}.{os.getpid()}.partial")
+        try:
+            with open_input(fs, path) as f, partial.open("wb") as out:
+                while chunk := f.read(_CHUNK):
+                    out.write(chunk)
+            os.replace(partial, local)
+        finally:
+            partial.unlink(missing_ok=True)
         return local
     if info.type != pyarrow.fs.FileType.Directory:
         raise FileNotFoundError(f"{os.fspath(uri)} does not exist")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 
@@ -323,3 +324,35 @@ def test_quality_train_names_an_input_that_matches_no_file(tmp_path):
         check_inputs({"--lang fr=": [str(there)], "--lang en=": [str(tmp_path / "en.tx")]})
     assert f"--lang en= {tmp_path / 'en.tx'}: no such file" in str(err.value)
     assert "fr.txt" not in str(err.value)
+
+
+def test_an_s3_model_is_copied_once_per_node_and_again_when_replaced(
+    s3_client, tmp_path, monkeypatch
+):
+    """Every cleaning worker on a node opens the same copy of an S3 model (a KenLM model is
+    GBs); the copy is named by the object's version, so a replaced model is fetched anew."""
+    import multiprocessing
+
+    from llamaray.data.quality import models
+
+    monkeypatch.setenv(models.MODEL_CACHE_ENV, str(tmp_path / "cache"))
+    s3_client.create_bucket(Bucket="quality-cache")
+    uri = "s3://quality-cache/models/en.arpa.bin"
+    s3_client.put_object(Bucket="quality-cache", Key="models/en.arpa.bin", Body=b"first" * 1000)
+    models.local_path.cache_clear()
+    # Two processes at once, as two workers starting together: one copy, whole, for both.
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        paths = pool.map(models.local_path, [uri, uri])
+    assert paths[0] == paths[1] and Path(paths[0]).read_bytes() == b"first" * 1000
+    assert Path(paths[0]).is_relative_to(tmp_path / "cache")
+    assert [p.name for p in Path(paths[0]).parent.iterdir() if p.name != ".lock"] == [
+        "en.arpa.bin"
+    ]  # no partial file left
+    first = Path(paths[0])
+    stamp = first.stat().st_mtime_ns
+    assert models.local_path(uri) == paths[0] and first.stat().st_mtime_ns == stamp  # reused
+    s3_client.put_object(Bucket="quality-cache", Key="models/en.arpa.bin", Body=b"second")
+    models.local_path.cache_clear()
+    replaced = models.local_path(uri)
+    assert replaced != paths[0] and Path(replaced).read_bytes() == b"second"
+    models.local_path.cache_clear()
