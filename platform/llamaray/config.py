@@ -143,6 +143,15 @@ _SITE = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9]
 _LANGUAGE = re.compile(r"[a-z]{2,3}(-[a-z]+)*")
 
 
+def _all_match(values: list[str], pattern: re.Pattern, what: str) -> list[str]:
+    """`values` when each matches `pattern` whole; else a ValueError naming every one that
+    does not, as "'x', 'y': not <what>"."""
+    bad = [v for v in values if not pattern.fullmatch(v)]
+    if bad:
+        raise ValueError(f"{', '.join(map(repr, bad))}: not {what}")
+    return values
+
+
 class SourceDedupConfig(_Section):
     """Which deduplication runs on one source (`CorpusConfig.dedup.sources[name]`). Sources
     are deduplicated independently, as the paper does (section 2.1)."""
@@ -285,9 +294,7 @@ class QualityConfig(_Section):
     @field_validator("language")
     @classmethod
     def _language_code(cls, code: str) -> str:
-        if not _LANGUAGE.fullmatch(code):
-            raise ValueError(f"{code!r}: not a language code (lowercase, e.g. en, fr)")
-        return code
+        return _all_match([code], _LANGUAGE, "a language code (lowercase, e.g. en, fr)")[0]
 
     def missing(self) -> list[str]:
         """The model fields not set, in CCNet's order."""
@@ -364,24 +371,21 @@ class CorpusConfig(_Section):
     @field_validator("wikipedia_languages")
     @classmethod
     def _language_codes(cls, codes: list[str]) -> list[str]:
-        bad = [c for c in codes if not _LANGUAGE.fullmatch(c)]
-        if bad:
-            raise ValueError(
-                f"{', '.join(map(repr, bad))}: not a Wikipedia language code (lowercase, as "
-                "in <code>.wikipedia.org, e.g. en, fr, zh-yue)"
-            )
-        return codes
+        return _all_match(
+            codes,
+            _LANGUAGE,
+            "a Wikipedia language code (lowercase, as in <code>.wikipedia.org, e.g. en, fr, "
+            "zh-yue)",
+        )
 
     @field_validator("stackexchange_sites")
     @classmethod
     def _site_names(cls, sites: list[str]) -> list[str]:
-        bad = [s for s in sites if not _SITE.fullmatch(s)]
-        if bad:
-            raise ValueError(
-                f"{', '.join(map(repr, bad))}: not a site host name (lowercase, e.g. "
-                "math.stackexchange.com, stackoverflow.com)"
-            )
-        return sites
+        return _all_match(
+            sites,
+            _SITE,
+            "a site host name (lowercase, e.g. math.stackexchange.com, stackoverflow.com)",
+        )
 
     @field_validator("sources")
     @classmethod
