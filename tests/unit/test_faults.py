@@ -79,8 +79,9 @@ def test_fault_settings_are_checked_before_any_work():
 
 def test_failure_notes_count_from_the_resumed_step_and_the_last_report(capsys):
     """Reports come when the workers have resumed, then only at checkpoints and
-    validations: a failure's note names the last of them, and after a restart the step of
-    the checkpoint the group restarted from until the new group reports."""
+    validations: a failure's note names the last of them. A group that fails before the
+    controller took any report from it is named by where it resumed at the least: the
+    newest start or checkpoint the controller saw."""
     from llamaray.orchestrate.failure_notes import FailureNotes
 
     notes = FailureNotes(hang_timeout_s=5)
@@ -89,14 +90,17 @@ def test_failure_notes_count_from_the_resumed_step_and_the_last_report(capsys):
         notes.after_exception(None, {1: RuntimeError("lost")})
         return capsys.readouterr().err.strip()
 
+    before_any = "before its group's first report (resumed from step {} or a newer checkpoint)"
+    assert before_any.format(0) in fail()  # a launch's first group, before its start
     notes.after_report(None, [{"step": 4, "started": True}], checkpoint=None)
     assert fail() == "[llamaray] worker rank 1 failed after step 4 (its last checkpoint or " \
         "validation): lost"  # fmt: skip
+    assert before_any.format(4) in fail()  # restarted from 4, not yet reported
     notes.after_report(None, [{"step": 4, "started": True}], checkpoint=None)
     notes.after_report(None, [{"step": 6}], checkpoint=object())
     notes.after_report(None, [{"step": 7, "val_loss": 2.0}], checkpoint=None)
     assert "after step 7 " in fail()
-    assert "after step 6 " in fail()  # restarted from the checkpoint of step 6
+    assert before_any.format(6) in fail()  # a validation is no resume point; step 6's is
     notes.after_report(None, [{"step": 6, "started": True}], checkpoint=None)
     assert "after step 6 " in fail()
 

@@ -28,27 +28,36 @@ class FailureNotes(UserCallback):
         self.tracking_uri, self.run_id = tracking_uri, run_id
         # Reports come when the workers have resumed (the step they start from), then at
         # checkpoints and validations: the last one's step is where a failure came after.
-        self.last_step = self.checkpoint_step = 0
+        # None until a (re)started group's first report is taken: a worker that fails
+        # within a poll of its start (the controller takes reports every 0.5 s) leaves
+        # that report untaken.
+        self.last_step: int | None = None
+        # The newest step known to be a resume point (a start or a registered
+        # checkpoint): the floor of the step a restarted group resumes from.
+        self.resumed_from = 0
 
     def after_report(self, run_context, metrics, checkpoint):
         steps = [m.get("step") for m in metrics if isinstance(m.get("step"), int)]
         if steps:
             self.last_step = max(steps)
-            if checkpoint is not None:
-                self.checkpoint_step = self.last_step
+            if checkpoint is not None or any(m.get("started") for m in metrics):
+                self.resumed_from = max(self.resumed_from, self.last_step)
 
     def after_exception(self, run_context, worker_exceptions):
         for rank, error in sorted(worker_exceptions.items()):
             # The controller's stderr reaches the driver's console (and `ray job logs`);
             # Ray Train's own loggers in the controller go to its log files only.
-            note = failure_note(rank, self.last_step, error, self.hang_timeout_s)
+            note = failure_note(
+                rank, self.last_step, error, self.hang_timeout_s, self.resumed_from
+            )
             print(f"[llamaray] {note}", file=sys.stderr, flush=True)
             # Recorded beside the controller's loop, which restarts the group meanwhile;
             # one thread, so the notes are appended in order.
             self._recorder().submit(self._record, note)
-        # The group restarts from the newest registered checkpoint: the next failure
-        # before a report comes after its step.
-        self.last_step = self.checkpoint_step
+        # The group restarts from the newest complete checkpoint, which the workers pick
+        # (passing over one that fails its integrity check): unknown here until the new
+        # group reports.
+        self.last_step = None
 
     def _recorder(self) -> ThreadPoolExecutor:
         if getattr(self, "_pool", None) is None:
@@ -75,19 +84,35 @@ class FailureNotes(UserCallback):
             print(f"[llamaray] could not record the failure in MLflow: {err}", file=sys.stderr)
 
 
-def failure_note(rank: int, last_step: int, error: BaseException, hang_timeout_s: float) -> str:
+def failure_note(
+    rank: int,
+    last_step: int | None,
+    error: BaseException,
+    hang_timeout_s: float,
+    resumed_from: int = 0,
+) -> str:
     """One line: which rank, after which step, and why (a hang says the timeout that ended
     it). The step is the last one every worker reported to Ray Train: the step they
     resumed from, a checkpoint or a validation (logged steps are not reported: they never
     wait on the controller); the failure came after it. The run's MLflow metrics show the
-    last step trained.
+    last step trained. A group that failed before the controller took any report from it
+    (`last_step` None) is named by the floor of where it resumed, `resumed_from`.
 
     >>> print(failure_note(1, 4, TimeoutError("A worker health check has been hanging"), 5))
     worker rank 1 failed after step 4 (its last checkpoint or validation): it stopped \
 answering for over train.hang_timeout_s=5s
+    >>> print(failure_note(0, None, RuntimeError("lost"), 5, resumed_from=2))
+    worker rank 0 failed before its group's first report (resumed from step 2 or a newer \
+checkpoint): lost
     """
     why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if "health check has been hanging" in str(error):
         why = f"it stopped answering for over train.hang_timeout_s={hang_timeout_s:g}s"
-    since = f"after step {last_step} (its last checkpoint or validation)"
+    if last_step is None:
+        since = (
+            f"before its group's first report (resumed from step {resumed_from} or a newer "
+            "checkpoint)"
+        )
+    else:
+        since = f"after step {last_step} (its last checkpoint or validation)"
     return f"worker rank {rank} failed {since}: {why}"
