@@ -47,9 +47,7 @@ class FailureNotes(UserCallback):
         for rank, error in sorted(worker_exceptions.items()):
             # The controller's stderr reaches the driver's console (and `ray job logs`);
             # Ray Train's own loggers in the controller go to its log files only.
-            note = failure_note(
-                rank, self.last_step, error, self.hang_timeout_s, self.resumed_from
-            )
+            note = failure_note(rank, self.last_step, error, self.hang_timeout_s, self.resumed_from)
             print(f"[llamaray] {note}", file=sys.stderr, flush=True)
             # Recorded beside the controller's loop, which restarts the group meanwhile;
             # one thread, so the notes are appended in order.
