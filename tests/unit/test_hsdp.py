@@ -5,7 +5,9 @@ Four CPU ranks over gloo on 127.0.0.1 build the debug model with the worker's ow
 shard=2), and train a few steps on the same batches (each data-parallel rank's batch is
 keyed by its "dp" rank, which is the same in both layouts). Then each layout's DCP
 checkpoint is loaded into the other layout's model. The same again with tensor
-parallelism: FSDP over 2 x tp 2 against replicate 2 x shard 1 x tp 2.
+parallelism: FSDP over 2 x tp 2 against replicate 2 x shard 1 x tp 2. And tensor
+parallelism over all 4 ranks, with no data parallelism and so no FSDP, against one
+process training the whole model.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from llamaray.config import ConfigError, load_config
+from llamaray.model import Llama
+from llamaray.parallel.init import materialize
 from llamaray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from llamaray.train.optim import build_optimizer
 from llamaray.train.step import train_step
@@ -119,6 +124,58 @@ def test_hsdp_two_by_two_equals_fsdp_over_four_and_checkpoints_carry_over(tmp_pa
 def test_hsdp_with_tensor_parallel_equals_fsdp_with_tensor_parallel(tmp_path):
     # 2 replicas x 1 shard x tp 2 against FSDP over 2 x tp 2: the 3-D mesh's layout.
     mp.spawn(_compare, args=(_free_port(), str(tmp_path), 2), nprocs=WORLD, join=True)
+
+
+def _tensor_parallel_only(rank: int, port: int, folder: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        tp, mesh, tp_opt = _build(replicate=1, tensor=WORLD)
+        assert mesh["dp"].size() == 1
+        # No FSDP without data parallelism: every parameter is a tp shard (or a
+        # tp-replicated norm), not an FSDP-wrapped one.
+        assert not any(isinstance(m, FSDPModule) for m in tp.modules())
+        assert all(
+            isinstance(p, DTensor) and p.device_mesh.mesh_dim_names == ("tp",)
+            for p in tp.parameters()
+        )
+        tp_losses = _train(tp, mesh, tp_opt)
+
+        # One process, the whole model, the same weights (`materialize` draws each
+        # parameter whole from its seed) and the same batches (dp rank 0).
+        cfg = load_config(None, ["model.preset=debug", f"train.seq_len={SEQ_LEN}"])
+        with torch.device("meta"):
+            plain = Llama(cfg.model.args(VOCAB))
+        materialize(plain, torch.device("cpu"), seed=cfg.train.seed)
+        plain_opt = build_optimizer(plain, LR)
+        plain_losses = [train_step(plain, plain_opt, mb, LR).loss for mb in _batches(0)]
+        torch.testing.assert_close(tp_losses, plain_losses, rtol=1e-5, atol=0)
+        assert plain_losses[0] != plain_losses[-1]
+        tp_params = _full(tp)
+        # Adam's update is lr * m / (sqrt(v) + eps): an element whose gradient is small by
+        # cancellation turns the tp reductions' other summation order (~1e-8) into a
+        # visible share of its update (seen: 6e-6 on one element of 4096). A wrong shard or
+        # a missing reduction moves parameters by the order of lr = 1e-2.
+        for name, value in plain.named_parameters():
+            torch.testing.assert_close(tp_params[name], value.detach(), rtol=1e-4, atol=LR / 100)
+
+        # Its checkpoint loads into FSDP over 2 x tp 2, bit for bit.
+        save_checkpoint(folder, tp, tp_opt, TrainState(step=STEPS, world_size=WORLD))
+        dist.barrier()
+        sharded, _, sharded_opt = _build(replicate=1, tensor=2)
+        assert any(isinstance(m, FSDPModule) for m in sharded.modules())
+        load_checkpoint(folder, sharded, sharded_opt)
+        for name, value in _full(sharded).items():
+            torch.testing.assert_close(value, tp_params[name], rtol=0, atol=0)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_tensor_parallel_without_data_parallelism_trains_unwrapped_as_one_process(tmp_path):
+    mp.spawn(_tensor_parallel_only, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
 
 
 @pytest.mark.parametrize(

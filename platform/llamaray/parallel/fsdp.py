@@ -21,28 +21,31 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 
-def worth_sharding(world_size: int) -> bool:
-    """Whether the workers wrap the model in FSDP at all. With one rank FSDP shards nothing
-    and synchronizes nothing, yet still copies every parameter into and out of its gather
-    buffers in each forward and backward: on CPU a `small` step took 35% (fp32) to 45-70%
-    (bf16) longer wrapped than plain (docs/benchmarks.md). As in torchtitan, one rank
-    trains the plain model; its checkpoints load into sharded models and back (DCP reshards
-    plain tensors and DTensors alike)."""
-    return world_size > 1
+def worth_sharding(data_parallel: int) -> bool:
+    """Whether the workers wrap the model in FSDP at all: only when more than one rank
+    holds a copy of the data-parallel work (world size / tensor-parallel degree). With one
+    FSDP shards nothing and synchronizes nothing, yet still copies every parameter into and
+    out of its gather buffers in each forward and backward: on CPU a `small` step took 35%
+    (fp32) to 45-70% (bf16) longer wrapped than plain (docs/benchmarks.md). As in
+    torchtitan, one rank trains the plain model, and tensor-parallel ranks with no
+    data parallelism their DTensor shards as they are (DTensor reduces the gradients of
+    replicated parameters across the tp group); checkpoints load into sharded models and
+    back (DCP reshards plain tensors and DTensors alike)."""
+    return data_parallel > 1
 
 
-def bf16_by_fsdp(dtype: str, device: torch.device, world_size: int) -> bool:
+def bf16_by_fsdp(dtype: str, device: torch.device, data_parallel: int) -> bool:
     """Whether bf16 training is FSDP's mixed precision (parameters gathered in bf16 for
     compute; fp32 master weights and gradient reduction) rather than autocast around the
     step: on a GPU, wherever FSDP is applied. On a CPU autocast is used either way, and
-    on one rank there is no FSDP to do it."""
-    return dtype == "bf16" and device.type == "cuda" and worth_sharding(world_size)
+    with no data parallelism there is no FSDP to do it."""
+    return dtype == "bf16" and device.type == "cuda" and worth_sharding(data_parallel)
 
 
-def step_autocast(dtype: str, device: torch.device, world_size: int) -> str:
+def step_autocast(dtype: str, device: torch.device, data_parallel: int) -> str:
     """The dtype to autocast the training step in: `dtype`, unless FSDP already computes
     in it (`bf16_by_fsdp`)."""
-    return "fp32" if bf16_by_fsdp(dtype, device, world_size) else dtype
+    return "fp32" if bf16_by_fsdp(dtype, device, data_parallel) else dtype
 
 
 def apply_fsdp(

@@ -102,7 +102,8 @@ def worker_device(name: str) -> torch.device:
 
 def build_parallel_model(cfg: RunConfig, args: ModelArgs, device: torch.device):
     """Meta-device build -> tensor parallel -> activation checkpointing -> compile ->
-    FSDP2 (HSDP with parallel.replicate > 1; none on one rank: `worth_sharding`) ->
+    FSDP2 (HSDP with parallel.replicate > 1; none without data parallelism:
+    `worth_sharding`) ->
     materialize on `device` with the same weights an unsharded build would get."""
     from llamaray.model import Llama
     from llamaray.parallel.activation_checkpoint import apply_activation_checkpointing
@@ -122,12 +123,13 @@ def build_parallel_model(cfg: RunConfig, args: ModelArgs, device: torch.device):
     apply_activation_checkpointing(model, cfg.model.activation_checkpointing)
     if cfg.model.compile:
         apply_compile(model)
-    if worth_sharding(world):
+    dp = world // tp
+    if worth_sharding(dp):
         dtype = resolve_dtype(cfg.train.dtype, device, args.dim)
         apply_fsdp(
             model,
             fsdp_mesh(mesh),
-            param_dtype=torch.bfloat16 if bf16_by_fsdp(dtype, device, world) else torch.float32,
+            param_dtype=torch.bfloat16 if bf16_by_fsdp(dtype, device, dp) else torch.float32,
             reshard_after_forward=cfg.parallel.reshard_after_forward,
             prefetch=cfg.parallel.prefetch,
         )
@@ -221,7 +223,7 @@ def run_worker(spec: WorkerSpec, launcher: Launcher) -> WorkerResult:
 
     peak = _peak_flops(cfg, device)
     last_step = min(t.steps, t.stop_at_step or t.steps)
-    autocast_dtype = step_autocast(dtype, device, world)
+    autocast_dtype = step_autocast(dtype, device, dp)
     n_params = param_count(args)
     per_step = f"{cfg.batch_tokens} tokens/step"
     if cfg.finetune is not None:  # a row is one example, padded: its tokens are not all used
