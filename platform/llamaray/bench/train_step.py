@@ -28,6 +28,7 @@ from collections.abc import Callable
 
 import torch
 
+from llamaray.bench.kernel_floor import kernel_floor
 from llamaray.model import Llama, ModelArgs, get_preset
 from llamaray.model.device import pick_device
 from llamaray.model.flops import flops_per_token, mfu
@@ -183,6 +184,11 @@ def main(argv: list[str] | None = None) -> dict:
                     model, rows, dtype, opts.steps_per_round
                 )
     seconds = measure(runners, opts.rounds, opts.warmup)
+    floors = {
+        (preset, dtype): kernel_floor(*setups[preset], dtype, device)
+        for preset in setups
+        for dtype in dtypes
+    }
     peaks_after = matmul_peaks(device)
     # The best of both measurements: a peak is what the machine can do when least disturbed.
     peaks = {d: max(peaks_before[d], peaks_after[d]) for d in peaks_before}
@@ -204,6 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
         args, batch, seq_len = setups[preset]
         tokens_per_s = batch * seq_len / sec
         hf = seconds.get((preset, dtype, "hf"))
+        floor = floors[(preset, dtype)]
         results.append(
             {
                 "preset": preset,
@@ -217,6 +224,11 @@ def main(argv: list[str] | None = None) -> dict:
                 "peak_flops": peaks[dtype],
                 "of_peak": mfu(tokens_per_s, args, seq_len, peaks[dtype]),
                 "vs_hf": hf / sec if hf else None,
+                "floor_s": floor.seconds,
+                "floor_matmul_s": floor.matmul_s,
+                "floor_attention_s": floor.attention_s,
+                # The most of the peak any step of these shapes could show.
+                "floor_of_peak": mfu(batch * seq_len / floor.seconds, args, seq_len, peaks[dtype]),
             }
         )
     results.sort(key=lambda r: (r["preset"], r["dtype"], r["model"] != "ours", r["model"]))
@@ -231,6 +243,29 @@ def main(argv: list[str] | None = None) -> dict:
             f"{1e3 * r['step_s']:9.1f} {r['tokens_per_s']:9.0f} {r['flops_per_s'] / 1e9:8.1f} "
             f"{100 * r['of_peak']:6.1f}% {vs:>6}"
         )
+    print(
+        "# kernel floor (bench/kernel_floor.py): the step's matmuls at their own shapes and "
+        "SDPA forward+backward, best of 5 each, nothing else; 'at most' is the floor's share "
+        "of the peak, the most any step of this shape could show"
+    )
+    print(
+        f"{'preset':7} {'dtype':5} {'matmul ms':>9} {'attn ms':>8} {'floor ms':>8} "
+        f"{'at most':>7} {'ours':>6} {'compiled':>8}"
+    )
+    for (preset, dtype), floor in floors.items():
+        share = next(
+            r["floor_of_peak"] for r in results if (r["preset"], r["dtype"]) == (preset, dtype)
+        )
+        of_step = [
+            f"{floor.seconds / seconds[key]:.0%}" if key in seconds else "-"
+            for key in ((preset, dtype, "ours"), (preset, dtype, "ours+compile"))
+        ]
+        print(
+            f"{preset:7} {dtype:5} {1e3 * floor.matmul_s:9.1f} {1e3 * floor.attention_s:8.1f} "
+            f"{1e3 * floor.seconds:8.1f} {100 * share:6.1f}% {of_step[0]:>6} {of_step[1]:>8}"
+        )
+    print("# ours / compiled: the floor's share of that step's time (the rest: casts, norms, "
+          "rotary, elementwise work, the optimizer)")  # fmt: skip
     report = {
         "config": vars(opts),
         "peaks": {"before": peaks_before, "after": peaks_after, "used": peaks},

@@ -41,8 +41,9 @@ def linear_cross_entropy(
         if torch.is_autocast_enabled(device_type)
         else hidden.dtype
     )
-    chunk = chunk_tokens or max(1, _CHUNK_ELEMENTS // weight.shape[0])
-    group = max(chunk, group_tokens or _GROUP_ELEMENTS // weight.shape[0])
+    default_chunk, default_group = chunk_sizes(weight.shape[0])
+    chunk = chunk_tokens or default_chunk
+    group = max(chunk, group_tokens or default_group)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(
             hidden, weight, targets, ignore_index, chunk, group, compute_dtype
@@ -50,6 +51,16 @@ def linear_cross_entropy(
     with torch.autocast(device_type, enabled=False):
         total, count = _chunked_loss(hidden, weight, targets, ignore_index, chunk, compute_dtype)
     return total / count.clamp(min=1)
+
+
+def chunk_sizes(vocab_size: int) -> tuple[int, int]:
+    """(tokens per softmax chunk, tokens per pair of gradient matmuls) at `vocab_size`.
+
+    >>> chunk_sizes(32000)
+    (131, 1048)
+    """
+    chunk = max(1, _CHUNK_ELEMENTS // vocab_size)
+    return chunk, max(chunk, _GROUP_ELEMENTS // vocab_size)
 
 
 def _chunked_loss(hidden, weight, targets, ignore_index, chunk, compute_dtype):
