@@ -59,6 +59,26 @@ def test_train_step_accumulates_like_one_big_batch():
         torch.testing.assert_close(pa, pb, atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("grad_clip", [1e-2, 1e6], ids=["clipped", "within-bound"])
+def test_train_step_clips_bit_for_bit_as_clip_grad_norm_does(grad_clip):
+    """Gradients within the bound are left alone rather than multiplied by 1.0: the same
+    parameters, to the bit, as torch's clip_grad_norm_, whether it clips or not."""
+    torch.manual_seed(0)
+    rows = torch.randint(0, 97, (2, 17))
+    args = get_preset("debug").args.with_(vocab_size=97)
+    ours, torchs = Llama(args), Llama(args)
+    torchs.load_state_dict(ours.state_dict())
+    opt_ours, opt_torch = build_optimizer(ours, 1e-3), build_optimizer(torchs, 1e-3)
+    stats = train_step(ours, opt_ours, [rows], lr=1e-3, grad_clip=grad_clip)
+    torchs(rows[:, :-1], targets=rows[:, 1:]).backward()
+    norm = torch.nn.utils.clip_grad_norm_(torchs.parameters(), grad_clip)
+    opt_torch.step()
+    assert stats.grad_norm == float(norm)
+    assert (float(norm) > grad_clip) == (grad_clip == 1e-2)  # each case is what it says
+    for (name, a), b in zip(ours.named_parameters(), torchs.parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_non_finite_step_is_not_applied():
     torch.manual_seed(0)
     model = Llama(get_preset("debug").args.with_(vocab_size=97))

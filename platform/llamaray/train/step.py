@@ -112,9 +112,7 @@ def train_step(
         loss.backward()
         total_loss += loss.detach()
         tokens += targets.numel() if weights is None else int((targets != IGNORE_INDEX).sum())
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    if hasattr(grad_norm, "full_tensor"):  # sharded parameters give a DTensor norm
-        grad_norm = grad_norm.full_tensor()
+    grad_norm = _clip_gradients([p for p in model.parameters() if p.grad is not None], grad_clip)
     if average is not None:
         total_loss = average(total_loss)
     loss_value, norm_value = total_loss.item(), float(grad_norm)
@@ -123,6 +121,21 @@ def train_step(
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepStats(loss_value, norm_value, lr, tokens, finite)
+
+
+def _clip_gradients(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale the gradients so their global norm is at most `max_norm`; return the norm from
+    before (whole, where sharded parameters give a DTensor norm).
+
+    `clip_grad_norm_`, except that gradients already within the bound are left alone
+    rather than multiplied by 1.0: torch multiplies always, to spare devices a host sync,
+    but the step syncs on the norm anyway, and the pass reads and writes every gradient
+    (on CPU ~30 ms of a 1.3 s `small` step). Bit for bit the same gradients either way."""
+    total = torch.nn.utils.get_total_norm([p.grad for p in params])
+    whole = total.full_tensor() if hasattr(total, "full_tensor") else total
+    if max_norm / (whole + 1e-6) < 1.0:  # torch's coefficient, before its clamp to 1
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return whole
 
 
 def _target_weights(
