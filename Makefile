@@ -110,7 +110,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix platform jobs tests cluster
 	$(VENV)/bin/ruff format platform jobs tests cluster
 
-bench: $(STAMP)  ## training step vs HF (eager and compiled) and the matmul peak, tokenizer, tokenize+pack on Ray, Ray Train vs torchrun, report cadence, checkpoint stall, stream; figures in docs/benchmarks.md
+bench: $(STAMP)  ## training step vs HF (eager and compiled), the matmul peak and the kernel floor, tokenizer, tokenize+pack on Ray, Ray Train vs torchrun, report cadence, checkpoint stall, stream; figures in docs/benchmarks.md
 	$(PY) -m llamaray.bench.train_step --compile
 	$(PY) -m llamaray.bench.tokenizer_throughput
 	$(PY) -m llamaray.bench.tokenize_pack
