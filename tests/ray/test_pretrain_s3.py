@@ -227,12 +227,12 @@ def test_s3_faults_lose_nothing(s3, faulty, root, reference, monkeypatch):
     # yet when the controller learns of the failure); never one before the relaunch. The
     # replacement group resumed from step 4, and rank 1 froze at step 5: if it froze
     # before the controller took the group's start report, the note says so, naming the
-    # newest resume point the controller saw.
+    # newest resume point the controller saw (the relaunch's start, 2, or its step 4).
     killed = r"worker rank 1 failed after step [24] .*: A worker health check failed"
     assert re.match(killed, notes[1]), notes
-    hung = (r"worker rank 1 failed (after step 4 \(|before its group's first report "
-            r"\(resumed from step [24] or a newer checkpoint\)).*: it stopped answering "
-            r"for over train\.hang_timeout_s=4s$")  # fmt: skip
+    hung = (r"worker rank 1 failed (after step 4 \(.*\)|before its group's first report "
+            r"\(the newest resume point seen: step [24]\)): it stopped answering for over "
+            r"train\.hang_timeout_s=4s$")  # fmt: skip
     assert re.match(hung, notes[2]), notes
     # Every resume read the checkpoint in place: no download folder on the node, and each
     # shard's tensors fetched once per resume by the two ranks together (step 2 was loaded

@@ -80,8 +80,8 @@ def test_fault_settings_are_checked_before_any_work():
 def test_failure_notes_count_from_the_resumed_step_and_the_last_report(capsys):
     """Reports come when the workers have resumed, then only at checkpoints and
     validations: a failure's note names the last of them. A group that fails before the
-    controller took any report from it is named by where it resumed at the least: the
-    newest start or checkpoint the controller saw."""
+    controller took any report from it is said to, with the newest resume point seen: the
+    step a group last started from, or a checkpoint registered since."""
     from llamaray.orchestrate.failure_notes import FailureNotes
 
     notes = FailureNotes(hang_timeout_s=5)
@@ -90,19 +90,22 @@ def test_failure_notes_count_from_the_resumed_step_and_the_last_report(capsys):
         notes.after_exception(None, {1: RuntimeError("lost")})
         return capsys.readouterr().err.strip()
 
-    before_any = "before its group's first report (resumed from step {} or a newer checkpoint)"
-    assert before_any.format(0) in fail()  # a launch's first group, before its start
+    before_any = "failed before its group's first report"
+    assert fail() == f"[llamaray] worker rank 1 {before_any}: lost"  # nothing seen yet
     notes.after_report(None, [{"step": 4, "started": True}], checkpoint=None)
     assert fail() == "[llamaray] worker rank 1 failed after step 4 (its last checkpoint or " \
         "validation): lost"  # fmt: skip
-    assert before_any.format(4) in fail()  # restarted from 4, not yet reported
+    seen = before_any + " (the newest resume point seen: step {})"
+    assert seen.format(4) in fail()  # restarted, not yet reported
     notes.after_report(None, [{"step": 4, "started": True}], checkpoint=None)
     notes.after_report(None, [{"step": 6}], checkpoint=object())
     notes.after_report(None, [{"step": 7, "val_loss": 2.0}], checkpoint=None)
     assert "after step 7 " in fail()
-    assert before_any.format(6) in fail()  # a validation is no resume point; step 6's is
-    notes.after_report(None, [{"step": 6, "started": True}], checkpoint=None)
-    assert "after step 6 " in fail()
+    assert seen.format(6) in fail()  # a validation is no resume point; step 6's is
+    # The workers passed over step 6 (damaged): the start report says where they began.
+    notes.after_report(None, [{"step": 4, "started": True}], checkpoint=None)
+    assert "after step 4 " in fail()
+    assert seen.format(4) in fail()
 
 
 def test_slow_step_waits_the_configured_time_after_each_step(monkeypatch):

@@ -32,22 +32,27 @@ class FailureNotes(UserCallback):
         # within a poll of its start (the controller takes reports every 0.5 s) leaves
         # that report untaken.
         self.last_step: int | None = None
-        # The newest step known to be a resume point (a start or a registered
-        # checkpoint): the floor of the step a restarted group resumes from.
-        self.resumed_from = 0
+        # Where the workers last resumed (a start report) or could resume from (a
+        # registered checkpoint since): what the controller knows of where a restarted
+        # group, not yet reported, began. None until this launch has seen either. Only a
+        # hint: the workers pass over a checkpoint that fails its integrity check.
+        self.resume_point: int | None = None
 
     def after_report(self, run_context, metrics, checkpoint):
         steps = [m.get("step") for m in metrics if isinstance(m.get("step"), int)]
-        if steps:
-            self.last_step = max(steps)
-            if checkpoint is not None or any(m.get("started") for m in metrics):
-                self.resumed_from = max(self.resumed_from, self.last_step)
+        if not steps:
+            return
+        self.last_step = max(steps)
+        if any(m.get("started") for m in metrics):
+            self.resume_point = self.last_step  # exactly where this group began
+        elif checkpoint is not None:
+            self.resume_point = max(self.resume_point or 0, self.last_step)
 
     def after_exception(self, run_context, worker_exceptions):
         for rank, error in sorted(worker_exceptions.items()):
             # The controller's stderr reaches the driver's console (and `ray job logs`);
             # Ray Train's own loggers in the controller go to its log files only.
-            note = failure_note(rank, self.last_step, error, self.hang_timeout_s, self.resumed_from)
+            note = failure_note(rank, self.last_step, error, self.hang_timeout_s, self.resume_point)
             print(f"[llamaray] {note}", file=sys.stderr, flush=True)
             # Recorded beside the controller's loop, which restarts the group meanwhile;
             # one thread, so the notes are appended in order.
@@ -87,30 +92,34 @@ def failure_note(
     last_step: int | None,
     error: BaseException,
     hang_timeout_s: float,
-    resumed_from: int = 0,
+    resume_point: int | None = None,
 ) -> str:
     """One line: which rank, after which step, and why (a hang says the timeout that ended
     it). The step is the last one every worker reported to Ray Train: the step they
     resumed from, a checkpoint or a validation (logged steps are not reported: they never
     wait on the controller); the failure came after it. The run's MLflow metrics show the
     last step trained. A group that failed before the controller took any report from it
-    (`last_step` None) is named by the floor of where it resumed, `resumed_from`.
+    (`last_step` None) is said to be so, with the newest resume point the controller saw,
+    if any: the step a group last started from, or a checkpoint registered since.
 
     >>> print(failure_note(1, 4, TimeoutError("A worker health check has been hanging"), 5))
     worker rank 1 failed after step 4 (its last checkpoint or validation): it stopped \
 answering for over train.hang_timeout_s=5s
-    >>> print(failure_note(0, None, RuntimeError("lost"), 5, resumed_from=2))
-    worker rank 0 failed before its group's first report (resumed from step 2 or a newer \
-checkpoint): lost
+    >>> print(failure_note(0, None, RuntimeError("lost"), 5, resume_point=2))
+    worker rank 0 failed before its group's first report (the newest resume point seen: \
+step 2): lost
+    >>> print(failure_note(0, None, RuntimeError("lost"), 5))
+    worker rank 0 failed before its group's first report: lost
     """
     why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if "health check has been hanging" in str(error):
         why = f"it stopped answering for over train.hang_timeout_s={hang_timeout_s:g}s"
-    if last_step is None:
+    if last_step is not None:
+        since = f"after step {last_step} (its last checkpoint or validation)"
+    elif resume_point is not None:
         since = (
-            f"before its group's first report (resumed from step {resumed_from} or a newer "
-            "checkpoint)"
+            f"before its group's first report (the newest resume point seen: step {resume_point})"
         )
     else:
-        since = f"after step {last_step} (its last checkpoint or validation)"
+        since = "before its group's first report"
     return f"worker rank {rank} failed {since}: {why}"
