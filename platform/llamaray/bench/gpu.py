@@ -108,9 +108,9 @@ def build(args: ModelArgs, opts: argparse.Namespace, device: torch.device):
     apply_activation_checkpointing(model, opts.checkpointing)
     if opts.compile:
         apply_compile(model)
-    world = dist.get_world_size()
-    if worth_sharding(world):
-        bf16 = bf16_by_fsdp(opts.dtype, device, world)
+    dp = mesh["dp"].size()  # no tensor parallelism here: every rank is data-parallel
+    if worth_sharding(dp):
+        bf16 = bf16_by_fsdp(opts.dtype, device, dp)
         apply_fsdp(model, fsdp_mesh(mesh), param_dtype=torch.bfloat16 if bf16 else torch.float32)
     materialize(model, device, seed=0)
     return model, build_optimizer(model, get_preset(opts.preset).lr)
@@ -133,7 +133,7 @@ def run(opts: argparse.Namespace) -> dict:
     args = base.with_(vocab_size=opts.vocab_size, max_seq_len=max(base.max_seq_len, opts.seq_len))
     torch.manual_seed(rank)
     model, optimizer = build(args, opts, device)
-    autocast_dtype = step_autocast(opts.dtype, device, world)
+    autocast_dtype = step_autocast(opts.dtype, device, world)  # world = dp: no tp here
     rows = torch.randint(0, args.vocab_size, (opts.micro_batch, opts.seq_len + 1), device=device)
     lr = get_preset(opts.preset).lr
 

@@ -23,7 +23,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 def worth_sharding(data_parallel: int) -> bool:
     """Whether the workers wrap the model in FSDP at all: only when more than one rank
-    holds a copy of the data-parallel work (world size / tensor-parallel degree). With one
+    holds a copy of the data-parallel work (world size / tensor-parallel degree). With one,
     FSDP shards nothing and synchronizes nothing, yet still copies every parameter into and
     out of its gather buffers in each forward and backward: on CPU a `small` step took 35%
     (fp32) to 45-70% (bf16) longer wrapped than plain (docs/benchmarks.md). As in

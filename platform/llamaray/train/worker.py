@@ -101,10 +101,9 @@ def worker_device(name: str) -> torch.device:
 
 
 def build_parallel_model(cfg: RunConfig, args: ModelArgs, device: torch.device):
-    """Meta-device build -> tensor parallel -> activation checkpointing -> compile ->
-    FSDP2 (HSDP with parallel.replicate > 1; none without data parallelism:
-    `worth_sharding`) ->
-    materialize on `device` with the same weights an unsharded build would get."""
+    """Meta-device build -> tensor parallel -> activation checkpointing -> compile -> FSDP2
+    (HSDP with parallel.replicate > 1; none without data parallelism: `worth_sharding`)
+    -> materialize on `device` with the same weights an unsharded build would get."""
     from llamaray.model import Llama
     from llamaray.parallel.activation_checkpoint import apply_activation_checkpointing
     from llamaray.parallel.compile import apply_compile
@@ -123,7 +122,7 @@ def build_parallel_model(cfg: RunConfig, args: ModelArgs, device: torch.device):
     apply_activation_checkpointing(model, cfg.model.activation_checkpointing)
     if cfg.model.compile:
         apply_compile(model)
-    dp = world // tp
+    dp = mesh["dp"].size()  # the one count of data-parallel ranks (run_worker's too)
     if worth_sharding(dp):
         dtype = resolve_dtype(cfg.train.dtype, device, args.dim)
         apply_fsdp(
@@ -223,7 +222,8 @@ def run_worker(spec: WorkerSpec, launcher: Launcher) -> WorkerResult:
 
     peak = _peak_flops(cfg, device)
     last_step = min(t.steps, t.stop_at_step or t.steps)
-    autocast_dtype = step_autocast(dtype, device, dp)
+    # The mesh's count, as build_parallel_model decided FSDP by: bf16 is FSDP's or autocast's.
+    autocast_dtype = step_autocast(dtype, device, mesh["dp"].size())
     n_params = param_count(args)
     per_step = f"{cfg.batch_tokens} tokens/step"
     if cfg.finetune is not None:  # a row is one example, padded: its tokens are not all used
