@@ -60,9 +60,14 @@ def test_train_step_accumulates_like_one_big_batch():
 
 
 @pytest.mark.parametrize("grad_clip", [1e-2, 1e6], ids=["clipped", "within-bound"])
-def test_train_step_clips_bit_for_bit_as_clip_grad_norm_does(grad_clip):
+def test_train_step_clips_bit_for_bit_as_clip_grad_norm_does(grad_clip, monkeypatch):
     """Gradients within the bound are left alone rather than multiplied by 1.0: the same
     parameters, to the bit, as torch's clip_grad_norm_, whether it clips or not."""
+    scaled = []
+    scale = torch.nn.utils.clip_grads_with_norm_
+    monkeypatch.setattr(
+        torch.nn.utils, "clip_grads_with_norm_", lambda *a, **k: (scaled.append(1), scale(*a, **k))
+    )
     torch.manual_seed(0)
     rows = torch.randint(0, 97, (2, 17))
     args = get_preset("debug").args.with_(vocab_size=97)
@@ -70,6 +75,8 @@ def test_train_step_clips_bit_for_bit_as_clip_grad_norm_does(grad_clip):
     torchs.load_state_dict(ours.state_dict())
     opt_ours, opt_torch = build_optimizer(ours, 1e-3), build_optimizer(torchs, 1e-3)
     stats = train_step(ours, opt_ours, [rows], lr=1e-3, grad_clip=grad_clip)
+    assert len(scaled) == (grad_clip == 1e-2)  # the scaling pass ran only where it clips
+    monkeypatch.undo()
     torchs(rows[:, :-1], targets=rows[:, 1:]).backward()
     norm = torch.nn.utils.clip_grad_norm_(torchs.parameters(), grad_clip)
     opt_torch.step()

@@ -130,7 +130,8 @@ def _clip_gradients(params: list[torch.Tensor], max_norm: float) -> torch.Tensor
     `clip_grad_norm_`, except that gradients already within the bound are left alone
     rather than multiplied by 1.0: torch multiplies always, to spare devices a host sync,
     but the step syncs on the norm anyway, and the pass reads and writes every gradient
-    (on CPU ~30 ms of a 1.3 s `small` step). Bit for bit the same gradients either way."""
+    (on CPU ~30 ms of a 1.3 s `small` step). Bit for bit the same gradients for a finite
+    norm (a non-finite one skips the step, so its gradients are never applied)."""
     total = torch.nn.utils.get_total_norm([p.grad for p in params])
     whole = total.full_tensor() if hasattr(total, "full_tensor") else total
     if max_norm / (whole + 1e-6) < 1.0:  # torch's coefficient, before its clamp to 1
