@@ -6,8 +6,8 @@ its own shapes: a (1024 x 768) x (768 x 768) product does not run at the speed o
 2048^3 one, and attention's kernel has its own speed. The floor times each of the step's
 matmuls once per shape (forward, input gradient and weight gradient of every linear
 layer; the output projection as the fused loss runs it, `model.loss.chunk_sizes`) and
-attention's forward and backward (torch SDPA, causal), best of `repeats`, and sums them
-as the model calls them. Casts, norms, rotary, elementwise work and the optimizer are
+attention's forward and backward (the model's kernel: SDPA on CPU), best of `repeats`,
+and sums them as the model calls them. Casts, norms, rotary, elementwise work and the optimizer are
 left out, so no step can be faster than the floor, and `flops / floor / peak` is the
 most of the peak a step at these shapes could show.
 
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from llamaray.model import ModelArgs
-from llamaray.model.attention import causal_attention
+from llamaray.model.attention import causal_attention, resolve_backend
 from llamaray.model.loss import chunk_sizes
 from llamaray.train.step import DTYPES
 
@@ -37,7 +37,7 @@ from llamaray.train.step import DTYPES
 class KernelFloor:
     matmul_s: float  # every linear layer's three matmuls, and the output projection's
     attention_s: float  # SDPA forward + backward, every layer
-    matmul_flops: int  # what those matmuls compute: 6 x tokens x matmul parameters
+    matmul_flops: int  # what the products timed compute: 6 x tokens x matmul parameters
 
     @property
     def seconds(self) -> float:
@@ -59,8 +59,10 @@ def kernel_floor(
     dtype: str,
     device: torch.device | str = "cpu",
     repeats: int = 5,
+    attention: str = "auto",
 ) -> KernelFloor:
-    """The floor of one step of `batch` x `seq_len` tokens in `dtype` (see the module)."""
+    """The floor of one step of `batch` x `seq_len` tokens in `dtype` (see the module),
+    with the attention kernel the model would pick (`attention`, as `Llama` takes it)."""
     device = torch.device(device)
     kind = DTYPES[dtype]
     tokens = batch * seq_len
@@ -69,48 +71,47 @@ def kernel_floor(
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=generator, device=device).to(kind)
 
-    def best(fn: Callable[..., object], *inputs: torch.Tensor) -> float:
-        return _best_seconds(fn, inputs, repeats, device)
-
-    matmul_s, matmul_flops = 0.0, 0
+    matmuls = _Matmuls(repeats, device)
     for fan_in, fan_out, count in linear_shapes(args):
         x, weight, grad = rand(tokens, fan_in), rand(fan_out, fan_in), rand(tokens, fan_out)
-        # Forward, input gradient, weight gradient: nn.Linear's three products.
-        matmul_s += count * (
-            best(torch.mm, x, weight.T) + best(torch.mm, grad, weight) + best(torch.mm, grad.T, x)
-        )
-        matmul_flops += count * 3 * 2 * tokens * fan_in * fan_out
-    output_s, output_flops = _output_projection(args, tokens, rand, best)
-    matmul_s, matmul_flops = matmul_s + output_s, matmul_flops + output_flops
-
-    head_dim = args.head_dim
-    q = rand(batch, seq_len, args.n_heads, head_dim).requires_grad_()
-    k = rand(batch, seq_len, args.kv_heads, head_dim).requires_grad_()
-    v = rand(batch, seq_len, args.kv_heads, head_dim).requires_grad_()
-    out_grad = rand(batch, seq_len, args.n_heads, head_dim)
-
-    attention_s = args.n_layers * best(_attention_step, q, k, v, out_grad)
-    return KernelFloor(matmul_s, attention_s, matmul_flops)
-
-
-def _output_projection(args: ModelArgs, tokens: int, rand, best) -> tuple[float, int]:
-    """The fused loss's matmuls, (seconds, FLOPs): logits chunk by chunk, both gradients
-    group by group."""
+        matmuls.time(count, x, weight.T)  # forward
+        matmuls.time(count, grad, weight)  # input gradient
+        matmuls.time(count, grad.T, x)  # weight gradient
+    # The fused loss's: logits chunk by chunk, both gradients group by group.
     chunk, group = chunk_sizes(args.vocab_size)
     weight = rand(args.vocab_size, args.dim)
-    seconds, flops = 0.0, 0
     for size, count in _pieces(tokens, chunk):
-        seconds += count * best(torch.mm, rand(size, args.dim), weight.T)
-        flops += count * 2 * size * args.dim * args.vocab_size
+        matmuls.time(count, rand(size, args.dim), weight.T)
     for size, count in _pieces(tokens, group):
         hidden, grad = rand(size, args.dim), rand(size, args.vocab_size)
-        seconds += count * (best(torch.mm, grad, weight) + best(torch.mm, grad.T, hidden))
-        flops += count * 2 * 2 * size * args.dim * args.vocab_size
-    return seconds, flops
+        matmuls.time(count, grad, weight)
+        matmuls.time(count, grad.T, hidden)
+
+    backend = resolve_backend(attention, device)
+    q = rand(batch, seq_len, args.n_heads, args.head_dim).requires_grad_()
+    k = rand(batch, seq_len, args.kv_heads, args.head_dim).requires_grad_()
+    v = rand(batch, seq_len, args.kv_heads, args.head_dim).requires_grad_()
+    out_grad = rand(batch, seq_len, args.n_heads, args.head_dim)
+    one_layer = _best_seconds(_attention_step, (q, k, v, out_grad, backend), repeats, device)
+    return KernelFloor(matmuls.seconds, args.n_layers * one_layer, matmuls.flops)
 
 
-def _attention_step(q, k, v, out_grad) -> None:
-    causal_attention(q, k, v, "sdpa").backward(out_grad)
+class _Matmuls:
+    """Times each product once and counts it as often as the step calls it; the FLOPs are
+    those of the products timed, so a shape left out shows in the count."""
+
+    def __init__(self, repeats: int, device: torch.device):
+        self.repeats, self.device = repeats, device
+        self.seconds, self.flops = 0.0, 0
+
+    def time(self, count: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        self.seconds += count * _best_seconds(torch.mm, (a, b), self.repeats, self.device)
+        self.flops += count * 2 * a.shape[0] * a.shape[1] * b.shape[1]
+
+
+def _attention_step(q, k, v, out_grad, backend: str) -> None:
+    # autograd.grad, not backward: nothing accumulates into q.grad across repeats.
+    torch.autograd.grad(causal_attention(q, k, v, backend), (q, k, v), out_grad)
 
 
 def _pieces(total: int, size: int) -> list[tuple[int, int]]:

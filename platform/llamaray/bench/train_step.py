@@ -227,6 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "floor_s": floor.seconds,
                 "floor_matmul_s": floor.matmul_s,
                 "floor_attention_s": floor.attention_s,
+                "floor_matmul_flops_per_s": floor.matmul_flops / floor.matmul_s,
                 # The most of the peak any step of these shapes could show.
                 "floor_of_peak": mfu(batch * seq_len / floor.seconds, args, seq_len, peaks[dtype]),
             }
@@ -244,13 +245,13 @@ def main(argv: list[str] | None = None) -> dict:
             f"{100 * r['of_peak']:6.1f}% {vs:>6}"
         )
     print(
-        "# kernel floor (bench/kernel_floor.py): the step's matmuls at their own shapes and "
-        "SDPA forward+backward, best of 5 each, nothing else; 'at most' is the floor's share "
-        "of the peak, the most any step of this shape could show"
+        "# kernel floor (bench/kernel_floor.py): the step's matmuls at their own shapes (and "
+        "their GFLOP/s) and attention forward+backward, best of 5 each, nothing else; "
+        "'at most' is the floor's share of the peak, the most any step of this shape could show"
     )
     print(
-        f"{'preset':7} {'dtype':5} {'matmul ms':>9} {'attn ms':>8} {'floor ms':>8} "
-        f"{'at most':>7} {'ours':>6} {'compiled':>8}"
+        f"{'preset':7} {'dtype':5} {'matmul ms':>9} {'GFLOP/s':>8} {'attn ms':>8} "
+        f"{'floor ms':>8} {'at most':>7} {'ours':>6} {'compiled':>8}"
     )
     for (preset, dtype), floor in floors.items():
         share = next(
@@ -261,7 +262,8 @@ def main(argv: list[str] | None = None) -> dict:
             for key in ((preset, dtype, "ours"), (preset, dtype, "ours+compile"))
         ]
         print(
-            f"{preset:7} {dtype:5} {1e3 * floor.matmul_s:9.1f} {1e3 * floor.attention_s:8.1f} "
+            f"{preset:7} {dtype:5} {1e3 * floor.matmul_s:9.1f} "
+            f"{floor.matmul_flops / floor.matmul_s / 1e9:8.0f} {1e3 * floor.attention_s:8.1f} "
             f"{1e3 * floor.seconds:8.1f} {100 * share:6.1f}% {of_step[0]:>6} {of_step[1]:>8}"
         )
     print("# ours / compiled: the floor's share of that step's time (the rest: casts, norms, "
