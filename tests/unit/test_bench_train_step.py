@@ -44,3 +44,17 @@ def test_the_benchmark_reports_the_floor_beside_each_step(capsys):
         ["debug", "fp32"],
         ["debug", "bf16"],
     ]
+
+
+def test_a_floor_above_the_step_is_called_invalid(monkeypatch, capsys):
+    """The floor is a part of the step: above it, only load while it was timed can have
+    put it, and the benchmark says so rather than print an 'at most' below the step's."""
+    from llamaray.bench.kernel_floor import KernelFloor
+
+    monkeypatch.setattr(train_step, "kernel_floor", lambda *a, **k: KernelFloor(60.0, 60.0, 1))
+    train_step.main(
+        ["--presets", "debug", "--dtypes", "fp32", "--vocab-size", "256", "--batch", "1",
+         "--seq-len", "16", "--rounds", "1", "--steps-per-round", "1", "--warmup", "0",
+         "--no-reference"]
+    )  # fmt: skip
+    assert "# WARNING: the floor is above the step for debug fp32" in capsys.readouterr().out

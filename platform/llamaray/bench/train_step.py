@@ -268,6 +268,12 @@ def main(argv: list[str] | None = None) -> dict:
         )
     print("# ours / compiled: the floor's share of that step's time (the rest: casts, norms, "
           "rotary, elementwise work, the optimizer)")  # fmt: skip
+    above = [f"{p} {d}" for (p, d), f in floors.items() if f.seconds > seconds[(p, d, "ours")]]
+    if above:  # the floor is a part of the step: only load while it was timed puts it above
+        print(
+            f"# WARNING: the floor is above the step for {', '.join(above)}: other work slowed "
+            "the floor's kernels; its 'at most' is not valid, rerun on a quiet machine"
+        )
     report = {
         "config": vars(opts),
         "peaks": {"before": peaks_before, "after": peaks_after, "used": peaks},
