@@ -32,6 +32,25 @@ def test_bad_seq_len():
         Packer(0, 1, 2)
 
 
+def test_rows_are_the_joined_stream_cut_every_row_across_batches():
+    """Against the definition, in plain Python: bos doc eos of every document, in order,
+    joined across batches (empty documents, empty batches, a carry longer than a row's
+    share), cut every seq_len + 1 tokens."""
+    rng = np.random.default_rng(2)
+    for seq_len in (1, 3, 16):
+        packer, joined, rows = Packer(seq_len, 1, 2), [], []
+        for _ in range(12):
+            docs = [rng.integers(3, 99, int(rng.integers(0, 3 * seq_len))).tolist()
+                    for _ in range(int(rng.integers(0, 6)))]  # fmt: skip
+            joined += [t for doc in docs for t in (1, *doc, 2)]
+            lengths = np.array([len(d) for d in docs], dtype=np.int64)
+            values = np.array([t for d in docs for t in d], dtype=np.int32)
+            rows += packer.add_flat(values, lengths).tolist()
+        cut = len(joined) // (seq_len + 1) * (seq_len + 1)
+        expected = [joined[i : i + seq_len + 1] for i in range(0, cut, seq_len + 1)]
+        assert rows == expected and packer.pending == len(joined) - cut
+
+
 def test_add_flat_equals_add_including_empty_documents():
     rng = np.random.default_rng(1)
     docs = [rng.integers(3, 50, n).tolist() for n in (5, 0, 17, 1, 0, 30)]

@@ -46,18 +46,23 @@ class Packer:
     def add_flat(self, values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """`add` for documents given as one flat token array and their lengths (the layout
         of an Arrow list column), with no per-token Python work."""
-        n_docs = len(lengths)
-        doc_starts = np.concatenate(([0], np.cumsum(lengths)))  # into values
-        shift = 2 * np.arange(n_docs)  # bos and eos of the documents before
-        new = np.empty(len(values) + 2 * n_docs, dtype=self.dtype)
-        new[doc_starts[:-1] + shift] = self.bos_id
-        new[doc_starts[1:] + shift + 1] = self.eos_id
-        owner = np.repeat(np.arange(n_docs), lengths)  # document of each token
-        new[np.arange(len(values)) + 2 * owner + 1] = values
-        stream = np.concatenate((self._carry, new))
+        n_docs, carried = len(lengths), len(self._carry)
+        stream = np.empty(carried + len(values) + 2 * n_docs, dtype=self.dtype)
+        stream[:carried] = self._carry
+        # Document i's bos sits after the i earlier documents' tokens and 2 i bos/eos.
+        bos = carried + np.concatenate(([0], np.cumsum(lengths)[:-1])) + 2 * np.arange(n_docs)
+        eos = bos + lengths + 1
+        # The tokens fill every other place, in order: one masked copy, where a scatter
+        # through per-token indices built three int64 arrays of the batch's length
+        # (0.79 s of a 10 s tokenize+pack batch of 12.8M tokens).
+        is_token = np.ones(len(stream), dtype=bool)
+        is_token[:carried] = False
+        is_token[bos] = is_token[eos] = False
+        stream[is_token] = values
+        stream[bos], stream[eos] = self.bos_id, self.eos_id
         n_rows = len(stream) // self.row_len
         cut = n_rows * self.row_len
-        self._carry = stream[cut:]
+        self._carry = stream[cut:].copy()  # not a view that keeps the whole batch alive
         return stream[:cut].reshape(n_rows, self.row_len)
 
 
