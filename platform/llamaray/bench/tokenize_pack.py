@@ -72,6 +72,8 @@ def ray_tokenize_pack(tokenizer: Tokenizer, inputs: Path, out: Path, actors: int
     and the rows it wrote."""
     import ray.data
 
+    # As `prepare_corpus` runs the stage: in order, so the same input gives the same shards.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
     docs = ray.data.read_parquet(str(inputs)).materialize()  # as prepare holds them
     fs, root = filesystem(str(out))
     start = time.perf_counter()

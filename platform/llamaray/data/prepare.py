@@ -255,7 +255,9 @@ class TokenizePackWrite(TokenizePack):
 
     Each batch is packed on its own (no carry from the actor's previous batch), so a
     batch's files depend only on its documents, not on which actor ran which batches
-    before it: the same corpus gives the same shards with any number of actors. A batch
+    before it. The batches are set by the corpus's size and, for a corpus of under
+    BATCHES_PER_ACTOR x SHARD_BYTES / 2 of text per actor, by the pool's largest size
+    (`_tokenize_batch_rows`): the same corpus on the same cluster gives the same shards. A batch
     drops its last unfinished row per (source, split), at most one row in about
     SHARD_BYTES / 2 of text, and the manifest's token counts show it."""
 
